@@ -1,0 +1,72 @@
+"""The manifest: what an artifact holds, where it came from, and how long each step took."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, Field
+
+from warmstart.host import HostInfo
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGES_DIR = "images"
+
+
+class FileEntry(BaseModel):
+    path: str  # relative to the artifact directory, '/'-separated
+    size: int
+    sha256: str
+
+
+class StepTiming(BaseModel):
+    step: str
+    seconds: float
+
+
+class WorkerIdentity(BaseModel):
+    """The checkpointed worker, as the restore needs to recreate its surroundings."""
+
+    pid: int
+    command: list[str]
+    cwd: str = ""
+    name: str | None = None
+    engine: str = "plain"  # "plain" (no SDK), "reference", "vllm", "sglang", or an SDK-reported name
+    model: str | None = None
+    sdk: bool = False
+    control_dir: str | None = None  # the path the worker polls; each replica's own dir is mounted over it
+    control_seq: int = 0  # sequence number of the quiesce request; a resume must come after it
+    log_path: str | None = None  # the worker's stdout/stderr file; each replica's own log is mounted over it
+    listen_ports: list[int] = Field(default_factory=list)
+    port: int | None = None  # the port the SDK reported serving on, forwarded to each replica
+
+
+class GpuState(BaseModel):
+    """One CUDA process of the tree and the GPU its memory was checkpointed from."""
+
+    pid: int
+    gpu_uuid: str
+    gpu_name: str
+    memory_bytes: int = 0
+
+
+class CriuSettings(BaseModel):
+    version: str
+    dump_args: list[str]
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    warmstart_version: str
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    worker: WorkerIdentity
+    host: HostInfo
+    criu: CriuSettings
+    gpus: list[GpuState] = Field(default_factory=list)
+    driver_version: str | None = None
+    steps: list[StepTiming] = Field(default_factory=list)
+    image_bytes: int = 0
+    files: list[FileEntry] = Field(default_factory=list)
+
+    def step_seconds(self) -> dict[str, float]:
+        return {s.step: s.seconds for s in self.steps}

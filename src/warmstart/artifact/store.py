@@ -1,0 +1,210 @@
+"""Writing artifacts atomically and refusing any that are incomplete, corrupt or tampered with.
+
+An artifact is built in a hidden sibling directory (`.NAME.partial-PID`) and renamed into place only
+after every image file is checksummed and the manifest is on disk, so a dump that dies midway never
+leaves a directory that looks like an artifact. Image files are not fsync'd: a crash that loses their
+pages is caught by the checksums at restore, which is what the checksums are for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from warmstart import paths, procs
+from warmstart.artifact.manifest import IMAGES_DIR, MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest
+from warmstart.errors import ArtifactError, UsageError
+
+_CHUNK = 8 << 20
+_PARTIAL = ".partial-"
+
+
+@dataclass(frozen=True)
+class Staging:
+    final: Path
+    tmp: Path
+
+    @property
+    def images(self) -> Path:
+        return self.tmp / IMAGES_DIR
+
+
+def _remove_stale_partials(final: Path) -> None:
+    prefix = f".{final.name}{_PARTIAL}"
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.iterdir():
+        if p.name.startswith(prefix):
+            owner = p.name[len(prefix) :]
+            if owner.isdigit() and not procs.alive(int(owner)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def stage(final: Path) -> Staging:
+    final = final.absolute()
+    if final.exists():
+        raise UsageError(f"{final} already exists", "choose a new output directory or remove the old one")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(final)
+    tmp = final.parent / f".{final.name}{_PARTIAL}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / IMAGES_DIR).mkdir(parents=True)
+    return Staging(final=final, tmp=tmp)
+
+
+def discard(staging: Staging) -> None:
+    shutil.rmtree(staging.tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_all(root: Path, rels: list[str]) -> dict[str, str]:
+    # hashlib drops the GIL for large updates, so threads hash files in parallel.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+        return dict(zip(rels, pool.map(lambda r: sha256_file(root / r), rels)))
+
+
+def _image_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(root / IMAGES_DIR):
+        for n in names:
+            out.append(str((Path(dirpath) / n).relative_to(root)))
+    return sorted(out)
+
+
+def checksum(staging: Staging) -> list[FileEntry]:
+    rels = _image_files(staging.tmp)
+    digests = _hash_all(staging.tmp, rels)
+    return [FileEntry(path=r, size=(staging.tmp / r).stat().st_size, sha256=digests[r]) for r in rels]
+
+
+def commit(staging: Staging, manifest: Manifest) -> Path:
+    """Write the manifest (whose `files` came from `checksum`) and rename the directory into place."""
+    mpath = staging.tmp / MANIFEST_NAME
+    with open(mpath, "w") as f:
+        f.write(manifest.model_dump_json(indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(staging.tmp, staging.final)
+    dfd = os.open(staging.final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return staging.final
+
+
+def load(artifact: Path) -> Manifest:
+    artifact = artifact.absolute()
+    if not artifact.is_dir():
+        raise ArtifactError(f"no artifact at {artifact}", "pass the directory `warmstart checkpoint -o` wrote")
+    mpath = artifact / MANIFEST_NAME
+    if not mpath.is_file():
+        raise ArtifactError(
+            f"{artifact} is not a warmstart artifact: {MANIFEST_NAME} is missing (an interrupted checkpoint?)",
+            "checkpoint the worker again",
+        )
+    try:
+        raw = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupt: {e}", "checkpoint the worker again") from e
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{mpath} has schema version {version!r}; this warmstart reads {SCHEMA_VERSION}",
+            "restore it with the warmstart version that wrote it, or checkpoint again",
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ArtifactError(f"{mpath} is corrupt: {where}: {first['msg']}", "checkpoint the worker again") from e
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    # Any write to a file changes its ctime, and ctime cannot be set from user space.
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _cache_path(artifact: Path) -> Path:
+    key = hashlib.sha256(str(artifact).encode()).hexdigest()[:24]
+    return paths.home() / "verified" / f"{key}.json"
+
+
+def _stamps(artifact: Path, manifest: Manifest) -> dict[str, list[int]]:
+    """Size-check every listed file and return its stamp; raise naming the first missing or wrong one."""
+    listed = {f.path for f in manifest.files}
+    for rel in _image_files(artifact):
+        if rel not in listed:
+            raise ArtifactError(
+                f"unexpected file {artifact / rel} is not in the manifest (tampered artifact?)",
+                "remove the file or checkpoint again",
+            )
+    stamps: dict[str, list[int]] = {}
+    for f in manifest.files:
+        p = artifact / f.path
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact file {p} is missing", "copy the whole artifact directory or checkpoint again")
+        if st.st_size != f.size:
+            raise ArtifactError(
+                f"artifact file {p} is {st.st_size} bytes, the manifest says {f.size} (truncated or tampered)",
+                "copy the artifact again or checkpoint again",
+            )
+        stamps[f.path] = _stamp(st)
+    stamps[MANIFEST_NAME] = _stamp((artifact / MANIFEST_NAME).stat())
+    return stamps
+
+
+def _remember(artifact: Path, stamps: dict[str, list[int]]) -> None:
+    cache = _cache_path(artifact)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stamps))
+    os.replace(tmp, cache)
+
+
+def remember_verified(artifact: Path, manifest: Manifest) -> None:
+    """Record an artifact this process has just checksummed itself (after `commit`)."""
+    artifact = artifact.absolute()
+    _remember(artifact, _stamps(artifact, manifest))
+
+
+def verify(artifact: Path, manifest: Manifest, use_cache: bool = True) -> float:
+    """Check every file against the manifest; raise naming the first bad file. Returns bytes hashed.
+
+    A successful check is remembered by size, mtime, ctime and inode of every file and the manifest;
+    a later restore of an untouched artifact skips re-hashing.
+    """
+    artifact = artifact.absolute()
+    stamps = _stamps(artifact, manifest)
+    if use_cache:
+        try:
+            if json.loads(_cache_path(artifact).read_text()) == stamps:
+                return 0
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    digests = _hash_all(artifact, [f.path for f in manifest.files])
+    for f in manifest.files:
+        if digests[f.path] != f.sha256:
+            raise ArtifactError(
+                f"artifact file {artifact / f.path} does not match its checksum (corrupt or tampered)",
+                "copy the artifact again or checkpoint again",
+            )
+    _remember(artifact, stamps)
+    return float(sum(f.size for f in manifest.files))

@@ -1,0 +1,243 @@
+"""The `warmstart` command: parse, call one engine function, render. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from warmstart.engine.steps import Progress, quiet
+from warmstart.errors import UsageError, WarmstartError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Checkpoint warm inference workers and restore them, many times, in seconds.")
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _progress(json_out: bool) -> Progress:
+    """Step-by-step progress on stderr, so stdout stays clean for --json."""
+    if json_out:
+        return quiet
+    return lambda msg: err.print(f"[dim]… {msg}[/dim]", highlight=False)
+
+
+def _emit(data: dict[str, Any]) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and internal detail on errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Name for the worker (default: the program's name)."),
+    engine: str = typer.Option("plain", help="Engine label recorded in the artifact."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the worker reports ready through the SDK."),
+    timeout: float = typer.Option(300.0, help="Seconds --wait waits."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Start a worker under management: `warmstart run --name W -- python server.py`."""
+    from warmstart import registry
+    from warmstart.engine import launch
+
+    command = list(ctx.args)
+    if not command:
+        raise UsageError("no command to run", "pass it after --, e.g. `warmstart run -- python server.py`")
+    rec = launch.launch(name or registry.free_name(Path(command[0]).name.lower()), command, engine=engine)
+    info = launch.wait_ready(rec, timeout) if wait else None
+    if json_out:
+        _emit({"name": rec.name, "pid": rec.pid, "log": rec.log, "port": info.port if info else None})
+    else:
+        out.print(f"started [bold]{rec.name}[/bold] (pid {rec.pid}); log: {rec.log}"
+                  + (f"; ready on port {info.port}" if info and info.port else ""))
+
+
+@app.command()
+def checkpoint(
+    name: Optional[str] = typer.Argument(None, help="A worker started with `warmstart run`."),
+    pid: Optional[int] = typer.Option(None, "--pid", help="Checkpoint any process tree by its root pid instead."),
+    output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
+    leave_running: bool = typer.Option(False, "--leave-running", help="Keep the worker serving afterwards."),
+    timeout: float = typer.Option(30.0, help="Seconds to wait for the worker to quiesce."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Quiesce a worker, dump it with CRIU, and write a verified artifact."""
+    from warmstart import registry
+    from warmstart.engine import checkpoint as pipeline
+
+    if (name is None) == (pid is None):
+        raise UsageError("name a worker or pass --pid, not both", "see `warmstart checkpoint --help`")
+    rec = registry.get(name) if name else None
+    if rec and not rec.alive():
+        raise UsageError(f"worker {name!r} is not running", "start it again with `warmstart run`")
+    result = pipeline.checkpoint(rec.pid if rec else pid, output, record=rec, leave_running=leave_running,
+                                 quiesce_timeout_s=timeout, progress=_progress(json_out))
+    m = result.manifest
+    if json_out:
+        _emit({"artifact": str(result.artifact), "checkpoint_s": round(result.seconds, 3),
+               "image_bytes": m.image_bytes, "steps": m.step_seconds()})
+        return
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in m.step_seconds().items())
+    out.print(f"checkpoint written to [bold]{result.artifact}[/bold]: {m.image_bytes / 1e6:.1f} MB "
+              f"in {result.seconds:.2f} s ({steps})")
+
+
+@app.command()
+def restore(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `warmstart checkpoint`."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Replica name (with --replicas K: NAME-0 ...)."),
+    replicas: int = typer.Option(1, "--replicas", "-k", min=1, help="How many replicas to restore side by side."),
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="Host port of replica 0 (then P+1, ...); default: free ports."),
+    timeout: float = typer.Option(120.0, help="Seconds before an unfinished restore is abandoned and cleaned up."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Restore an artifact into fresh namespaces, once or as several replicas."""
+    from warmstart.engine import restore as pipeline
+
+    result = pipeline.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout,
+                              progress=_progress(json_out))
+    if json_out:
+        _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
+               "restore_s": round(result.seconds, 3),
+               "replicas": [{"name": r.name, "replica": r.replica, "port": r.port, "pid": r.pid,
+                             "criu_s": round(r.criu_s, 3), "ready_s": round(r.ready_s, 3)} for r in result.replicas]})
+        return
+    t = Table(title=f"restored {result.artifact}")
+    for col in ("replica", "name", "port", "pid", "CRIU s", "ready s"):
+        t.add_column(col)
+    for r in result.replicas:
+        t.add_row(str(r.replica), r.name, str(r.port or "-"), str(r.pid), f"{r.criu_s:.3f}", f"{r.ready_s:.3f}")
+    out.print(t)
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every file's checksum."),
+    json_out: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+) -> None:
+    """Show what an artifact holds and where it came from."""
+    from warmstart.artifact import store
+
+    m = store.load(artifact)
+    if verify:
+        store.verify(artifact, m, use_cache=False)
+    if json_out:
+        out.print_json(m.model_dump_json())
+        return
+    w = m.worker
+    out.print(f"[bold]{artifact}[/bold]  (schema {m.schema_version}, warmstart {m.warmstart_version})")
+    out.print(f"  created   {m.created:%Y-%m-%d %H:%M:%S %Z}")
+    out.print(f"  worker    {w.name or '-'} pid {w.pid}, engine {w.engine}, SDK {'yes' if w.sdk else 'no'}")
+    out.print(f"  command   {' '.join(w.command)}")
+    if w.model:
+        out.print(f"  model     {w.model}")
+    out.print(f"  ports     {', '.join(map(str, w.listen_ports)) or '-'}")
+    out.print(f"  host      {m.host.arch}, {m.host.cpu_model}, kernel {m.host.kernel}, CRIU {m.criu.version}")
+    for g in m.gpus:
+        out.print(f"  GPU       {g.gpu_name} {g.gpu_uuid} (pid {g.pid}, {g.memory_bytes / 1e6:.0f} MB)")
+    out.print(f"  image     {m.image_bytes / 1e6:.1f} MB in {len(m.files)} files"
+              + (" (checksums verified)" if verify else ""))
+    out.print("  steps     " + ", ".join(f"{k} {v:.3f}s" for k, v in m.step_seconds().items()))
+
+
+@app.command()
+def ps(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List managed workers and restored replicas."""
+    from warmstart import registry
+
+    recs = registry.all_records()
+    if json_out:
+        _emit({"workers": [{**r.model_dump(), "alive": r.alive()} for r in recs]})
+        return
+    t = Table()
+    for col in ("name", "kind", "pid", "port", "state", "artifact / command"):
+        t.add_column(col)
+    for r in recs:
+        t.add_row(r.name, r.kind, str(r.pid), str(r.port or "-"), "running" if r.alive() else "exited",
+                  r.artifact or " ".join(r.command))
+    out.print(t)
+
+
+@app.command()
+def stop(name: str = typer.Argument(..., help="Worker or replica name (see `warmstart ps`).")) -> None:
+    """Stop a worker or replica (SIGTERM, then SIGKILL) and forget it."""
+    from warmstart import procs, registry
+
+    rec = registry.get(name)
+    procs.terminate(rec.pid, rec.started)
+    if rec.holder_pid:
+        procs.terminate(rec.holder_pid, rec.holder_started, grace_s=1.0)
+    registry.remove(name)
+    out.print(f"stopped {name}")
+
+
+@app.command()
+def demo(
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    replicas: int = typer.Option(1, "--replicas", "-k", min=1, help="Replicas to restore."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the artifact and leave the replicas running."),
+) -> None:
+    """Cold-start the reference worker, checkpoint it, restore it, and compare."""
+    from warmstart import demo as demo_mod
+
+    r = demo_mod.run(replicas=replicas, keep=keep, progress=_progress(json_out))
+    if json_out:
+        _emit(r.as_dict())
+        return
+    t = Table(title="warmstart demo: reference worker")
+    t.add_column("step")
+    t.add_column("result", justify="right")
+    t.add_row("cold start to first completion", f"{r.cold_start_s:.2f} s")
+    t.add_row("checkpoint (quiesce + dump + checksums)", f"{r.checkpoint_s:.2f} s")
+    t.add_row("image size", f"{r.image_bytes / 1e6:.1f} MB")
+    for i, (ready, first) in enumerate(zip(r.restore_ready_s_each, r.first_completion_s_each)):
+        t.add_row(f"restore replica {i} to ready", f"{ready:.2f} s")
+        t.add_row(f"restore replica {i} to first completion", f"{first:.2f} s")
+    t.add_row("speed-up (cold start / restore)", f"{r.cold_start_s / r.restore_ready_s:.1f}x")
+    t.add_row("completions identical", "yes" if r.identical else "[red]NO[/red]")
+    out.print(t)
+    if not r.identical:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or bool(os.environ.get("WARMSTART_DEBUG"))
+    try:
+        typer.main.get_command(app).main(args=args, prog_name="warmstart", standalone_mode=False)
+    except WarmstartError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[red]error:[/red] {e.line()}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err.print("[red]aborted[/red]")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} — rerun with --debug and report it",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)

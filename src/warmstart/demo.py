@@ -1,0 +1,101 @@
+"""`warmstart demo`: the reference worker's cold start against its restore, on this machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from warmstart import paths, procs, registry
+from warmstart.engine import checkpoint, launch, restore
+from warmstart.engine.steps import Progress, quiet
+from warmstart.errors import WorkerError
+
+PROMPT = "The fastest way to start an inference worker is"
+MAX_TOKENS = 24
+
+
+@dataclass
+class DemoResult:
+    cold_start_s: float
+    checkpoint_s: float
+    restore_ready_s: float  # the slowest replica
+    restore_ready_s_each: list[float]
+    first_completion_s_each: list[float]
+    image_bytes: int
+    identical: bool
+    completion: str
+    artifact: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def complete(port: int, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS, timeout_s: float = 60) -> str:
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return json.loads(r.read())["choices"][0]["text"]
+    except OSError as e:
+        raise WorkerError(f"worker on port {port} did not answer a completion: {e}", "see its log") from e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(replicas: int = 1, keep: bool = False, progress: Progress = quiet) -> DemoResult:
+    from warmstart.reference import model
+
+    progress("preparing the reference model (built once, then cached)")
+    model.ensure()
+    name = registry.free_name("demo")
+    port = _free_port()
+    progress(f"cold-starting the reference worker '{name}' on port {port}")
+    t0 = time.monotonic()
+    rec = launch.launch(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port)],
+                        engine="reference")
+    replica_names: list[str] = []
+    workdir = Path(tempfile.mkdtemp(prefix="demo-", dir=paths.home()))
+    try:
+        launch.wait_ready(rec, 300)
+        cold_text = complete(port)
+        cold_start_s = time.monotonic() - t0
+
+        artifact = workdir / "artifact"
+        ck = checkpoint.checkpoint(rec.pid, artifact, record=rec, leave_running=False, progress=progress)
+        t1 = time.monotonic()
+        rr = restore.restore(artifact, name=f"{name}-restored", replicas=replicas, progress=progress)
+        replica_names = [r.name for r in rr.replicas]
+        firsts, texts = [], []
+        for r in rr.replicas:
+            texts.append(complete(r.port))
+            firsts.append(time.monotonic() - t1)
+        ready = [r.ready_s for r in rr.replicas]
+        return DemoResult(
+            cold_start_s=cold_start_s, checkpoint_s=ck.seconds, restore_ready_s=max(ready),
+            restore_ready_s_each=ready, first_completion_s_each=firsts, image_bytes=ck.manifest.image_bytes,
+            identical=all(t == cold_text for t in texts), completion=cold_text, artifact=str(artifact),
+        )
+    finally:
+        if not keep:
+            for n in [name, *replica_names]:
+                try:
+                    r = registry.get(n)
+                except Exception:
+                    continue
+                procs.terminate(r.pid, r.started, grace_s=2)
+                if r.holder_pid:
+                    procs.terminate(r.holder_pid, r.holder_started, grace_s=1)
+                registry.remove(n)
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The machinery under the pipelines: CRIU, CUDA, namespaces, launching workers."""

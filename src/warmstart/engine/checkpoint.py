@@ -1,0 +1,139 @@
+"""The checkpoint pipeline: quiesce -> (CUDA lock + checkpoint) -> CRIU dump -> artifact.
+
+Any failure or interruption unwinds: the staged directory is removed and the worker is resumed, so a
+failed checkpoint leaves the worker running exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmstart import __version__, host, paths, procs, registry
+from warmstart.artifact import store
+from warmstart.artifact.manifest import CriuSettings, Manifest, WorkerIdentity
+from warmstart.engine import control, criu
+from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
+from warmstart.errors import WorkerError
+from warmstart.registry import WorkerRecord
+from warmstart.worker import protocol
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    artifact: Path
+    manifest: Manifest
+    seconds: float
+
+
+def _control_dir_of(pid: int) -> Path | None:
+    """A worker's control directory, from its environment (works for workers not started by us too)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, PermissionError):
+        return None
+    prefix = protocol.ENV_CONTROL_DIR.encode() + b"="
+    for item in env:
+        if item.startswith(prefix):
+            return Path(item[len(prefix) :].decode())
+    return None
+
+
+def _log_path_of(pid: int) -> str | None:
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/1")
+    except OSError:
+        return None
+    return target if target.startswith("/") and os.path.isfile(target) else None
+
+
+def checkpoint(
+    pid: int,
+    out: Path,
+    *,
+    record: WorkerRecord | None = None,
+    leave_running: bool = False,
+    quiesce_timeout_s: float = 30.0,
+    progress: Progress = quiet,
+) -> CheckpointResult:
+    t_start = time.monotonic()
+    procs.require_alive(pid)
+    binary = criu.find()
+    uring = procs.io_uring_fds(pid)
+    if uring:
+        holder, fd = uring[0]
+        raise WorkerError(
+            f"process {holder} holds an io_uring instance (fd {fd}), which CRIU cannot dump",
+            "start the worker with `warmstart run` (it refuses io_uring to the worker) "
+            "or set sysctl kernel.io_uring_disabled=2 before starting it",
+        )
+    control_dir = Path(record.control_dir) if record else _control_dir_of(pid)
+    info = control.worker_info(control_dir, pid) if control_dir else None
+    identity = WorkerIdentity(
+        pid=pid,
+        command=procs.cmdline(pid),
+        cwd=os.readlink(f"/proc/{pid}/cwd"),
+        name=record.name if record else None,
+        engine=info.engine if info else (record.engine if record else "plain"),
+        model=info.model if info else None,
+        sdk=info is not None,
+        control_dir=str(control_dir) if control_dir else None,
+        log_path=record.log if record else _log_path_of(pid),
+        port=info.port if info else None,
+    )
+    timer = Timer(progress)
+    staging = store.stage(out)
+    # Outside the staging directory, so it survives a failed dump (the error names it).
+    log = paths.home() / "logs" / f"dump-{pid}-{int(time.time())}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    quiesced_seq = 0
+    try:
+        with deferred_signals() as got:
+            if info and control_dir:
+                quiesced_seq = control.last_seq(control_dir) + 1
+                with timer.step("quiesce", "quiescing worker"):
+                    control.send(control_dir, quiesced_seq, protocol.QUIESCE)
+                    control.wait_ack(control_dir, quiesced_seq, quiesce_timeout_s, pid, "quiesce")
+                identity.control_seq = quiesced_seq
+            check_interrupted(got, "checkpoint")
+            identity.listen_ports = procs.listening_tcp_ports(pid)
+            with timer.step("criu_dump", "dumping process tree (CRIU)"):
+                criu.run(binary, criu.dump_args(pid, staging.images, log), log, "dump")
+            os.replace(log, staging.tmp / "dump.log")
+            check_interrupted(got, "checkpoint")
+            manifest = Manifest(
+                warmstart_version=__version__,
+                worker=identity,
+                host=host.current(binary.version),
+                criu=CriuSettings(version=binary.version, dump_args=criu.dump_args(pid, Path("IMAGES"), Path("LOG"))),
+            )
+            with timer.step("checksum", "checksumming images"):
+                manifest.files = store.checksum(staging)
+            manifest.image_bytes = sum(f.size for f in manifest.files)
+            manifest.steps = list(timer.steps)
+            store.commit(staging, manifest)
+            store.remember_verified(staging.final, manifest)
+    except BaseException:
+        store.discard(staging)
+        if quiesced_seq and control_dir:
+            _resume_quietly(control_dir, quiesced_seq + 1)
+        raise
+    if quiesced_seq and control_dir and leave_running:
+        with timer.step("resume", "resuming worker"):
+            control.send(control_dir, quiesced_seq + 1, protocol.RESUME, {"restored": False})
+            control.wait_ack(control_dir, quiesced_seq + 1, quiesce_timeout_s, pid, "resume")
+    if not leave_running:
+        procs.terminate(pid, procs.start_time(pid), grace_s=2.0)
+        if record:
+            registry.remove(record.name)
+    return CheckpointResult(staging.final, manifest, time.monotonic() - t_start)
+
+
+def _resume_quietly(control_dir: Path, seq: int) -> None:
+    try:
+        control.send(control_dir, seq, protocol.CANCEL)
+    except OSError:
+        pass  # the worker's control dir is gone; nothing to resume
+

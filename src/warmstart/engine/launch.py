@@ -1,0 +1,80 @@
+"""`warmstart run`: start a worker under management, in a shape CRIU can checkpoint.
+
+The worker gets its own session (no controlling terminal, so no --shell-job), stdin from /dev/null,
+stdout and stderr appended to a log file (O_APPEND: CRIU then does not insist the file keeps its size,
+so each replica can log to a file of its own), a control directory for the quiesce/resume protocol,
+and a seccomp filter that refuses io_uring.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from warmstart import paths, procs, registry
+from warmstart.engine import control, seccomp
+from warmstart.errors import UsageError, WorkerError
+from warmstart.registry import WorkerRecord
+from warmstart.worker import protocol
+
+LOG = "worker.log"
+CONTROL = "control"
+
+
+def prepare_dirs(name: str) -> tuple[Path, Path, Path]:
+    d = paths.worker_dir(name)
+    (d / CONTROL).mkdir(parents=True, exist_ok=True)
+    log = d / LOG
+    log.touch()
+    return d, d / CONTROL, log
+
+
+def launch(name: str, command: list[str], engine: str = "plain", env: dict[str, str] | None = None,
+           cwd: str | None = None) -> WorkerRecord:
+    if not command:
+        raise UsageError("no command to run", "pass it after --, e.g. `warmstart run -- python server.py`")
+    exe = shutil.which(command[0]) if "/" not in command[0] else command[0]
+    if not exe or not os.access(exe, os.X_OK):
+        raise UsageError(f"command not found: {command[0]}", "check the command and PATH")
+    registry.claim(name)
+    _, control_dir, log = prepare_dirs(name)
+    full_env = {**os.environ, **(env or {}), protocol.ENV_CONTROL_DIR: str(control_dir),
+                "WARMSTART_WORKER_NAME": name, "PYTHONUNBUFFERED": "1"}
+    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=full_env,
+                                cwd=cwd, start_new_session=True, close_fds=True,
+                                preexec_fn=seccomp.refuse_io_uring)
+    finally:
+        os.close(log_fd)
+    started = procs.start_time(proc.pid) or 0
+    rec = WorkerRecord(name=name, kind="run", pid=proc.pid, started=started, command=command, engine=engine,
+                       log=str(log), control_dir=str(control_dir))
+    registry.save(rec)
+    return rec
+
+
+def wait_ready(rec: WorkerRecord, timeout_s: float) -> control.WorkerInfo:
+    """Wait until an SDK worker announces itself in its control directory (only SDK workers do)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = control.worker_info(Path(rec.control_dir), rec.pid)
+        if info:
+            return info
+        if not rec.alive():
+            tail = _tail(Path(rec.log))
+            raise WorkerError(f"worker {rec.name!r} exited during start-up: {tail}", f"see its log: {rec.log}")
+        time.sleep(0.05)
+    raise WorkerError(f"worker {rec.name!r} did not report ready within {timeout_s:g} s",
+                      f"see its log: {rec.log}; raise --timeout for slow starts")
+
+
+def _tail(log: Path, n: int = 1) -> str:
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return "(no log)"
+    return " | ".join(lines[-n:]) or "(empty log)"

@@ -1,0 +1,159 @@
+"""The restore pipeline: verify -> per replica: namespaces -> CRIU restore -> (CUDA restore) -> resume.
+
+Replicas restore concurrently, each into its own pid, mount and network namespaces, reachable on its own
+host port. If any replica fails, every replica started by this call is killed and its state removed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmstart import host, paths, procs, registry
+from warmstart.artifact import store
+from warmstart.artifact.manifest import IMAGES_DIR, Manifest
+from warmstart.engine import control, criu, launch, sandbox
+from warmstart.engine.steps import Progress, quiet
+from warmstart.errors import IncompatibleArtifact, WorkerError
+from warmstart.registry import WorkerRecord
+from warmstart.worker import protocol
+
+
+@dataclass
+class ReplicaResult:
+    name: str
+    replica: int
+    port: int | None
+    pid: int  # host pid of the restored worker
+    holder_pid: int
+    criu_s: float
+    ready_s: float  # from the start of `restore` to this replica answering
+
+
+@dataclass
+class RestoreResult:
+    artifact: Path
+    manifest: Manifest
+    verify_s: float
+    replicas: list[ReplicaResult]
+    seconds: float
+
+
+def _replica_names(base: str, count: int) -> list[str]:
+    names = [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
+    for n in names:
+        registry.claim(n)
+    return names
+
+
+def _inner_port(m: Manifest) -> int | None:
+    if m.worker.port:
+        return m.worker.port
+    return m.worker.listen_ports[0] if m.worker.listen_ports else None
+
+
+def _wait_port(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.005)
+    raise WorkerError(f"restored worker does not accept connections on port {port}", "see the replica's log")
+
+
+def restore(
+    artifact: Path,
+    *,
+    name: str | None = None,
+    replicas: int = 1,
+    port: int | None = None,
+    timeout_s: float = 120.0,
+    verify_cache: bool = True,
+    progress: Progress = quiet,
+) -> RestoreResult:
+    t0 = time.monotonic()
+    artifact = artifact.absolute()
+    manifest = store.load(artifact)
+    binary = criu.find()
+    problems = host.check_compatible(manifest.host, host.current(binary.version))
+    if problems:
+        raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
+                                   "restore it on a host like the one it was made on, or checkpoint on this one")
+    progress("verifying artifact checksums")
+    store.verify(artifact, manifest, use_cache=verify_cache)
+    verify_s = time.monotonic() - t0
+    if replicas < 1:
+        raise ValueError("replicas must be >= 1")
+    w = manifest.worker
+    inner = _inner_port(manifest)
+    base = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-restored")
+    names = _replica_names(base, replicas)
+    listeners = [sandbox.bind_host_port(port + i if port else 0) for i in range(replicas)] if inner else []
+    host_ports: list[int | None] = [s.getsockname()[1] for s in listeners] or [None] * replicas
+
+    started: list[tuple[str, sandbox.Sandbox]] = []
+    try:
+        for i, rname in enumerate(names):
+            rdir, rcontrol, rlog = launch.prepare_dirs(rname)
+            host_port = host_ports[i]
+            if w.sdk:
+                # Waiting in the replica's control directory before the process exists, so the worker
+                # finds it on its first poll after the restore.
+                control.send(rcontrol, w.control_seq + 1, protocol.RESUME,
+                             {"restored": True, "replica": i, "name": rname, "port": host_port})
+            binds = []
+            if w.control_dir:
+                binds.append((str(rcontrol), w.control_dir))
+            if w.log_path:
+                binds.append((str(rlog), w.log_path))
+            pidfile = rdir / "restored.pid"
+            log = rdir / "restore.log"
+            spec = sandbox.SandboxSpec(
+                criu_bin=binary,
+                restore_args=criu.restore_args(artifact / IMAGES_DIR, rdir, log, pidfile),
+                log=log,
+                pidfile=pidfile,
+                binds=binds,
+                forwards=[(listeners[i], inner)] if listeners and inner else [],
+                timeout_s=timeout_s,
+            )
+            progress(f"restoring replica {i} ({rname})")
+            started.append((rname, sandbox.start(spec)))
+
+        results = []
+        deadline = t0 + timeout_s
+        for i, (rname, sb) in enumerate(started):
+            criu_s = sb.wait_restored(max(1.0, deadline - time.monotonic()))
+            wpid = sb.worker_pid()
+            if wpid is None:
+                raise WorkerError(f"replica {rname} exited right after its restore",
+                                  f"see {paths.worker_dir(rname) / launch.LOG}")
+            rec = WorkerRecord(name=rname, kind="replica", pid=wpid, started=procs.start_time(wpid) or 0, command=w.command,
+                               engine=w.engine, log=str(paths.worker_dir(rname) / launch.LOG),
+                               control_dir=str(paths.worker_dir(rname) / launch.CONTROL),
+                               holder_pid=sb.holder_pid, holder_started=sb.holder_started,
+                               artifact=str(artifact), replica=i,
+                               port=host_ports[i])
+            registry.save(rec)
+            if w.sdk:
+                control.wait_ack(Path(rec.control_dir), w.control_seq + 1, max(1.0, deadline - time.monotonic()),
+                                 wpid, "resume")
+            elif rec.port:
+                _wait_port(rec.port, deadline)
+            results.append(ReplicaResult(name=rname, replica=i, port=rec.port, pid=wpid, holder_pid=sb.holder_pid,
+                                         criu_s=criu_s, ready_s=time.monotonic() - t0))
+    except BaseException:
+        for rname, sb in started:
+            sandbox.kill(sb)
+        for rname in names:
+            registry.forget(rname)
+        raise
+    finally:
+        for s in listeners:
+            s.close()  # init holds its own copy
+    return RestoreResult(artifact=artifact, manifest=manifest, verify_s=verify_s, replicas=results,
+                         seconds=time.monotonic() - t0)
+

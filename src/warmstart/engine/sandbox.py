@@ -1,0 +1,288 @@
+"""A restored replica's own pid, mount and network namespaces, held by a small pid-1 process.
+
+    warmstart (host) ── fork ──► intermediate: unshare(pid|mnt|net) ── fork ──► init (pid 1 inside)
+                                 reports init's host pid, exits               mounts /proc, lo up, binds,
+                                                                              runs `criu restore`, forwards
+                                                                              host ports, reaps, waits
+
+The host ports are bound before unshare, so their sockets stay in the host's network namespace while
+every connection init opens lands in the replica's. When the restored worker exits, init exits and the
+kernel kills whatever is left in the pid namespace; the mount and network namespaces go with the last
+process. A replica that fails to restore therefore leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from warmstart import procs
+from warmstart.engine import criu
+from warmstart.engine.criu import Criu
+from warmstart.errors import EnvironmentProblem, StepFailed, UsageError, WarmstartError
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 1 << 18
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src: str, dst: str, fstype: str | None, flags: int) -> None:
+    _check(_libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags, None), f"mount {dst}")
+
+
+def bind_host_port(port: int) -> socket.socket:
+    """Listen on 127.0.0.1:port (0: any free port) in the host's network namespace."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError as e:
+        s.close()
+        raise UsageError(f"host port {port} is not available ({e.strerror})", "pass a free --port") from e
+    s.listen(128)
+    return s
+
+
+@dataclass
+class SandboxSpec:
+    criu_bin: Criu
+    restore_args: list[str]  # criu restore --restore-detached ..., run by init
+    log: Path  # CRIU's log file, read for the error when the restore fails
+    pidfile: Path  # where CRIU writes the restored root's pid
+    binds: list[tuple[str, str]] = field(default_factory=list)  # (host path, path to cover inside)
+    forwards: list[tuple[socket.socket, int]] = field(default_factory=list)  # (host listener, inner port)
+    timeout_s: float = 120.0
+
+
+@dataclass
+class Sandbox:
+    holder_pid: int
+    holder_started: int
+    _reader: int
+
+    def wait_restored(self, timeout_s: float) -> float:
+        """Block until init reports the restore done; return the command's seconds. Raise on failure."""
+        msg = _read_msg(self._reader, timeout_s)
+        os.close(self._reader)
+        if msg is None:
+            kill(self)
+            raise StepFailed(f"replica did not report within {timeout_s:g} s", "see the replica's CRIU log")
+        if msg.get("event") == "error":
+            raise StepFailed(msg.get("problem", "restore failed"), msg.get("fix", ""))
+        return float(msg["seconds"])
+
+    def worker_pid(self) -> int | None:
+        kids = procs.children(self.holder_pid)
+        return kids[0] if kids else None
+
+
+def _read_msg(fd: int, timeout_s: float) -> dict | None:
+    buf = b""
+    deadline = time.monotonic() + timeout_s
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return {"event": "error", "problem": "replica's init exited before reporting",
+                    "fix": "see the replica's CRIU log"}
+        buf += chunk
+    return json.loads(buf.split(b"\n", 1)[0])
+
+
+def _detach_fds(keep: set[int]) -> None:
+    """Close everything inherited from the caller (its stdout may be a pipe someone reads to EOF)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _send(fd: int, msg: dict) -> None:
+    os.write(fd, (json.dumps(msg) + "\n").encode())
+
+
+def start(spec: SandboxSpec) -> Sandbox:
+    """Fork the replica's init; returns at once (the restore runs concurrently with the caller)."""
+    if os.geteuid() != 0:
+        raise EnvironmentProblem("restoring into new namespaces needs root", "run as root")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate
+        code = 1
+        try:
+            os.close(r)
+            _detach_fds(keep={w, *(sock.fileno() for sock, _ in spec.forwards)})
+            os.setsid()
+            _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET), "unshare")
+            init = os.fork()
+            if init == 0:
+                _init_main(spec, w)  # never returns
+            _send(w, {"event": "holder", "pid": init})
+            code = 0
+        except BaseException as e:  # report every failure to the parent, then leave
+            try:
+                _send(w, {"event": "error", "problem": f"cannot create the replica's namespaces: {e}",
+                          "fix": "run as root on a kernel with pid, mount and network namespaces"})
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    msg = _read_msg(r, 10)
+    if not msg or msg.get("event") != "holder":
+        os.close(r)
+        raise StepFailed((msg or {}).get("problem", "could not start the replica's namespaces"),
+                         (msg or {}).get("fix", ""))
+    holder = int(msg["pid"])
+    for s, _ in spec.forwards:
+        s.close()  # init holds them now
+    return Sandbox(holder_pid=holder, holder_started=procs.start_time(holder) or 0, _reader=r)
+
+
+def kill(sb: Sandbox) -> None:
+    """SIGKILL the replica's init: the kernel then kills everything in its pid namespace."""
+    if procs.alive(sb.holder_pid, sb.holder_started):
+        try:
+            os.kill(sb.holder_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while procs.alive(sb.holder_pid, sb.holder_started) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# ---- inside the replica: pid 1 ----
+
+def _lo_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+        flags = struct.unpack("16sH", ifr[:18])[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+def _prepare_mounts(binds: list[tuple[str, str]]) -> None:
+    _mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here may reach the host
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    # Each replica gets its own POSIX shared memory and semaphores: names the source used must not clash.
+    _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"), "mount /dev/shm")
+    for src, dst in binds:
+        d = Path(dst)
+        if not d.exists():  # the source worker's paths may not exist on this host
+            if Path(src).is_dir():
+                d.mkdir(parents=True, exist_ok=True)
+            else:
+                d.parent.mkdir(parents=True, exist_ok=True)
+                d.touch()
+        _mount(src, dst, None, _MS_BIND)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _connect_inner(port: int) -> socket.socket | None:
+    for host in ("127.0.0.1", "::1"):
+        try:
+            return socket.create_connection((host, port), timeout=5)
+        except OSError:
+            continue
+    return None
+
+
+def _relay(client: socket.socket, port: int) -> None:
+    upstream = _connect_inner(port)
+    if upstream is None:
+        client.close()
+        return
+    upstream.settimeout(None)
+    t = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+    t.start()
+    _pump(client, upstream)
+    t.join()
+    client.close()
+    upstream.close()
+
+
+def _forward(listener: socket.socket, port: int) -> None:
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=_relay, args=(client, port), daemon=True).start()
+
+
+def _init_main(spec: SandboxSpec, w: int) -> None:
+    root = 0
+    try:
+        _prepare_mounts(spec.binds)
+        _lo_up()
+        t0 = time.monotonic()
+        criu.run(spec.criu_bin, spec.restore_args, spec.log, "restore", timeout=spec.timeout_s)
+        root = int(spec.pidfile.read_text().strip())
+        _send(w, {"event": "restored", "seconds": time.monotonic() - t0})
+    except WarmstartError as e:
+        _send(w, {"event": "error", "problem": e.problem, "fix": e.fix})
+        os._exit(1)
+    except BaseException as e:
+        _send(w, {"event": "error", "problem": f"replica init failed: {e}", "fix": "run with --debug",
+                  "trace": traceback.format_exc()})
+        os._exit(1)
+    os.close(w)
+
+    def stop(signum: int, _frame: object) -> None:
+        try:
+            os.kill(root, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for listener, port in spec.forwards:
+        threading.Thread(target=_forward, args=(listener, port), daemon=True).start()
+    while True:
+        try:
+            pid, _ = os.wait()
+        except ChildProcessError:
+            break
+        if pid == root:
+            break
+    os._exit(0)

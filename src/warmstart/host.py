@@ -1,0 +1,78 @@
+"""Who this host is, as far as restoring a process image cares, and whether an image fits it.
+
+`check_compatible` is a pure function over two `HostInfo` values so that the decision is testable
+without a second machine.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from pydantic import BaseModel
+
+# CPU features a process may have picked code paths for at start-up (glibc's ifuncs, torch's kernels):
+# a restored process that finds one missing dies with SIGILL at some later instruction.
+_RELEVANT_FLAGS = (
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512bw", "avx512cd",
+    "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+    "sha_ni", "aes", "pclmulqdq", "popcnt", "movbe", "rdrand", "rdseed", "adx", "vaes", "vpclmulqdq",
+)
+
+
+class HostInfo(BaseModel):
+    arch: str
+    kernel: str
+    cpu_model: str
+    cpu_flags: list[str]
+    criu_version: str = ""
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except FileNotFoundError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown":
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def current(criu_version: str = "") -> HostInfo:
+    model, flags = _cpuinfo()
+    return HostInfo(
+        arch=platform.machine(),
+        kernel=platform.release(),
+        cpu_model=model,
+        cpu_flags=sorted(f for f in flags if f in _RELEVANT_FLAGS),
+        criu_version=criu_version,
+    )
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+
+def check_compatible(source: HostInfo, target: HostInfo) -> list[str]:
+    """Reasons the image made on `source` cannot be restored on `target`; empty when it can."""
+    problems = []
+    if source.arch != target.arch:
+        problems.append(f"CPU architecture differs: image {source.arch}, this host {target.arch}")
+    missing = sorted(set(source.cpu_flags) - set(target.cpu_flags))
+    if missing:
+        problems.append(
+            f"this host's CPU ({target.cpu_model}) lacks features the image's CPU ({source.cpu_model}) had: "
+            + ", ".join(missing)
+        )
+    if source.criu_version and target.criu_version:
+        if _version_tuple(target.criu_version)[:2] < _version_tuple(source.criu_version)[:2]:
+            problems.append(
+                f"CRIU here ({target.criu_version}) is older than the one that made the image ({source.criu_version})"
+            )
+    return problems

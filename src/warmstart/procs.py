@@ -1,0 +1,143 @@
+"""Facts about live processes, read from /proc: liveness, identity, trees, listening ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from warmstart.errors import WorkerError
+
+
+def start_time(pid: int) -> int | None:
+    """Kernel start time in clock ticks: with the pid, it identifies a process across pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # Field 2 (comm) may hold spaces and parentheses; everything after the last ')' is well formed.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def alive(pid: int, started: int | None = None) -> bool:
+    st = state(pid)
+    if st is None or st in ("Z", "X"):
+        return False
+    return started is None or start_time(pid) == started
+
+
+def require_alive(pid: int) -> None:
+    if pid <= 1 or not alive(pid):
+        raise WorkerError(f"no running process with pid {pid}", "check the pid with `warmstart ps` or `ps -p PID`")
+    if pid == os.getpid():
+        raise WorkerError("refusing to checkpoint warmstart itself", "pass the worker's pid")
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tasks:
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """The pid and all its descendants, parents first."""
+    order, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        order.append(p)
+        todo += children(p)
+    return order
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError):
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def io_uring_fds(root_pid: int) -> list[tuple[int, int]]:
+    """(pid, fd) of every io_uring instance the tree holds: CRIU cannot dump those."""
+    found = []
+    for p in tree(root_pid):
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except (FileNotFoundError, PermissionError):
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{p}/fd/{fd}") == "anon_inode:[io_uring]":
+                    found.append((p, int(fd)))
+            except OSError:
+                continue
+    return found
+
+
+def listening_tcp_ports(root_pid: int) -> list[int]:
+    """TCP ports on which the tree rooted at root_pid listens (IPv4 and IPv6), sorted."""
+    inodes: set[int] = set()
+    for p in tree(root_pid):
+        inodes |= _socket_inodes(p)
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{root_pid}/net/{table}").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[9]) in inodes:  # 0A: TCP_LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def terminate(pid: int, started: int | None = None, grace_s: float = 5.0) -> bool:
+    """SIGTERM, then SIGKILL after grace_s. True if the process is gone."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        if not alive(pid, started):
+            return True
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not alive(pid, started):
+                return True
+            time.sleep(0.02)
+    return not alive(pid, started)

@@ -1,0 +1,95 @@
+"""Managed workers and restored replicas, one JSON record each under the state directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from warmstart import paths, procs
+from warmstart.errors import UsageError
+
+RECORD = "worker.json"
+
+
+class WorkerRecord(BaseModel):
+    name: str
+    kind: Literal["run", "replica"]
+    pid: int  # host pid of the worker's root process
+    started: int  # its kernel start time, so a reused pid is never mistaken for it
+    command: list[str]
+    engine: str = "plain"
+    log: str
+    control_dir: str
+    created: float = Field(default_factory=time.time)
+    holder_pid: int | None = None  # replicas: pid 1 of the replica's namespaces (host pid)
+    holder_started: int | None = None
+    artifact: str | None = None
+    replica: int | None = None
+    port: int | None = None
+
+    def alive(self) -> bool:
+        return procs.alive(self.pid, self.started)
+
+
+def save(rec: WorkerRecord) -> None:
+    d = paths.worker_dir(rec.name)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{RECORD}.tmp"
+    tmp.write_text(rec.model_dump_json(indent=2))
+    os.replace(tmp, d / RECORD)
+
+
+def get(name: str) -> WorkerRecord:
+    path = paths.worker_dir(name) / RECORD
+    if not path.is_file():
+        raise UsageError(f"no worker named {name!r}", "list workers with `warmstart ps`")
+    return WorkerRecord.model_validate_json(path.read_text())
+
+
+def all_records() -> list[WorkerRecord]:
+    out = []
+    root = paths.workers_dir()
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        try:
+            out.append(WorkerRecord.model_validate_json((d / RECORD).read_text()))
+        except (FileNotFoundError, ValueError):
+            continue
+    return out
+
+
+def claim(name: str) -> None:
+    """Make `name` usable for a new worker: free if unused or its worker is gone, else an error."""
+    try:
+        rec = get(name)
+    except UsageError:
+        shutil.rmtree(paths.worker_dir(name), ignore_errors=True)
+        return
+    if rec.alive():
+        raise UsageError(f"a worker named {name!r} is running (pid {rec.pid})",
+                         f"stop it with `warmstart stop {name}` or pick another --name")
+    shutil.rmtree(paths.worker_dir(name), ignore_errors=True)
+
+
+def remove(name: str) -> None:
+    shutil.rmtree(paths.worker_dir(name), ignore_errors=True)
+
+
+def forget(name: str) -> None:
+    """Drop the record but keep the directory: a failed replica's logs explain the failure."""
+    (paths.worker_dir(name) / RECORD).unlink(missing_ok=True)
+
+
+def free_name(base: str) -> str:
+    names = {r.name for r in all_records() if r.alive()}
+    if base not in names:
+        return base
+    i = 1
+    while f"{base}-{i}" in names:
+        i += 1
+    return f"{base}-{i}"

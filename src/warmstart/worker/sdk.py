@@ -1,0 +1,116 @@
+"""Worker-side SDK: call `attach(...)` once the worker is warm.
+
+    ctl = attach(on_quiesce=free_caches, on_resume=reopen, port=8000, engine="myengine")
+
+`on_quiesce()` runs before the dump: finish or block in-flight work, release what should not be in the
+image (KV cache, connections). `on_resume(settings)` runs after a restore (settings.restored is True,
+with the replica id and port) or after a checkpoint that left the worker running. A worker started
+without warmstart (no control directory in its environment) gets None and nothing runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from warmstart.worker import protocol as p
+
+# Poll slowly while serving; fast while quiesced, since that wait is on the restore's critical path.
+_POLL_SERVING_S = 0.05
+_POLL_QUIESCED_S = 0.002
+
+
+@dataclass(frozen=True)
+class ResumeSettings:
+    restored: bool  # False when the checkpoint left this same process running
+    replica: int | None = None
+    name: str | None = None
+    port: int | None = None  # the host port forwarded to this replica
+
+    @classmethod
+    def from_request(cls, settings: dict) -> "ResumeSettings":
+        return cls(
+            restored=bool(settings.get("restored", False)),
+            replica=settings.get("replica"),
+            name=settings.get("name"),
+            port=settings.get("port"),
+        )
+
+
+class Controller:
+    def __init__(
+        self,
+        control_dir: Path,
+        on_quiesce: Callable[[], None] | None,
+        on_resume: Callable[[ResumeSettings], None] | None,
+    ) -> None:
+        self.dir = control_dir
+        self._on_quiesce = on_quiesce or (lambda: None)
+        self._on_resume = on_resume or (lambda s: None)
+        self._seq = 0
+        self._quiesced = False
+        self.last_resume: ResumeSettings | None = None
+
+    def announce(self, port: int | None, engine: str, model: str | None) -> None:
+        req = p.read_json(self.dir / p.REQUEST)
+        self._seq = int(req["seq"]) if req else 0  # requests older than this worker are not for it
+        p.write_json(self.dir / p.WORKER, {"pid": os.getpid(), "sdk": p.SDK_VERSION, "port": port,
+                                            "engine": engine, "model": model, "at": time.time()})
+        threading.Thread(target=self._loop, name="warmstart-control", daemon=True).start()
+
+    def _ack(self, seq: int, op: str, error: str = "") -> None:
+        p.write_json(self.dir / p.ACK, {"seq": seq, "op": op, "ok": not error, "error": error, "at": time.time()})
+
+    def _handle(self, req: dict) -> None:
+        seq, op = int(req["seq"]), req.get("op")
+        try:
+            if op == p.QUIESCE and not self._quiesced:
+                self._on_quiesce()
+                self._quiesced = True
+            elif op in (p.RESUME, p.CANCEL) and self._quiesced:
+                settings = ResumeSettings.from_request(req.get("settings") or {})
+                self._on_resume(settings)
+                self._quiesced = False
+                self.last_resume = settings
+        except Exception as e:  # the host must hear about any failure, whatever its type
+            self._ack(seq, op or "?", f"{type(e).__name__}: {e}")
+            return
+        self._ack(seq, op or "?")
+
+    def _loop(self) -> None:
+        stamp = None
+        while True:
+            time.sleep(_POLL_QUIESCED_S if self._quiesced else _POLL_SERVING_S)
+            try:
+                st = os.stat(self.dir / p.REQUEST)
+            except FileNotFoundError:
+                continue
+            new = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_dev)
+            if new == stamp:
+                continue
+            stamp = new
+            req = p.read_json(self.dir / p.REQUEST)
+            if req and int(req.get("seq", 0)) > self._seq:
+                self._seq = int(req["seq"])
+                self._handle(req)
+
+
+def attach(
+    on_quiesce: Callable[[], None] | None = None,
+    on_resume: Callable[[ResumeSettings], None] | None = None,
+    *,
+    port: int | None = None,
+    engine: str = "custom",
+    model: str | None = None,
+) -> Controller | None:
+    """Join warmstart's protocol if this worker runs under warmstart; call once the worker is warm."""
+    control = os.environ.get(p.ENV_CONTROL_DIR)
+    if not control:
+        return None
+    ctl = Controller(Path(control), on_quiesce, on_resume)
+    ctl.announce(port, engine, model)
+    return ctl
