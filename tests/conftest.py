@@ -1,0 +1,96 @@
+"""Shared fixtures. End-to-end tests run real CRIU on real processes; they need root and CRIU >= 4.2.
+
+Where those are missing the tests skip with the reason, unless WARMSTART_REQUIRE_CRIU=1 (set by .ci/run),
+where they fail: CI must never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WARMSTART = [sys.executable, "-m", "warmstart"]
+COUNTER = REPO / "tests" / "workers" / "counter.py"
+SLOW_QUIESCE = REPO / "tests" / "workers" / "slow_quiesce.py"
+
+
+def _criu_problem() -> str | None:
+    from warmstart.engine import criu
+    from warmstart.errors import WarmstartError
+
+    try:
+        criu.find.cache_clear()
+        criu.find()
+    except WarmstartError as e:
+        return e.line()
+    return None
+
+
+@pytest.fixture(scope="session")
+def need_criu() -> None:
+    problem = _criu_problem()
+    if problem:
+        if os.environ.get("WARMSTART_REQUIRE_CRIU") == "1":
+            pytest.fail(f"CRIU is required here: {problem}")
+        pytest.skip(f"needs root and CRIU >= 4.2: {problem}")
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A private WARMSTART_HOME; every worker and replica left in it is killed afterwards."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("WARMSTART_HOME", str(h))
+    yield h
+    cleanup(h)
+
+
+def cleanup(h: Path) -> None:
+    from warmstart import procs
+
+    for rec_file in (h / "workers").glob("*/worker.json") if (h / "workers").exists() else []:
+        rec = json.loads(rec_file.read_text())
+        for pid, started in ((rec.get("holder_pid"), rec.get("holder_started")), (rec["pid"], rec["started"])):
+            if pid:
+                procs.terminate(pid, started, grace_s=1)
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*WARMSTART, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str = "/", timeout: float = 10) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+        return r.read().decode()
+
+
+def wait_http(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            http_get(port, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing answers on port {port}")
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,166 @@
+"""Every failure a user can cause: one line naming problem and fix, a non-zero exit, nothing lost or left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import COUNTER, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, wait_http
+from warmstart import demo, procs
+
+pytestmark = [pytest.mark.criu]
+
+
+def _one_error_line(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+def _holders() -> set[int]:
+    """Processes that could be replica inits: anything forked from a warmstart CLI that outlived it."""
+    return {p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if "warmstart" in " ".join(procs.cmdline(p)) and procs.alive(p)}
+
+
+@pytest.fixture()
+def counter_artifact(need_criu, home: Path, tmp_path: Path) -> Path:
+    port = free_port()
+    assert cli("run", "--name", "src", "--", sys.executable, str(COUNTER), str(port)).returncode == 0
+    wait_http(port)
+    r = cli("checkpoint", "src", "-o", str(tmp_path / "art"))
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "art"
+
+
+def test_unknown_pid(need_criu, home: Path, tmp_path: Path) -> None:
+    _one_error_line(cli("checkpoint", "--pid", "4999999", "-o", str(tmp_path / "a")), 5, "no running process", "4999999")
+    assert not (tmp_path / "a").exists()
+
+
+def test_unknown_worker_name(home: Path, tmp_path: Path) -> None:
+    _one_error_line(cli("checkpoint", "nosuch", "-o", str(tmp_path / "a")), 2, "no worker named", "warmstart ps")
+
+
+def test_missing_criu(home: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    r = cli("checkpoint", "--pid", str(os.getpid()), "-o", str(tmp_path / "a"), env={"WARMSTART_CRIU": "/nonexistent/criu"})
+    _one_error_line(r, 3, "CRIU not found", "setup.sh")
+
+
+def test_too_old_criu(home: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    old = tmp_path / "criu"
+    old.write_text("#!/bin/sh\necho 'Version: 3.17.1'\n")
+    old.chmod(0o755)
+    r = cli("checkpoint", "--pid", str(os.getpid()), "-o", str(tmp_path / "a"), env={"WARMSTART_CRIU": str(old)})
+    _one_error_line(r, 3, "3.17.1", ">= 4.2")
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("flip", "does not match its checksum"),
+    ("truncate", "truncated"),
+    ("manifest", "corrupt"),
+])
+def test_damaged_artifact_starts_nothing(counter_artifact: Path, damage: str, words: str) -> None:
+    pages = next(counter_artifact.glob("images/pages-*.img"))
+    if damage == "flip":
+        with open(pages, "r+b") as f:
+            f.seek(4096)
+            b = f.read(1)
+            f.seek(4096)
+            f.write(bytes([b[0] ^ 0xFF]))
+        bad = str(pages)
+    elif damage == "truncate":
+        os.truncate(pages, pages.stat().st_size // 2)
+        bad = str(pages)
+    else:
+        (counter_artifact / "manifest.json").write_text('{"schema_version": 1, "worker": 7}')
+        bad = "manifest.json"
+    before = _holders()
+    _one_error_line(cli("restore", str(counter_artifact)), 4, words, bad)
+    assert [w for w in json.loads(cli("ps", "--json").stdout)["workers"] if w["kind"] == "replica"] == []
+    assert _holders() <= before
+
+
+def test_incompatible_host_is_refused(counter_artifact: Path) -> None:
+    m = json.loads((counter_artifact / "manifest.json").read_text())
+    m["host"]["arch"] = "riscv64"
+    m["host"]["cpu_flags"].append("avx512_fp16")
+    (counter_artifact / "manifest.json").write_text(json.dumps(m))
+    _one_error_line(cli("restore", str(counter_artifact)), 4, "cannot be restored here", "riscv64", "avx512_fp16")
+
+
+def test_busy_port_starts_nothing(counter_artifact: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        _one_error_line(cli("restore", str(counter_artifact), "--port", str(port)), 2, f"port {port}", "--port")
+    assert json.loads(cli("ps", "--json").stdout)["workers"] == []
+
+
+@pytest.fixture()
+def ref_worker(need_criu, home: Path):
+    port = free_port()
+    r = cli("run", "--name", "ref", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
+            "--port", str(port), "--kv-cache-mb", "64")
+    assert r.returncode == 0, r.stderr
+    return port, demo.complete(port)
+
+
+def test_interrupted_checkpoint_leaves_no_artifact_and_worker_serving(ref_worker, tmp_path: Path) -> None:
+    port, before = ref_worker
+    out = tmp_path / "art"
+    proc = subprocess.Popen([*WARMSTART, "checkpoint", "ref", "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "dumping" in line:
+            proc.send_signal(signal.SIGTERM)  # mid-dump
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "interrupted by SIGTERM" in rest and "Traceback" not in rest
+    assert not out.exists() and not list(tmp_path.glob(".art*"))
+    assert demo.complete(port) == before  # resumed, serving, same state
+
+
+def test_dump_dying_midway_leaves_no_artifact(ref_worker, tmp_path: Path) -> None:
+    port, before = ref_worker
+    small = tmp_path / "small"
+    small.mkdir()
+    # A filesystem too small for the image: CRIU fails partway through writing pages.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        r = cli("checkpoint", "ref", "-o", str(small / "art"))
+        _one_error_line(r, 6, "CRIU dump failed")
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert demo.complete(port) == before
+
+
+def test_quiesce_timeout_leaves_worker_serving(need_criu, home: Path, tmp_path: Path) -> None:
+    port = free_port()
+    r = cli("run", "--name", "slow", "--wait", "--", sys.executable, str(SLOW_QUIESCE), str(port), "30")
+    assert r.returncode == 0, r.stderr
+    t0 = time.monotonic()
+    _one_error_line(cli("checkpoint", "slow", "-o", str(tmp_path / "art"), "--timeout", "1"), 5,
+                    "did not acknowledge 'quiesce' within 1 s")
+    assert time.monotonic() - t0 < 20
+    assert not (tmp_path / "art").exists()
+    assert http_get(port) == "ok"

@@ -1,0 +1,83 @@
+"""End to end with real CRIU, real processes and the real reference worker, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import COUNTER, REPO, WARMSTART, cli, free_port, http_get, wait_http
+from warmstart import demo
+
+pytestmark = [pytest.mark.criu, pytest.mark.slow]
+
+
+def _ps(home: Path) -> list[dict]:
+    r = cli("ps", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["workers"]
+
+
+def test_plain_process_keeps_its_state_across_restore(need_criu, home: Path, tmp_path: Path) -> None:
+    port = free_port()
+    r = cli("run", "--name", "counter", "--", sys.executable, str(COUNTER), str(port))
+    assert r.returncode == 0, r.stderr
+    wait_http(port)
+    time.sleep(0.3)
+    n_before, boot, pid = http_get(port).split()
+    r = cli("checkpoint", "counter", "-o", str(tmp_path / "art"), "--leave-running", "--json")
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.5)  # the source keeps counting: a restore must not show its later state
+    n_source = int(http_get(port).split()[0])
+
+    r = cli("restore", str(tmp_path / "art"), "--name", "counter-copy", "--json")
+    assert r.returncode == 0, r.stderr
+    (rep,) = json.loads(r.stdout)["replicas"]
+    n_after, boot_after, pid_after = http_get(rep["port"]).split()
+    assert boot_after == boot and pid_after == pid  # the same process, same pid inside its namespace
+    assert int(n_before) <= int(n_after) < n_source  # continued from the checkpoint, not started over
+    time.sleep(0.2)
+    assert int(http_get(rep["port"]).split()[0]) > int(n_after)  # and its thread still runs
+
+
+def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tmp_path: Path) -> None:
+    port = free_port()
+    r = cli("run", "--name", "ref", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
+            "--port", str(port), "--kv-cache-mb", "64")
+    assert r.returncode == 0, r.stderr
+    before = demo.complete(port)
+    r = cli("checkpoint", "ref", "-o", str(tmp_path / "art"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["image_bytes"] > 0
+    assert all(w["name"] != "ref" for w in _ps(home))  # without --leave-running the source is gone
+
+    r = cli("restore", str(tmp_path / "art"), "--replicas", "3", "--name", "rep", "--json")
+    assert r.returncode == 0, r.stderr
+    reps = json.loads(r.stdout)["replicas"]
+    assert [x["name"] for x in reps] == ["rep-0", "rep-1", "rep-2"]
+    assert len({x["port"] for x in reps}) == 3
+    for x in reps:
+        assert demo.complete(x["port"]) == before
+        assert json.loads(http_get(x["port"], "/health"))["replica"] == x["replica"]
+    # The same artifact restores again while the first three run.
+    r = cli("restore", str(tmp_path / "art"), "--name", "again", "--json")
+    assert r.returncode == 0, r.stderr
+    assert demo.complete(json.loads(r.stdout)["replicas"][0]["port"]) == before
+
+    assert cli("stop", "rep-1").returncode == 0
+    alive = {w["name"]: w["alive"] for w in _ps(home)}
+    assert "rep-1" not in alive and alive["rep-0"] and alive["rep-2"]
+
+
+def test_demo_json(need_criu, home: Path) -> None:
+    r = cli("demo", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for key in ("cold_start_s", "checkpoint_s", "restore_ready_s", "image_bytes", "identical"):
+        assert key in d
+    assert d["identical"] is True and d["image_bytes"] > 0
+    assert _ps(home) == []  # the demo cleans up after itself

@@ -1,0 +1,23 @@
+"""An SDK worker whose quiesce never finishes in time: warmstart must time out and leave it serving."""
+
+import http.server
+import sys
+import time
+
+from warmstart.worker import attach
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+attach(on_quiesce=lambda: time.sleep(float(sys.argv[2])), port=server.server_address[1], engine="slow")
+server.serve_forever()
