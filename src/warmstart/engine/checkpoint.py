@@ -14,7 +14,7 @@ from pathlib import Path
 from warmstart import __version__, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import CriuSettings, Manifest, WorkerIdentity
-from warmstart.engine import control, criu
+from warmstart.engine import control, criu, gpu
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
 from warmstart.errors import WorkerError
 from warmstart.registry import WorkerRecord
@@ -89,6 +89,8 @@ def checkpoint(
     log = paths.home() / "logs" / f"dump-{pid}-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     quiesced_seq = 0
+    cuda_pids: list[int] = []
+    gpu_states: list = []
     try:
         with deferred_signals() as got:
             if info and control_dir:
@@ -99,6 +101,11 @@ def checkpoint(
                 identity.control_seq = quiesced_seq
             check_interrupted(got, "checkpoint")
             identity.listen_ports = procs.listening_tcp_ports(pid)
+            cuda_pids = gpu.cuda_pids(pid)
+            if cuda_pids:
+                gpu_states = gpu.describe(cuda_pids)
+                with timer.step("cuda_checkpoint", f"checkpointing GPU state of {len(cuda_pids)} CUDA process(es)"):
+                    gpu.suspend(cuda_pids, int(quiesce_timeout_s * 1000))
             with timer.step("criu_dump", "dumping process tree (CRIU)"):
                 criu.run(binary, criu.dump_args(pid, staging.images, log), log, "dump")
             os.replace(log, staging.tmp / "dump.log")
@@ -108,6 +115,8 @@ def checkpoint(
                 worker=identity,
                 host=host.current(binary.version),
                 criu=CriuSettings(version=binary.version, dump_args=criu.dump_args(pid, Path("IMAGES"), Path("LOG"))),
+                gpus=gpu_states,
+                driver_version=cuda_driver_version(cuda_pids),
             )
             with timer.step("checksum", "checksumming images"):
                 manifest.files = store.checksum(staging)
@@ -117,9 +126,14 @@ def checkpoint(
             store.remember_verified(staging.final, manifest)
     except BaseException:
         store.discard(staging)
+        if cuda_pids and _gpu_state_is(cuda_pids[0], "checkpointed"):
+            gpu.resume(cuda_pids)
         if quiesced_seq and control_dir:
             _resume_quietly(control_dir, quiesced_seq + 1)
         raise
+    if cuda_pids and leave_running:
+        with timer.step("cuda_restore", "restoring GPU state of the source"):
+            gpu.resume(cuda_pids)
     if quiesced_seq and control_dir and leave_running:
         with timer.step("resume", "resuming worker"):
             control.send(control_dir, quiesced_seq + 1, protocol.RESUME, {"restored": False})
@@ -129,6 +143,20 @@ def checkpoint(
         if record:
             registry.remove(record.name)
     return CheckpointResult(staging.final, manifest, time.monotonic() - t_start)
+
+
+def cuda_driver_version(cuda_pids: list[int]) -> str | None:
+    if not cuda_pids:
+        return None
+    from warmstart.engine import cuda
+
+    return cuda.driver_version()
+
+
+def _gpu_state_is(pid: int, want: str) -> bool:
+    from warmstart.engine import cuda
+
+    return cuda.state_name(pid) == want
 
 
 def _resume_quietly(control_dir: Path, seq: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from warmstart import host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, Manifest
-from warmstart.engine import control, criu, launch, sandbox
+from warmstart.engine import control, criu, gpu, launch, sandbox
 from warmstart.engine.steps import Progress, quiet
 from warmstart.errors import IncompatibleArtifact, WorkerError
 from warmstart.registry import WorkerRecord
@@ -82,6 +82,7 @@ def restore(
     if problems:
         raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
                                    "restore it on a host like the one it was made on, or checkpoint on this one")
+    gpu.check_fits(manifest.gpus)
     progress("verifying artifact checksums")
     store.verify(artifact, manifest, use_cache=verify_cache)
     verify_s = time.monotonic() - t0
@@ -138,6 +139,8 @@ def restore(
                                artifact=str(artifact), replica=i,
                                port=host_ports[i])
             registry.save(rec)
+            if manifest.gpus:
+                gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]))
             if w.sdk:
                 control.wait_ack(Path(rec.control_dir), w.control_seq + 1, max(1.0, deadline - time.monotonic()),
                                  wpid, "resume")

@@ -50,6 +50,8 @@ class Engine:
     def quiesce(self) -> None:
         self.gate.acquire()  # waits for in-flight requests; new ones block until resume
         self.kv_cache = None
+        if self.device.startswith("cuda"):
+            self.torch.cuda.empty_cache()  # hand it back to the driver, or the CUDA checkpoint still copies it
 
     def resume(self, settings: ResumeSettings) -> None:
         self.allocate_kv_cache()
