@@ -75,37 +75,28 @@ def tree(pid: int) -> list[int]:
     return order
 
 
-def _socket_inodes(pid: int) -> set[int]:
-    inodes: set[int] = set()
+def fd_targets(pid: int) -> list[tuple[int, str]]:
+    """(fd, what it points at) for every open file descriptor of pid; [] if it is gone."""
+    out = []
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except (FileNotFoundError, PermissionError):
-        return inodes
+        return out
     for fd in fds:
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            out.append((int(fd), os.readlink(f"/proc/{pid}/fd/{fd}")))
         except OSError:
             continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    return {int(t[8:-1]) for _, t in fd_targets(pid) if t.startswith("socket:[")}
 
 
 def io_uring_fds(root_pid: int) -> list[tuple[int, int]]:
     """(pid, fd) of every io_uring instance the tree holds: CRIU cannot dump those."""
-    found = []
-    for p in tree(root_pid):
-        try:
-            fds = os.listdir(f"/proc/{p}/fd")
-        except (FileNotFoundError, PermissionError):
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{p}/fd/{fd}") == "anon_inode:[io_uring]":
-                    found.append((p, int(fd)))
-            except OSError:
-                continue
-    return found
+    return [(p, fd) for p in tree(root_pid) for fd, t in fd_targets(p) if t == "anon_inode:[io_uring]"]
 
 
 def listening_tcp_ports(root_pid: int) -> list[int]:

@@ -5,7 +5,6 @@ Decisions here are what to do with a tree; the driver calls themselves live in e
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from warmstart import procs
@@ -14,17 +13,7 @@ from warmstart.errors import IncompatibleArtifact
 
 
 def _opens_nvidia(pid: int) -> bool:
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except (FileNotFoundError, PermissionError):
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/nvidia"):
-                return True
-        except OSError:
-            continue
-    return False
+    return any(t.startswith("/dev/nvidia") for _, t in procs.fd_targets(pid))
 
 
 def cuda_pids(root_pid: int) -> list[int]:
