@@ -16,7 +16,7 @@ from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, Manifest
 from warmstart.engine import control, criu, gpu, launch, sandbox
 from warmstart.engine.steps import Progress, quiet
-from warmstart.errors import IncompatibleArtifact, WorkerError
+from warmstart.errors import IncompatibleArtifact, UsageError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
 
@@ -74,6 +74,8 @@ def restore(
     verify_cache: bool = True,
     progress: Progress = quiet,
 ) -> RestoreResult:
+    if replicas < 1:
+        raise UsageError(f"--replicas must be at least 1, not {replicas}", "pass --replicas 1 or more")
     t0 = time.monotonic()
     artifact = artifact.absolute()
     manifest = store.load(artifact)
@@ -86,8 +88,6 @@ def restore(
     progress("verifying artifact checksums")
     store.verify(artifact, manifest, use_cache=verify_cache)
     verify_s = time.monotonic() - t0
-    if replicas < 1:
-        raise ValueError("replicas must be >= 1")
     w = manifest.worker
     inner = _inner_port(manifest)
     base = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-restored")
