@@ -48,3 +48,82 @@ def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Pa
     assert demo.complete(rep["port"]) == before
     print(f"\nGPU reference worker: cold {cold:.2f}s, checkpoint {ck['checkpoint_s']}s {ck['steps']}, "
           f"image {ck['image_bytes'] / 1e6:.0f} MB, restore ready {rep['ready_s']}s (CRIU {rep['criu_s']}s)")
+
+
+def _nvml_used(pid: int) -> int:
+    from warmstart.engine import cuda
+
+    return cuda.process_gpu_memory().get(pid, ("", 0))[1]
+
+
+def test_kv_release_graph_remap_and_cuda_checkpoint_tool(need_criu, home: Path, tmp_path: Path) -> None:
+    """The KV region leaves the image; the NVIDIA-style tool toggles a worker; --gpu picks the target."""
+    from warmstart import registry
+    from warmstart.engine import cuda
+
+    port = free_port()
+    r = cli("run", "--name", "kv", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
+            "--port", str(port), "--device", "cuda", "--kv-cache-mb", "2048")
+    assert r.returncode == 0, r.stderr
+    pid = registry.get("kv").pid
+    before = demo.complete(port)
+    used = _nvml_used(pid)
+    assert used > 2 << 30
+
+    # NVIDIA's flags, as CRIU's CUDA plugin calls them.
+    tool = lambda *a: cli("cuda-checkpoint", *a, "--pid", str(pid))  # noqa: E731
+    assert tool("--get-state").stdout.strip() == "running"
+    assert tool("--toggle").returncode == 0
+    assert tool("--get-state").stdout.strip() == "checkpointed"
+    assert int(tool("--get-restore-tid").stdout.strip()) > 0
+    uuid = cuda.process_gpu_memory().get(pid, ("", 0))[0] or cuda.gpus()[0].uuid
+    r = tool("--action", "restore", "--device-map", f"{uuid}={uuid}")
+    assert r.returncode == 0, r.stderr
+    assert tool("--get-state").stdout.strip() == "locked"
+    assert tool("--action", "unlock").returncode == 0
+    assert demo.complete(port) == before  # the CUDA graph and weights came back
+
+    r = cli("checkpoint", "kv", "-o", str(tmp_path / "art"), "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    (g,) = [g for g in m["gpus"] if g["gpu_name"]]
+    assert g["memory_bytes"] < used - (1900 << 20), (used, g)  # the 2 GiB KV region was released
+    assert m["driver_version"] and m["cuda_version"]
+
+    # Refused before anything starts: an unknown GPU, and more replicas than the GPU has memory for.
+    r = cli("restore", str(tmp_path / "art"), "--gpu", "7")
+    assert r.returncode == 2 and "no GPU '7'" in r.stderr
+    r = cli("restore", str(tmp_path / "art"), "--replicas", "200")
+    assert r.returncode == 4 and "replica(s) need" in r.stderr
+    assert registry.all_records() == []
+
+    r = cli("restore", str(tmp_path / "art"), "--gpu", g["gpu_uuid"], "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)["replicas"][0]
+    assert demo.complete(rep["port"]) == before
+    assert _nvml_used(rep["pid"]) > 2 << 30  # the KV region is mapped again in the replica
+
+
+def test_lock_timeout_on_a_busy_gpu_leaves_the_worker_running(need_criu, home: Path, tmp_path: Path) -> None:
+    from warmstart import registry
+    from warmstart.engine import cuda
+
+    busy = Path(__file__).parent / "workers" / "gpu_busy.py"
+    r = cli("run", "--name", "busy", "--", sys.executable, str(busy), "400")
+    assert r.returncode == 0, r.stderr
+    rec = registry.get("busy")
+    log = Path(rec.log)
+    deadline = time.monotonic() + 120
+    while "ready" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside a batch of queued kernels, seconds long
+    r = cli("checkpoint", "busy", "-o", str(tmp_path / "art"), "--timeout", "0.3")
+    assert r.returncode == 5, r.stderr
+    assert "lockable point" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "art").exists()
+    assert cuda.state(rec.pid) == "running"
+    seen = log.read_text().count("batch")
+    deadline = time.monotonic() + 120
+    while log.read_text().count("batch") <= seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().count("batch") > seen  # still computing

@@ -71,7 +71,9 @@ def checkpoint(
     pid: Optional[int] = typer.Option(None, "--pid", help="Checkpoint any process tree by its root pid instead."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
     leave_running: bool = typer.Option(False, "--leave-running", help="Keep the worker serving afterwards."),
-    timeout: float = typer.Option(30.0, help="Seconds to wait for the worker to quiesce."),
+    timeout: float = typer.Option(30.0, help="Seconds to wait for the worker to quiesce (and for the GPU lock)."),
+    no_quiesce: bool = typer.Option(False, "--no-quiesce",
+                                    help="Do not ask an SDK worker to quiesce: its KV cache stays in the image."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quiesce a worker, dump it with CRIU, and write a verified artifact."""
@@ -84,7 +86,7 @@ def checkpoint(
     if rec and not rec.alive():
         raise UsageError(f"worker {name!r} is not running", "start it again with `warmstart run`")
     result = pipeline.checkpoint(rec.pid if rec else pid, output, record=rec, leave_running=leave_running,
-                                 quiesce_timeout_s=timeout, progress=_progress(json_out))
+                                 quiesce_timeout_s=timeout, quiesce=not no_quiesce, progress=_progress(json_out))
     m = result.manifest
     if json_out:
         _emit({"artifact": str(result.artifact), "checkpoint_s": round(result.seconds, 3),
@@ -102,13 +104,15 @@ def restore(
     replicas: int = typer.Option(1, "--replicas", "-k", min=1, help="How many replicas to restore side by side."),
     port: Optional[int] = typer.Option(None, "--port", "-p", help="Host port of replica 0 (then P+1, ...); default: free ports."),
     timeout: float = typer.Option(120.0, help="Seconds before an unfinished restore is abandoned and cleaned up."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU index or UUID to restore onto "
+                                      "(default: the one it was on, else the first of its model with room)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Restore an artifact into fresh namespaces, once or as several replicas."""
     from warmstart.engine import restore as pipeline
 
     result = pipeline.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout,
-                              progress=_progress(json_out))
+                              gpu_device=gpu, progress=_progress(json_out))
     if json_out:
         _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
                "restore_s": round(result.seconds, 3),
@@ -214,11 +218,27 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command("cuda-checkpoint", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def cuda_checkpoint_cmd(ctx: typer.Context) -> None:
+    """NVIDIA cuda-checkpoint's flags (--toggle, --action, --get-state ...): see `warmstart cuda-checkpoint -h`."""
+    from warmstart import cuda_checkpoint
+
+    raise typer.Exit(cuda_checkpoint.main(list(ctx.args)))
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and Path(sys.argv[0]).name == "cuda-checkpoint":
+        from warmstart import cuda_checkpoint  # installed or linked under NVIDIA's tool's name
+
+        sys.exit(cuda_checkpoint.main(sys.argv[1:]))
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or bool(os.environ.get("WARMSTART_DEBUG"))
     try:
-        typer.main.get_command(app).main(args=args, prog_name="warmstart", standalone_mode=False)
+        # Without standalone mode, click returns a typer.Exit's code instead of raising it.
+        rc = typer.main.get_command(app).main(args=args, prog_name="warmstart", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except WarmstartError as e:
         if debug:
             traceback.print_exc()

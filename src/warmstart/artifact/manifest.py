@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from warmstart.host import HostInfo
 
@@ -17,6 +17,16 @@ class FileEntry(BaseModel):
     path: str  # relative to the artifact directory, '/'-separated
     size: int
     sha256: str
+    # 0: SHA-256 of the whole file. N: SHA-256 over the SHA-256 digests of its N-byte pieces, in order
+    # (large image files hash on every core, at checkpoint and at verify).
+    chunk_bytes: int = Field(default=0, ge=0)
+
+    @field_validator("chunk_bytes")
+    @classmethod
+    def _sane_chunks(cls, v: int) -> int:
+        if 0 < v < 1 << 20:
+            raise ValueError("chunk_bytes must be 0 or at least 1 MiB")
+        return v
 
 
 class StepTiming(BaseModel):
@@ -63,7 +73,8 @@ class Manifest(BaseModel):
     host: HostInfo
     criu: CriuSettings
     gpus: list[GpuState] = Field(default_factory=list)
-    driver_version: str | None = None
+    driver_version: str | None = None  # NVIDIA driver, e.g. "580.159.04"; restore refuses an older one
+    cuda_version: str | None = None  # the CUDA version that driver supports, e.g. "13.0"
     steps: list[StepTiming] = Field(default_factory=list)
     image_bytes: int = 0
     files: list[FileEntry] = Field(default_factory=list)

@@ -23,6 +23,7 @@ from warmstart.artifact.manifest import IMAGES_DIR, MANIFEST_NAME, SCHEMA_VERSIO
 from warmstart.errors import ArtifactError, UsageError
 
 _CHUNK = 8 << 20
+TREE_CHUNK = 64 << 20
 _PARTIAL = ".partial-"
 
 
@@ -63,18 +64,46 @@ def discard(staging: Staging) -> None:
     shutil.rmtree(staging.tmp, ignore_errors=True)
 
 
-def sha256_file(path: Path) -> str:
+def _digest_range(path: Path, start: int, length: int | None) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
+        f.seek(start)
+        left = length
+        while left is None or left > 0:
+            chunk = f.read(_CHUNK if left is None else min(_CHUNK, left))
+            if not chunk:
+                break
             h.update(chunk)
-    return h.hexdigest()
+            if left is not None:
+                left -= len(chunk)
+    return h.digest()
 
 
-def _hash_all(root: Path, rels: list[str]) -> dict[str, str]:
-    # hashlib drops the GIL for large updates, so threads hash files in parallel.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-        return dict(zip(rels, pool.map(lambda r: sha256_file(root / r), rels)))
+def chunk_size_for(size: int) -> int:
+    """Files this big are hashed as a tree of chunks, so one large image file uses every core."""
+    return TREE_CHUNK if size > 2 * TREE_CHUNK else 0
+
+
+def _hash_all(root: Path, files: list[tuple[str, int, int]]) -> dict[str, str]:
+    """{rel: hex digest} for (rel, size, chunk_bytes) entries.
+
+    chunk_bytes 0: SHA-256 of the file. Otherwise: SHA-256 of the concatenated SHA-256 digests of each
+    chunk_bytes-long piece. hashlib drops the GIL while hashing, so the pieces hash in parallel threads.
+    """
+    tasks: list[tuple[str, int, int | None]] = []
+    for rel, size, chunk in files:
+        if chunk:
+            tasks += [(rel, off, chunk) for off in range(0, max(size, 1), chunk)]
+        else:
+            tasks.append((rel, 0, None))
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 2)) as pool:
+        digests = list(pool.map(lambda t: _digest_range(root / t[0], t[1], t[2]), tasks))
+    parts: dict[str, list[bytes]] = {}
+    for (rel, _, _), d in zip(tasks, digests):
+        parts.setdefault(rel, []).append(d)
+    chunked = {rel for rel, _, chunk in files if chunk}
+    return {rel: hashlib.sha256(b"".join(ds)).hexdigest() if rel in chunked else ds[0].hex()
+            for rel, ds in parts.items()}
 
 
 def _image_files(root: Path) -> list[str]:
@@ -86,9 +115,10 @@ def _image_files(root: Path) -> list[str]:
 
 
 def checksum(staging: Staging) -> list[FileEntry]:
-    rels = _image_files(staging.tmp)
-    digests = _hash_all(staging.tmp, rels)
-    return [FileEntry(path=r, size=(staging.tmp / r).stat().st_size, sha256=digests[r]) for r in rels]
+    sizes = {r: (staging.tmp / r).stat().st_size for r in _image_files(staging.tmp)}
+    chunks = {r: chunk_size_for(n) for r, n in sizes.items()}
+    digests = _hash_all(staging.tmp, [(r, n, chunks[r]) for r, n in sizes.items()])
+    return [FileEntry(path=r, size=n, sha256=digests[r], chunk_bytes=chunks[r]) for r, n in sizes.items()]
 
 
 def commit(staging: Staging, manifest: Manifest) -> Path:
@@ -199,7 +229,7 @@ def verify(artifact: Path, manifest: Manifest, use_cache: bool = True) -> float:
                 return 0
         except (FileNotFoundError, json.JSONDecodeError):
             pass
-    digests = _hash_all(artifact, [f.path for f in manifest.files])
+    digests = _hash_all(artifact, [(f.path, f.size, f.chunk_bytes) for f in manifest.files])
     for f in manifest.files:
         if digests[f.path] != f.sha256:
             raise ArtifactError(

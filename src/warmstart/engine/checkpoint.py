@@ -56,6 +56,7 @@ def checkpoint(
     record: WorkerRecord | None = None,
     leave_running: bool = False,
     quiesce_timeout_s: float = 30.0,
+    quiesce: bool = True,
     progress: Progress = quiet,
 ) -> CheckpointResult:
     t_start = time.monotonic()
@@ -93,7 +94,9 @@ def checkpoint(
     gpu_states: list = []
     try:
         with deferred_signals() as got:
-            if info and control_dir:
+            if info and control_dir and not quiesce:
+                identity.control_seq = control.last_seq(control_dir)  # the restore's resume must come after it
+            elif info and control_dir:
                 quiesced_seq = control.last_seq(control_dir) + 1
                 with timer.step("quiesce", "quiescing worker"):
                     control.send(control_dir, quiesced_seq, protocol.QUIESCE)
@@ -117,6 +120,7 @@ def checkpoint(
                 criu=CriuSettings(version=binary.version, dump_args=criu.dump_args(pid, Path("IMAGES"), Path("LOG"))),
                 gpus=gpu_states,
                 driver_version=cuda_driver_version(cuda_pids),
+                cuda_version=cuda_runtime_version(cuda_pids),
             )
             with timer.step("checksum", "checksumming images"):
                 manifest.files = store.checksum(staging)
@@ -151,6 +155,14 @@ def cuda_driver_version(cuda_pids: list[int]) -> str | None:
     from warmstart.engine import cuda
 
     return cuda.driver_version()
+
+
+def cuda_runtime_version(cuda_pids: list[int]) -> str | None:
+    if not cuda_pids:
+        return None
+    from warmstart.engine import cuda
+
+    return cuda.cuda_version()
 
 
 def _gpu_state_is(pid: int, want: str) -> bool:

@@ -29,7 +29,26 @@ def _driver() -> Any:
                                  "check the NVIDIA driver is loaded (nvidia-smi)")
     if not hasattr(driver, "cuCheckpointProcessLock"):
         raise EnvironmentProblem("this cuda-bindings has no checkpoint API", "upgrade cuda-bindings to >= 12.8")
+    err, version = driver.cuDriverGetVersion()
+    if err == driver.CUresult.CUDA_SUCCESS and version < MIN_CUDA_DRIVER_API:
+        raise EnvironmentProblem(
+            f"driver too old for checkpoint: it supports CUDA {version // 1000}.{version % 1000 // 10}, "
+            "the checkpoint API needs CUDA 12.8 (driver >= R570)", "upgrade the NVIDIA driver to R570 or newer")
     return driver
+
+
+# cuCheckpointProcess* with lock timeouts and GPU remapping arrived with CUDA 12.8 / driver R570.
+MIN_CUDA_DRIVER_API = 12080
+
+
+def cuda_version() -> str | None:
+    """The CUDA version the driver supports, e.g. '13.0'."""
+    try:
+        d = _driver()
+    except Exception:
+        return None
+    err, v = d.cuDriverGetVersion()
+    return f"{v // 1000}.{v % 1000 // 10}" if err == d.CUresult.CUDA_SUCCESS else None
 
 
 def _name(driver: Any, err: Any) -> str:
@@ -97,9 +116,41 @@ def checkpoint(pid: int) -> None:
     _check(d.cuCheckpointProcessCheckpoint(pid, None)[0], "checkpoint", pid)
 
 
-def restore(pid: int) -> None:
+def uuid_bytes(uuid: str) -> bytes:
+    """NVML's 'GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx' as the driver's 16 bytes."""
+    hexpart = uuid.removeprefix("GPU-").replace("-", "")
+    try:
+        raw = bytes.fromhex(hexpart)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raise ValueError(f"not a GPU UUID: {uuid!r}")
+    return raw
+
+
+def _cu_uuid(d: Any, uuid: str) -> Any:
+    import ctypes
+
+    u = d.CUuuid()
+    ctypes.memmove(u.getPtr(), uuid_bytes(uuid), 16)
+    return u
+
+
+def restore(pid: int, gpu_map: dict[str, str] | None = None) -> None:
+    """Bring the GPU state back; gpu_map (old UUID -> new UUID) moves it onto other GPUs of the same model."""
     d = _driver()
-    _check(d.cuCheckpointProcessRestore(pid, None)[0], "restore", pid)
+    args = None
+    if gpu_map:
+        pairs = []
+        for old, new in gpu_map.items():
+            pair = d.CUcheckpointGpuPair()
+            pair.oldUuid = _cu_uuid(d, old)
+            pair.newUuid = _cu_uuid(d, new)
+            pairs.append(pair)
+        args = d.CUcheckpointRestoreArgs()
+        args.gpuPairs = pairs
+        args.gpuPairsCount = len(pairs)
+    _check(d.cuCheckpointProcessRestore(pid, args)[0], "restore", pid)
 
 
 def unlock(pid: int) -> None:

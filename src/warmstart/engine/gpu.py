@@ -6,10 +6,14 @@ Decisions here are what to do with a tree; the driver calls themselves live in e
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from warmstart import procs
 from warmstart.artifact.manifest import GpuState
-from warmstart.errors import IncompatibleArtifact
+from warmstart.errors import IncompatibleArtifact, UsageError
+
+if TYPE_CHECKING:
+    from warmstart.engine.cuda import Gpu
 
 
 def _opens_nvidia(pid: int) -> bool:
@@ -57,11 +61,12 @@ def suspend(pids: list[int], timeout_ms: int) -> None:
         raise
 
 
-def resume(checkpointed: list[int], locked: list[int] | None = None) -> None:
+def resume(checkpointed: list[int], locked: list[int] | None = None, gpu_map: dict[str, str] | None = None) -> None:
     from warmstart.engine import cuda
 
+    remap = gpu_map if gpu_map and any(old != new for old, new in gpu_map.items()) else None
     for p in checkpointed:
-        cuda.restore(p)
+        cuda.restore(p, remap)
     for p in locked if locked is not None else checkpointed:
         cuda.unlock(p)
 
@@ -80,24 +85,80 @@ def host_pids(root_host_pid: int, ns_pids: list[int]) -> list[int]:
     return [by_ns[p] for p in ns_pids if p in by_ns]
 
 
-def check_fits(states: list[GpuState]) -> None:
-    """Refuse, before anything starts, a GPU artifact this host cannot take."""
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".") if x.isdigit())
+
+
+def _pick(requested: str, here: list["Gpu"]) -> "Gpu":
+    for g in here:
+        if requested == str(g.index) or requested == g.uuid or (len(requested) >= 8 and g.uuid.startswith(requested)):
+            return g
+    have = ", ".join(f"{g.index}={g.uuid} ({g.name})" for g in here) or "none"
+    raise UsageError(f"no GPU {requested!r} on this host (GPUs: {have})", "pass --gpu INDEX or --gpu UUID of one of them")
+
+
+def plan(
+    states: list[GpuState],
+    here: list["Gpu"],
+    *,
+    artifact_driver: str | None,
+    here_driver: str | None,
+    requested: str | None = None,
+    replicas: int = 1,
+) -> dict[str, str]:
+    """Which local GPU takes each checkpointed GPU (old UUID -> new UUID), or refuse before anything starts.
+
+    Default: the GPU it was on, else the first GPU of the same model with enough free memory for every
+    replica. A pure function of what the artifact says and what this host has.
+    """
+    states = [s for s in states if s.gpu_name]  # processes that touched CUDA but held no GPU memory
     if not states:
-        return
+        return {}
+    if not here:
+        raise IncompatibleArtifact(f"artifact needs a {states[0].gpu_name}; this host has no GPU",
+                                   "restore on a node with the same GPU model")
+    if artifact_driver and here_driver and _version(here_driver) < _version(artifact_driver):
+        raise IncompatibleArtifact(
+            f"artifact was checkpointed with NVIDIA driver {artifact_driver}; this host has {here_driver}, which is older",
+            f"restore on a node with driver >= {artifact_driver}, or upgrade this one")
+    need: dict[str, int] = {}
+    model: dict[str, str] = {}
+    for s in states:
+        need[s.gpu_uuid] = need.get(s.gpu_uuid, 0) + s.memory_bytes * replicas
+        model[s.gpu_uuid] = s.gpu_name
+    if requested is not None and len(need) > 1:
+        raise UsageError(f"the artifact spans {len(need)} GPUs; --gpu names one", "leave out --gpu")
+    chosen: dict[str, str] = {}
+    free = {g.uuid: g.free_bytes for g in here}
+    for old, want in need.items():
+        same = [g for g in here if g.name == model[old]]
+        if requested is not None:
+            target = _pick(requested, here)
+            if target.name != model[old]:
+                raise IncompatibleArtifact(f"artifact was checkpointed on {model[old]}; GPU {requested} is {target.name}",
+                                           "pass a GPU of the same model, or leave out --gpu")
+            candidates = [target]
+        elif not same:
+            raise IncompatibleArtifact(
+                f"artifact was checkpointed on {model[old]}; this host has {', '.join(sorted({g.name for g in here}))}",
+                "restore on a node with the same GPU model")
+        else:
+            candidates = sorted(same, key=lambda g: g.uuid != old)  # its own GPU first, then by index
+        fits = [g for g in candidates if free[g.uuid] >= want]
+        if not fits:
+            best = max(candidates, key=lambda g: free[g.uuid])
+            raise IncompatibleArtifact(
+                f"{replicas} replica(s) need {want / 2**30:.1f} GiB on a {model[old]}; GPU {best.index} has "
+                f"{free[best.uuid] / 2**30:.1f} GiB free", "free memory on the GPU, restore fewer replicas, or use another node")
+        chosen[old] = fits[0].uuid
+        free[fits[0].uuid] -= want
+    return chosen
+
+
+def plan_here(states: list[GpuState], artifact_driver: str | None, requested: str | None, replicas: int) -> dict[str, str]:
+    if not [s for s in states if s.gpu_name]:
+        return {}
     from warmstart.engine import cuda
 
-    states = [s for s in states if s.gpu_name]
-    if not states:
-        return
-    here = cuda.gpus()
-    for s in states:
-        same = [g for g in here if g.name == s.gpu_name]
-        if not same:
-            raise IncompatibleArtifact(
-                f"artifact was checkpointed on {s.gpu_name}; this host has {', '.join(g.name for g in here) or 'no GPU'}",
-                "restore on a node with the same GPU model")
-        if not any(g.free_bytes >= s.memory_bytes for g in same):
-            best = max(g.free_bytes for g in same)
-            raise IncompatibleArtifact(
-                f"no {s.gpu_name} here has {s.memory_bytes / 2**30:.1f} GiB free (most free: {best / 2**30:.1f} GiB)",
-                "stop something on the GPU or restore on another node")
+    return plan(states, cuda.gpus(), artifact_driver=artifact_driver, here_driver=cuda.driver_version(),
+                requested=requested, replicas=replicas)

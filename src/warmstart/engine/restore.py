@@ -72,6 +72,7 @@ def restore(
     port: int | None = None,
     timeout_s: float = 120.0,
     verify_cache: bool = True,
+    gpu_device: str | None = None,
     progress: Progress = quiet,
 ) -> RestoreResult:
     if replicas < 1:
@@ -84,7 +85,7 @@ def restore(
     if problems:
         raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
                                    "restore it on a host like the one it was made on, or checkpoint on this one")
-    gpu.check_fits(manifest.gpus)
+    gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas)
     progress("verifying artifact checksums")
     store.verify(artifact, manifest, use_cache=verify_cache)
     verify_s = time.monotonic() - t0
@@ -140,7 +141,7 @@ def restore(
                                port=host_ports[i])
             registry.save(rec)
             if manifest.gpus:
-                gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]))
+                gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]), gpu_map=gpu_map)
             if w.sdk:
                 control.wait_ack(Path(rec.control_dir), w.control_seq + 1, max(1.0, deadline - time.monotonic()),
                                  wpid, "resume")

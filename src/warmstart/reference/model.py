@@ -60,8 +60,8 @@ def _tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast (imported lazily:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def build(out: Path, shape: ModelShape = TINY, dtype: str = "float32") -> Path:
-    """Write the model directory (atomically) and return it."""
+def build(out: Path, shape: ModelShape = TINY, dtype: str = "float32", device: str = "cpu") -> Path:
+    """Write the model directory (atomically) and return it. device="cuda" initialises 8B in seconds."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,8 +75,13 @@ def build(out: Path, shape: ModelShape = TINY, dtype: str = "float32") -> Path:
         tie_word_embeddings=False, torch_dtype=dtype, initializer_range=shape.init_std,
     )
     torch.manual_seed(shape.seed)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # initialise in the target dtype: no float32 copy
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(tmp, safe_serialization=True)
     _tokenizer(shape.vocab_size).save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +92,8 @@ def build(out: Path, shape: ModelShape = TINY, dtype: str = "float32") -> Path:
     return out
 
 
-def ensure(shape: ModelShape = TINY, dtype: str = "float32") -> Path:
+def ensure(shape: ModelShape = TINY, dtype: str = "float32", device: str = "cpu") -> Path:
     out = cache_dir() / "models" / f"reference-{shape.key()}-{dtype}"
     if (out / "config.json").is_file():
         return out
-    return build(out, shape, dtype)
+    return build(out, shape, dtype, device)

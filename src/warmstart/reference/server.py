@@ -2,9 +2,11 @@
 
     python -m warmstart.reference.server --port 8000 [--model DIR] [--kv-cache-mb 256]
 
-It holds a KV-cache pool (a preallocated buffer, as real engines reserve one) that it releases on
-quiesce and reallocates on resume, and it takes part in warmstart's quiesce/resume protocol: in-flight
-requests finish before it acknowledges a quiesce, and new ones wait until it resumes.
+It decodes greedily with its KV cache in a preallocated pool, as real engines reserve one (on GPU: bf16,
+the pool a CUDA virtual-memory region, the decode step captured once as a CUDA graph). It takes part in
+warmstart's quiesce/resume protocol: in-flight requests finish before it acknowledges a quiesce, new ones
+wait until it resumes, and on GPU the pool's memory is released while quiesced and mapped again (same
+address, so the graph stays valid) on resume.
 """
 
 from __future__ import annotations
@@ -20,41 +22,46 @@ from warmstart.worker import ResumeSettings, attach
 
 
 class Engine:
-    def __init__(self, model_dir: str, kv_cache_mb: int, device: str) -> None:
+    def __init__(self, model_dir: str, kv_cache_mb: int, device: str, dtype: str, max_len: int, graph: bool) -> None:
         import torch
         from transformers import AutoTokenizer, LlamaForCausalLM
+
+        from warmstart.reference import decode
 
         self.torch = torch
         self.device = device
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = LlamaForCausalLM.from_pretrained(model_dir).to(device).eval()
-        self.kv_cache_bytes = kv_cache_mb << 20
-        self.kv_cache = None
+        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).to(device).eval()
+        need = decode.cache_bytes(model.config, max_len, model.lm_head.weight.element_size())
+        # The KV pool: engines size it from free memory; here --kv-cache-mb, at least one sequence's worth.
+        nbytes = max(kv_cache_mb << 20, need)
+        self.region = None
+        if device.startswith("cuda"):
+            from warmstart.worker.region import GpuRegion
+
+            self.region = GpuRegion(nbytes, torch.device(device).index or 0)
+            pool = self.region.tensor(torch)
+        else:
+            pool = torch.zeros(nbytes, dtype=torch.uint8)
+        self.kv_cache_bytes = nbytes
+        self.decoder = decode.Decoder(model, pool, max_len, use_graph=graph and self.region is not None)
         self.gate = threading.Lock()  # held by each request, and by the worker while quiesced
         self.replica: int | None = None
-        self.allocate_kv_cache()
-
-    def allocate_kv_cache(self) -> None:
-        if self.kv_cache_bytes:
-            self.kv_cache = self.torch.zeros(self.kv_cache_bytes, dtype=self.torch.uint8, device=self.device)
 
     def complete(self, prompt: str, max_tokens: int) -> tuple[str, int, int]:
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-        with self.torch.inference_mode():
-            out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens,
-                                      pad_token_id=self.tokenizer.eos_token_id)
-        new = out[0, ids.shape[1] :]
-        return self.tokenizer.decode(new, skip_special_tokens=True), int(ids.shape[1]), int(new.shape[0])
+        ids = self.tokenizer(prompt).input_ids
+        new = self.decoder.generate(ids, max_tokens)
+        return self.tokenizer.decode(new, skip_special_tokens=True), len(ids), len(new)
 
     def quiesce(self) -> None:
         self.gate.acquire()  # waits for in-flight requests; new ones block until resume
-        self.kv_cache = None
-        if self.device.startswith("cuda"):
-            self.torch.cuda.empty_cache()  # hand it back to the driver, or the CUDA checkpoint still copies it
+        if self.region is not None:
+            self.region.release()  # the KV pool leaves GPU memory, so the CUDA checkpoint does not copy it
 
     def resume(self, settings: ResumeSettings) -> None:
-        self.allocate_kv_cache()
+        if self.region is not None:
+            self.region.restore()
         if settings.restored:
             self.replica = settings.replica
         self.gate.release()
@@ -90,8 +97,12 @@ def make_handler(engine: Engine, model_name: str) -> type[BaseHTTPRequestHandler
             except (ValueError, KeyError) as e:
                 self._send(400, {"error": {"message": f"bad request: {e}"}})
                 return
-            with engine.gate:
-                text, n_in, n_out = engine.complete(prompt, max_tokens)
+            try:
+                with engine.gate:
+                    text, n_in, n_out = engine.complete(prompt, max_tokens)
+            except ValueError as e:
+                self._send(400, {"error": {"message": str(e)}})
+                return
             self._send(200, {
                 "id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name,
@@ -112,12 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="model directory (default: build the reference model on first use)")
     ap.add_argument("--kv-cache-mb", type=int, default=256)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--max-len", type=int, default=256, help="longest sequence (prompt + completion)")
+    ap.add_argument("--no-graph", action="store_true", help="do not capture the decode step as a CUDA graph")
     args = ap.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.model is None:
         from warmstart.reference import model
 
         args.model = str(model.ensure())
-    engine = Engine(args.model, args.kv_cache_mb, args.device)
+    engine = Engine(args.model, args.kv_cache_mb, args.device, dtype, args.max_len, not args.no_graph)
     engine.complete("warm-up", 2)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(engine, "warmstart-reference"))
     server.daemon_threads = True

@@ -1,0 +1,259 @@
+"""GPU benchmark: the reference worker at the TinyLlama-1.1B and Llama-3-8B shapes (random bf16 weights).
+
+    python bench/gpu.py --shape 1b [--shape 8b] --work /var/tmp/warmstart-bench --out $OUT
+
+Per shape: cold start to first token (weights from a cold page cache), checkpoint time and image size with
+and without the KV-cache release, restore to ready and to first token from a cold and a warm page cache,
+3 replicas side by side on the one GPU, and whether greedy tokens match the cold start's. Each restore is
+set next to its floor: bytes moved / bandwidth measured on this machine in the same run. Needs root (CRIU,
+dropping the page cache) and an NVIDIA GPU. Prints a table; writes results.json and the table under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from warmstart import demo, procs, registry
+from warmstart.engine import checkpoint, launch, restore
+from warmstart.reference import model
+
+SHAPES = {"1b": model.LLAMA_1B, "8b": model.LLAMA_8B}
+KV_MB = {"1b": 4096, "8b": 4096}
+PROMPT = "Restore the worker and keep every token the same"
+TOKENS = 32
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_bandwidth(paths: list[Path], threads: int) -> float:
+    """Bytes/s reading these files (as a restore does), with `threads` readers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(p: Path) -> int:
+        n = 0
+        with open(p, "rb", buffering=0) as f:
+            while chunk := f.read(16 << 20):
+                n += len(chunk)
+        return n
+
+    t = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(read, paths))
+    return total / (time.monotonic() - t)
+
+
+def h2d_bandwidth() -> dict[str, float]:
+    """Host-to-device bytes/s from pageable and pinned memory (2 GiB), in a child so we hold no CUDA context."""
+    code = (
+        "import torch,time,json\n"
+        "n=2<<30\n"
+        "out={}\n"
+        "for kind in ('pageable','pinned'):\n"
+        "    h=torch.empty(n,dtype=torch.uint8,pin_memory=kind=='pinned'); h.fill_(1)\n"
+        "    d=torch.empty(n,dtype=torch.uint8,device='cuda'); d.copy_(h); torch.cuda.synchronize()\n"
+        "    t=time.perf_counter(); d.copy_(h); torch.cuda.synchronize(); out[kind]=n/(time.perf_counter()-t)\n"
+        "print(json.dumps(out))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def gpu_facts() -> dict[str, str]:
+    r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                       capture_output=True, text=True)
+    name, driver, mem = [x.strip() for x in r.stdout.splitlines()[0].split(",")]
+    return {"gpu": name, "driver": driver, "memory": mem}
+
+
+def stop(name: str) -> None:
+    try:
+        rec = registry.get(name)
+    except Exception:
+        return
+    procs.terminate(rec.pid, rec.started, grace_s=5)
+    if rec.holder_pid:
+        procs.terminate(rec.holder_pid, rec.holder_started, grace_s=2)
+    registry.remove(name)
+
+
+def first_token(port: int) -> float:
+    t = time.monotonic()
+    demo.complete(port, PROMPT, 1, timeout_s=300)
+    return time.monotonic() - t
+
+
+def cold_start(key: str, model_dir: Path, name: str) -> tuple[dict, int]:
+    port = free_port()
+    cold_cache = drop_caches()
+    t0 = time.monotonic()
+    rec = launch.launch(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port), "--model",
+                               str(model_dir), "--device", "cuda", "--kv-cache-mb", str(KV_MB[key]),
+                               "--max-len", "256"], engine="reference")
+    launch.wait_ready(rec, 600)
+    demo.complete(port, PROMPT, 1, timeout_s=300)
+    cold = time.monotonic() - t0
+    return {"cold_start_to_first_token_s": round(cold, 2), "cold_page_cache": cold_cache}, port
+
+
+def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str) -> dict:
+    dropped = drop_caches() if cold else False
+    t0 = time.monotonic()
+    rr = restore.restore(art, name=name, replicas=replicas, timeout_s=600)
+    out = {"cold_page_cache": dropped, "replicas": []}
+    for r in rr.replicas:
+        ft = time.monotonic()
+        demo.complete(r.port, PROMPT, 1, timeout_s=300)
+        first = time.monotonic() - t0
+        text = demo.complete(r.port, PROMPT, TOKENS, timeout_s=300)
+        out["replicas"].append({"criu_s": round(r.criu_s, 2), "ready_s": round(r.ready_s, 2),
+                                "first_token_s": round(first, 2), "one_token_request_s": round(time.monotonic() - ft, 3),
+                                "tokens_match": text == want})
+    for r in rr.replicas:
+        stop(r.name)
+    return out
+
+
+def bench_shape(key: str, work: Path, bw: dict) -> dict:
+    shape = SHAPES[key]
+    t = time.monotonic()
+    model_dir = model.ensure(shape, "bfloat16", device="cuda")
+    weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    log(f"{key}: model ready ({weights / 1e9:.2f} GB of bf16 weights, {time.monotonic() - t:.0f} s)")
+    res: dict = {"shape": key, "weights_bytes": weights}
+    name = f"bench-{key}"
+    stop(name)
+    cold, port = cold_start(key, model_dir, name)
+    res["cold"] = cold
+    want = demo.complete(port, PROMPT, TOKENS, timeout_s=300)
+    log(f"{key}: cold start {cold['cold_start_to_first_token_s']} s")
+
+    art_full = work / f"{key}-with-kv"
+    shutil.rmtree(art_full, ignore_errors=True)
+    rec = registry.get(name)
+    ck = checkpoint.checkpoint(rec.pid, art_full, record=rec, leave_running=True, quiesce=False)
+    res["checkpoint_without_kv_release"] = {"seconds": round(ck.seconds, 2), "image_bytes": ck.manifest.image_bytes,
+                                            "steps": ck.manifest.step_seconds()}
+    shutil.rmtree(art_full)
+    log(f"{key}: checkpoint keeping the KV cache: {ck.seconds:.2f} s, {ck.manifest.image_bytes / 1e9:.2f} GB")
+    res["tokens_match_after_leave_running"] = demo.complete(port, PROMPT, TOKENS, timeout_s=300) == want
+
+    art = work / key
+    shutil.rmtree(art, ignore_errors=True)
+    ck = checkpoint.checkpoint(rec.pid, art, record=rec, leave_running=False)
+    m = ck.manifest
+    gpu_bytes = sum(g.memory_bytes for g in m.gpus)
+    res["checkpoint"] = {"seconds": round(ck.seconds, 2), "image_bytes": m.image_bytes, "gpu_bytes": gpu_bytes,
+                         "steps": m.step_seconds()}
+    log(f"{key}: checkpoint with KV release: {ck.seconds:.2f} s, {m.image_bytes / 1e9:.2f} GB ({m.step_seconds()})")
+
+    images = [art / f.path for f in m.files]
+    res["restore_warm"] = restore_once(art, f"{name}-warm", cold=False, replicas=1, want=want)
+    log(f"{key}: restore, warm page cache: {res['restore_warm']}")
+    res["restore_cold"] = restore_once(art, f"{name}-cold", cold=True, replicas=1, want=want)
+    log(f"{key}: restore, cold page cache: {res['restore_cold']}")
+    res["restore_3_replicas_warm"] = restore_once(art, f"{name}-x3", cold=False, replicas=3, want=want)
+    log(f"{key}: 3 replicas: {res['restore_3_replicas_warm']}")
+
+    # Floors: the bytes a restore must move at the bandwidths measured now. CRIU reads one image with one
+    # thread, and the driver copies from pageable memory, so those are the bandwidths of today's path.
+    res["bandwidth"] = {"page_cache_1_thread": read_bandwidth(images, 1), **bw}
+    if drop_caches():
+        res["bandwidth"]["disk_1_thread"] = read_bandwidth(images, 1)
+    b = res["bandwidth"]
+    h2d = b["h2d_pageable"]
+    res["floor_warm_s"] = round(m.image_bytes / b["page_cache_1_thread"] + gpu_bytes / h2d, 2)
+    if "disk_1_thread" in b:
+        res["floor_cold_s"] = round(m.image_bytes / b["disk_1_thread"] + gpu_bytes / h2d, 2)
+    shutil.rmtree(art, ignore_errors=True)
+    return res
+
+
+def table(results: list[dict], facts: dict) -> str:
+    rows = [f"GPU: {facts['gpu']} ({facts['memory']}), driver {facts['driver']}, {time.strftime('%Y-%m-%d')}", "",
+            "| | " + " | ".join(r["shape"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]
+
+    def row(label: str, f) -> None:
+        cells = []
+        for r in results:
+            try:
+                cells.append(f(r))
+            except (KeyError, IndexError, TypeError):
+                cells.append("-")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    row("weights (bf16)", lambda r: gb(r["weights_bytes"]))
+    row("cold start to first token", lambda r: f"{r['cold']['cold_start_to_first_token_s']} s")
+    row("checkpoint, KV kept: time / image", lambda r: f"{r['checkpoint_without_kv_release']['seconds']} s / "
+        f"{gb(r['checkpoint_without_kv_release']['image_bytes'])}")
+    row("checkpoint, KV released: time / image", lambda r: f"{r['checkpoint']['seconds']} s / {gb(r['checkpoint']['image_bytes'])}")
+    row("  of which GPU memory", lambda r: gb(r["checkpoint"]["gpu_bytes"]))
+    for label, key in (("warm page cache", "restore_warm"), ("cold page cache", "restore_cold")):
+        row(f"restore to ready, {label}", lambda r, k=key: f"{r[k]['replicas'][0]['ready_s']} s (CRIU {r[k]['replicas'][0]['criu_s']} s)")
+        row(f"restore to first token, {label}", lambda r, k=key: f"{r[k]['replicas'][0]['first_token_s']} s")
+    row("floor, warm / cold", lambda r: f"{r['floor_warm_s']} s / {r.get('floor_cold_s', '-')} s")
+    row("3 replicas, each ready", lambda r: ", ".join(f"{x['ready_s']}" for x in r["restore_3_replicas_warm"]["replicas"]) + " s")
+    row("speed-up, cold start / warm restore to first token",
+        lambda r: f"{r['cold']['cold_start_to_first_token_s'] / r['restore_warm']['replicas'][0]['first_token_s']:.1f}x")
+    row("greedy tokens match (all restores)", lambda r: "yes" if all(
+        x["tokens_match"] for k in ("restore_warm", "restore_cold", "restore_3_replicas_warm") for x in r[k]["replicas"])
+        and r["tokens_match_after_leave_running"] else "NO")
+    row("bandwidth: page cache 1 thread / disk / H2D pageable / H2D pinned", lambda r: " / ".join(
+        f"{r['bandwidth'][k] / 1e9:.1f}" if k in r["bandwidth"] else "-"
+        for k in ("page_cache_1_thread", "disk_1_thread", "h2d_pageable", "h2d_pinned")) + " GB/s")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/warmstart-bench"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    facts = gpu_facts()
+    hb = h2d_bandwidth()
+    bw = {"h2d_pageable": hb["pageable"], "h2d_pinned": hb["pinned"]}
+    log(f"{facts}; H2D pageable {bw['h2d_pageable'] / 1e9:.1f} GB/s, pinned {bw['h2d_pinned'] / 1e9:.1f} GB/s")
+    results = []
+    for key in args.shape:
+        try:
+            results.append(bench_shape(key, args.work, bw))
+        finally:
+            for n in [r.name for r in registry.all_records()]:
+                stop(n)
+        (args.out / f"results-{'-'.join(args.shape)}.json").write_text(json.dumps({"facts": facts, "results": results},
+                                                                                  indent=2, default=str))
+    text = table(results, facts)
+    (args.out / f"table-{'-'.join(args.shape)}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On the GPU machine (no network, no apt), with the CRIU and wheels carried from the dev machine:
+#   bench/gpu.sh tests          GPU tests + the end-to-end suite
+#   bench/gpu.sh bench 1b [8b]  bench/gpu.py for those shapes; table and JSON under $OUT
+# Carry: .deps/criu-bundle (criu + its shared libraries) and .whl (pydantic for the machine's python);
+# docs/benchmarks.md says how to make both.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+[ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src WARMSTART_CRIU=$PWD/.deps/criu-bundle/criu
+export LD_LIBRARY_PATH=$PWD/.deps/criu-bundle/lib WARMSTART_REQUIRE_CRIU=1 PYTHONUNBUFFERED=1
+export WARMSTART_CACHE=${WARMSTART_CACHE:-/var/tmp/warmstart-bench/cache}
+mode=${1:-tests}; shift || true
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$WARMSTART_CRIU" --version | head -1
+  python3 -c 'import torch, transformers, cuda.bindings; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda-bindings", cuda.bindings.__version__)'
+  df -h /var/tmp | tail -1; free -g | sed -n 2p
+  case "$mode" in
+    tests) python3 -m pytest tests/test_gpu.py tests/test_gpu_logic.py tests/test_e2e.py -q -s -p no:cacheprovider 2>&1 ;;
+    bench) python3 bench/gpu.py $(printf -- '--shape %s ' "$@") --out "$out" 2>&1 ;;
+    *) echo "usage: bench/gpu.sh tests | bench SHAPE..." ;;
+  esac
+} | tee "$out/gpu-$mode.log"

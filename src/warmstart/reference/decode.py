@@ -1,0 +1,135 @@
+"""Greedy decoding of a Llama model with its KV cache in one caller-owned buffer, as serving engines do.
+
+The cache is a fixed-size tensor the worker can release on quiesce and map again on resume (on GPU: a CUDA
+virtual-memory region, see warmstart.worker.region). Every decode step has static shapes (the attention
+runs over the whole cache with a mask), so on GPU the step is captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def cache_bytes(config: Any, max_len: int, dtype_bytes: int) -> int:
+    """Bytes of K and V for every layer at max_len positions."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * max_len * _head_dim(config) * dtype_bytes
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rope_theta(config: Any) -> float:
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+class Decoder:
+    def __init__(self, model: Any, cache: Any, max_len: int, use_graph: bool) -> None:
+        """`model`: a transformers LlamaForCausalLM; `cache`: a tensor of >= cache_bytes(...) bytes."""
+        import torch
+
+        self.torch = torch
+        cfg = model.config
+        self.cfg = cfg
+        self.m = model.model
+        self.lm_head = model.lm_head
+        self.dtype = self.lm_head.weight.dtype
+        self.device = self.lm_head.weight.device
+        self.max_len = max_len
+        self.hd = _head_dim(cfg)
+        self.nh, self.kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.eps = cfg.rms_norm_eps
+        n = cache_bytes(cfg, max_len, self.lm_head.weight.element_size())
+        flat = cache.view(torch.uint8).reshape(-1)[:n].view(self.dtype)
+        self.cache = flat.view(2, cfg.num_hidden_layers, self.kvh, max_len, self.hd)
+        inv = 1.0 / (_rope_theta(cfg) ** (torch.arange(0, self.hd, 2, dtype=torch.float32, device=self.device) / self.hd))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=self.device), inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+        self.positions = torch.arange(max_len, device=self.device)
+        # The step's inputs and output live in fixed tensors, so a captured graph can be replayed.
+        self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.next = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.graph = None
+        if use_graph:
+            self._capture()
+
+    def _norm(self, x: Any, w: Any) -> Any:
+        x32 = x.float()
+        return w * (x32 * self.torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype)
+
+    def _rope(self, x: Any, cos: Any, sin: Any) -> Any:
+        half = x.shape[-1] // 2
+        rotated = self.torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x.float() * cos + rotated.float() * sin).to(self.dtype)
+
+    def _step(self) -> None:
+        """One token at self.pos: write its K/V into the cache, greedy-pick the next token into self.next."""
+        torch = self.torch
+        x = self.m.embed_tokens(self.token)  # (1, H)
+        cos, sin = self.cos[self.pos], self.sin[self.pos]  # (1, hd)
+        masked = (self.positions > self.pos).view(1, 1, -1)
+        group = self.nh // self.kvh
+        for i, layer in enumerate(self.m.layers):
+            a = layer.self_attn
+            h = self._norm(x, layer.input_layernorm.weight)
+            q = self._rope(a.q_proj(h).view(self.nh, self.hd), cos, sin)
+            k = self._rope(a.k_proj(h).view(self.kvh, self.hd), cos, sin)
+            v = a.v_proj(h).view(self.kvh, self.hd)
+            self.cache[0, i].index_copy_(1, self.pos, k.unsqueeze(1))
+            self.cache[1, i].index_copy_(1, self.pos, v.unsqueeze(1))
+            keys, values = self.cache[0, i], self.cache[1, i]  # (kvh, T, hd)
+            scores = torch.matmul(q.view(self.kvh, group, self.hd), keys.transpose(1, 2)).float()
+            scores = scores / math.sqrt(self.hd)
+            probs = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1).to(self.dtype)
+            attn = torch.matmul(probs, values).reshape(1, self.nh * self.hd)
+            x = x + a.o_proj(attn)
+            mlp = layer.mlp
+            h = self._norm(x, layer.post_attention_layernorm.weight)
+            x = x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        logits = self.lm_head(self._norm(x, self.m.norm.weight)).float()
+        self.next.copy_(logits.argmax(dim=-1))
+
+    def _capture(self) -> None:
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # warm-up outside capture: lazy kernel loads and cuBLAS handles
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self._step()
+        torch.cuda.synchronize()
+
+    def run_step(self, token: int, pos: int) -> int:
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with self.torch.inference_mode():
+                self._step()
+        return int(self.next.item())
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation. The prompt is fed one token at a time through the same (graphed) step."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        keep = self.max_len - max_new_tokens
+        if keep < 1:
+            raise ValueError(f"max_tokens {max_new_tokens} does not fit the {self.max_len}-token cache")
+        ids = prompt_ids[-keep:]
+        nxt = 0
+        for pos, tok in enumerate(ids):
+            nxt = self.run_step(tok, pos)
+        out = [nxt]
+        for pos in range(len(ids), len(ids) + max_new_tokens - 1):
+            out.append(self.run_step(out[-1], pos))
+        return out
