@@ -2,7 +2,7 @@
 
 The cache is a fixed-size tensor the worker can release on quiesce and map again on resume (on GPU: a CUDA
 virtual-memory region, see warmstart.worker.region). Every decode step has static shapes (the attention
-runs over the whole cache with a mask), so on GPU the step is captured once as a CUDA graph and replayed.
+runs over the whole cache with a mask), so on GPU the one-token step is captured once as a CUDA graph and replayed; the prompt runs in one pass.
 """
 
 from __future__ import annotations
@@ -68,32 +68,36 @@ class Decoder:
         rotated = self.torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return (x.float() * cos + rotated.float() * sin).to(self.dtype)
 
-    def _step(self) -> None:
-        """One token at self.pos: write its K/V into the cache, greedy-pick the next token into self.next."""
+    def _forward(self, tokens: Any, pos: Any) -> Any:
+        """Tokens at positions `pos` (n of each): write their K/V into the cache, return the last one's argmax."""
         torch = self.torch
-        x = self.m.embed_tokens(self.token)  # (1, H)
-        cos, sin = self.cos[self.pos], self.sin[self.pos]  # (1, hd)
-        masked = (self.positions > self.pos).view(1, 1, -1)
+        n = tokens.shape[0]
+        x = self.m.embed_tokens(tokens)  # (n, H)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (n, 1, hd)
+        masked = (self.positions.view(1, -1) > pos.view(-1, 1)).view(1, 1, n, -1)  # causal, over the whole cache
         group = self.nh // self.kvh
         for i, layer in enumerate(self.m.layers):
             a = layer.self_attn
             h = self._norm(x, layer.input_layernorm.weight)
-            q = self._rope(a.q_proj(h).view(self.nh, self.hd), cos, sin)
-            k = self._rope(a.k_proj(h).view(self.kvh, self.hd), cos, sin)
-            v = a.v_proj(h).view(self.kvh, self.hd)
-            self.cache[0, i].index_copy_(1, self.pos, k.unsqueeze(1))
-            self.cache[1, i].index_copy_(1, self.pos, v.unsqueeze(1))
-            keys, values = self.cache[0, i], self.cache[1, i]  # (kvh, T, hd)
-            scores = torch.matmul(q.view(self.kvh, group, self.hd), keys.transpose(1, 2)).float()
-            scores = scores / math.sqrt(self.hd)
+            q = self._rope(a.q_proj(h).view(n, self.nh, self.hd), cos, sin)
+            k = self._rope(a.k_proj(h).view(n, self.kvh, self.hd), cos, sin)
+            v = a.v_proj(h).view(n, self.kvh, self.hd)
+            self.cache[0, i].index_copy_(1, pos, k.transpose(0, 1))
+            self.cache[1, i].index_copy_(1, pos, v.transpose(0, 1))
+            keys, values = self.cache[0, i].unsqueeze(1), self.cache[1, i].unsqueeze(1)  # (kvh, 1, T, hd)
+            q = q.view(n, self.kvh, group, self.hd).permute(1, 2, 0, 3)  # (kvh, group, n, hd)
+            scores = torch.matmul(q, keys.transpose(2, 3)).float() / math.sqrt(self.hd)
             probs = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1).to(self.dtype)
-            attn = torch.matmul(probs, values).reshape(1, self.nh * self.hd)
+            attn = torch.matmul(probs, values).permute(2, 0, 1, 3).reshape(n, self.nh * self.hd)
             x = x + a.o_proj(attn)
             mlp = layer.mlp
             h = self._norm(x, layer.post_attention_layernorm.weight)
             x = x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        logits = self.lm_head(self._norm(x, self.m.norm.weight)).float()
-        self.next.copy_(logits.argmax(dim=-1))
+        logits = self.lm_head(self._norm(x[-1:], self.m.norm.weight)).float()
+        return logits.argmax(dim=-1)
+
+    def _step(self) -> None:
+        self.next.copy_(self._forward(self.token, self.pos))
 
     def _capture(self) -> None:
         torch = self.torch
@@ -119,17 +123,17 @@ class Decoder:
         return int(self.next.item())
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation. The prompt is fed one token at a time through the same (graphed) step."""
+        """Greedy continuation: the prompt in one pass, then one (graphed) step per token."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         keep = self.max_len - max_new_tokens
         if keep < 1:
             raise ValueError(f"max_tokens {max_new_tokens} does not fit the {self.max_len}-token cache")
         ids = prompt_ids[-keep:]
-        nxt = 0
-        for pos, tok in enumerate(ids):
-            nxt = self.run_step(tok, pos)
-        out = [nxt]
+        torch = self.torch
+        with torch.inference_mode():
+            first = self._forward(torch.tensor(ids, device=self.device), self.positions[: len(ids)])
+        out = [int(first.item())]
         for pos in range(len(ids), len(ids) + max_new_tokens - 1):
             out.append(self.run_step(out[-1], pos))
         return out

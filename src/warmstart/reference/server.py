@@ -58,6 +58,7 @@ class Engine:
         self.gate.acquire()  # waits for in-flight requests; new ones block until resume
         if self.region is not None:
             self.region.release()  # the KV pool leaves GPU memory, so the CUDA checkpoint does not copy it
+            self.torch.cuda.empty_cache()  # and the allocator's idle blocks too
 
     def resume(self, settings: ResumeSettings) -> None:
         if self.region is not None:
