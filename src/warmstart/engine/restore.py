@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,9 +126,9 @@ def restore(
             progress(f"restoring replica {i} ({rname})")
             started.append((rname, sandbox.start(spec)))
 
-        results = []
         deadline = t0 + timeout_s
-        for i, (rname, sb) in enumerate(started):
+
+        def finish(i: int, rname: str, sb: sandbox.Sandbox) -> ReplicaResult:
             criu_s = sb.wait_restored(max(1.0, deadline - time.monotonic()))
             wpid = sb.worker_pid()
             if wpid is None:
@@ -147,8 +148,20 @@ def restore(
                                  wpid, "resume")
             elif rec.port:
                 _wait_port(rec.port, deadline)
-            results.append(ReplicaResult(name=rname, replica=i, port=rec.port, pid=wpid, holder_pid=sb.holder_pid,
-                                         criu_s=criu_s, ready_s=time.monotonic() - t0))
+            return ReplicaResult(name=rname, replica=i, port=rec.port, pid=wpid, holder_pid=sb.holder_pid,
+                                 criu_s=criu_s, ready_s=time.monotonic() - t0)
+
+        # One thread per replica: each one's CUDA restore (seconds for large models) runs alongside the others.
+        pool = ThreadPoolExecutor(max_workers=len(started))
+        try:
+            futures = [pool.submit(finish, i, rname, sb) for i, (rname, sb) in enumerate(started)]
+            results = [f.result() for f in futures]
+        except BaseException:
+            for _, sb in started:  # the other replicas' threads then fail fast instead of waiting out the deadline
+                sandbox.kill(sb)
+            raise
+        finally:
+            pool.shutdown(wait=True)
     except BaseException:
         for rname, sb in started:
             sandbox.kill(sb)
