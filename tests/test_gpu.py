@@ -89,6 +89,7 @@ def test_kv_release_graph_remap_and_cuda_checkpoint_tool(need_criu, home: Path, 
     (g,) = [g for g in m["gpus"] if g["gpu_name"]]
     assert g["memory_bytes"] < used - (1900 << 20), (used, g)  # the 2 GiB KV region was released
     assert m["driver_version"] and m["cuda_version"]
+    assert m["worker"]["gpu_bytes_to_remap"] >= 2 << 30  # the SDK reported the region it will map again
 
     # Refused before anything starts: an unknown GPU, and more replicas than the GPU has memory for.
     r = cli("restore", str(tmp_path / "art"), "--gpu", "7")

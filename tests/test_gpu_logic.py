@@ -54,6 +54,12 @@ def test_replicas_multiply_the_memory_needed() -> None:
     assert plan_([state(A)], [gpu(0, A, 31)], replicas=3) == {A: A}
 
 
+def test_memory_mapped_again_on_resume_counts_per_replica() -> None:
+    with pytest.raises(IncompatibleArtifact, match=r"2 replica\(s\) need 28.0 GiB"):
+        plan_([state(A)], [gpu(0, A, 27)], replicas=2, remap_bytes=4 * GiB)
+    assert plan_([state(A)], [gpu(0, A, 29)], replicas=2, remap_bytes=4 * GiB) == {A: A}
+
+
 def test_other_model_is_refused_naming_both() -> None:
     with pytest.raises(IncompatibleArtifact, match="checkpointed on NVIDIA H100.*this host has NVIDIA A100"):
         plan_([state(A)], [gpu(0, C, 70, name="NVIDIA A100-SXM4-80GB")])

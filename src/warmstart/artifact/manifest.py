@@ -49,6 +49,7 @@ class WorkerIdentity(BaseModel):
     log_path: str | None = None  # the worker's stdout/stderr file; each replica's own log is mounted over it
     listen_ports: list[int] = Field(default_factory=list)
     port: int | None = None  # the port the SDK reported serving on, forwarded to each replica
+    gpu_bytes_to_remap: int = 0  # GPU memory the worker released on quiesce and maps again on resume (KV cache)
 
 
 class GpuState(BaseModel):

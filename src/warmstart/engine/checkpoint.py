@@ -100,8 +100,9 @@ def checkpoint(
                 quiesced_seq = control.last_seq(control_dir) + 1
                 with timer.step("quiesce", "quiescing worker"):
                     control.send(control_dir, quiesced_seq, protocol.QUIESCE)
-                    control.wait_ack(control_dir, quiesced_seq, quiesce_timeout_s, pid, "quiesce")
+                    ack = control.wait_ack(control_dir, quiesced_seq, quiesce_timeout_s, pid, "quiesce")
                 identity.control_seq = quiesced_seq
+                identity.gpu_bytes_to_remap = int(ack.get("gpu_bytes_to_remap") or 0)
             check_interrupted(got, "checkpoint")
             identity.listen_ports = procs.listening_tcp_ports(pid)
             cuda_pids = gpu.cuda_pids(pid)

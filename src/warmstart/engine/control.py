@@ -38,14 +38,14 @@ def send(control_dir: Path, seq: int, op: str, settings: dict[str, Any] | None =
     p.write_json(control_dir / p.REQUEST, {"seq": seq, "op": op, "settings": settings or {}})
 
 
-def wait_ack(control_dir: Path, seq: int, timeout_s: float, pid: int | None, what: str) -> None:
+def wait_ack(control_dir: Path, seq: int, timeout_s: float, pid: int | None, what: str) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         ack = p.read_json(control_dir / p.ACK)
         if ack and ack.get("seq") == seq:
             if not ack.get("ok"):
                 raise WorkerError(f"worker failed to {what}: {ack.get('error')}", "see the worker's log")
-            return
+            return ack
         if pid is not None and not procs.alive(pid):
             raise WorkerError(f"worker (pid {pid}) died while asked to {what}", "see the worker's log")
         if time.monotonic() > deadline:

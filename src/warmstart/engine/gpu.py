@@ -105,6 +105,7 @@ def plan(
     here_driver: str | None,
     requested: str | None = None,
     replicas: int = 1,
+    remap_bytes: int = 0,
 ) -> dict[str, str]:
     """Which local GPU takes each checkpointed GPU (old UUID -> new UUID), or refuse before anything starts.
 
@@ -126,6 +127,8 @@ def plan(
     for s in states:
         need[s.gpu_uuid] = need.get(s.gpu_uuid, 0) + s.memory_bytes * replicas
         model[s.gpu_uuid] = s.gpu_name
+    # What the worker maps again on resume (its KV cache) lands on the GPU of its first CUDA process.
+    need[states[0].gpu_uuid] += remap_bytes * replicas
     if requested is not None and len(need) > 1:
         raise UsageError(f"the artifact spans {len(need)} GPUs; --gpu names one", "leave out --gpu")
     chosen: dict[str, str] = {}
@@ -155,10 +158,11 @@ def plan(
     return chosen
 
 
-def plan_here(states: list[GpuState], artifact_driver: str | None, requested: str | None, replicas: int) -> dict[str, str]:
+def plan_here(states: list[GpuState], artifact_driver: str | None, requested: str | None, replicas: int,
+              remap_bytes: int = 0) -> dict[str, str]:
     if not [s for s in states if s.gpu_name]:
         return {}
     from warmstart.engine import cuda
 
     return plan(states, cuda.gpus(), artifact_driver=artifact_driver, here_driver=cuda.driver_version(),
-                requested=requested, replicas=replicas)
+                requested=requested, replicas=replicas, remap_bytes=remap_bytes)

@@ -86,7 +86,8 @@ def restore(
     if problems:
         raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
                                    "restore it on a host like the one it was made on, or checkpoint on this one")
-    gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas)
+    gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
+                            manifest.worker.gpu_bytes_to_remap)
     progress("verifying artifact checksums")
     store.verify(artifact, manifest, use_cache=verify_cache)
     verify_s = time.monotonic() - t0

@@ -12,7 +12,15 @@ checkpoint and restore. Needs cuda-bindings; on a CPU worker use an ordinary buf
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
+
+_regions: "weakref.WeakSet[GpuRegion]" = weakref.WeakSet()
+
+
+def released_bytes() -> int:
+    """GPU bytes this process's regions have released and will map again on resume."""
+    return sum(r.nbytes for r in list(_regions) if not r.mapped)
 
 
 def _driver() -> Any:
@@ -47,6 +55,7 @@ class GpuRegion:
         self.ptr = int(_ok(d.cuMemAddressReserve(self.nbytes, gran, 0, 0), "cuMemAddressReserve"))
         self._handle: Any = None
         self.restore()
+        _regions.add(self)
 
     def _current(self) -> None:
         # The SDK calls release/restore from its own thread, which has no current context yet.

@@ -63,7 +63,13 @@ class Controller:
         threading.Thread(target=self._loop, name="warmstart-control", daemon=True).start()
 
     def _ack(self, seq: int, op: str, error: str = "") -> None:
-        p.write_json(self.dir / p.ACK, {"seq": seq, "op": op, "ok": not error, "error": error, "at": time.time()})
+        ack = {"seq": seq, "op": op, "ok": not error, "error": error, "at": time.time()}
+        if op == p.QUIESCE and not error:
+            from warmstart.worker import region  # no CUDA import: it only sums what its regions released
+
+            # The restore must find room for this again on the target GPU, on top of the checkpointed memory.
+            ack["gpu_bytes_to_remap"] = region.released_bytes()
+        p.write_json(self.dir / p.ACK, ack)
 
     def _handle(self, req: dict) -> None:
         seq, op = int(req["seq"]), req.get("op")
