@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from warmstart import demo, procs, registry
+from warmstart import demo, registry
 from warmstart.engine import checkpoint, launch, restore
+from warmstart.errors import UsageError
 from warmstart.reference import model
 
 SHAPES = {"1b": model.LLAMA_1B, "8b": model.LLAMA_8B}
@@ -92,13 +93,9 @@ def gpu_facts() -> dict[str, str]:
 
 def stop(name: str) -> None:
     try:
-        rec = registry.get(name)
-    except Exception:
-        return
-    procs.terminate(rec.pid, rec.started, grace_s=5)
-    if rec.holder_pid:
-        procs.terminate(rec.holder_pid, rec.holder_started, grace_s=2)
-    registry.remove(name)
+        registry.stop(name)
+    except UsageError:
+        pass  # not running
 
 
 def first_token(port: int) -> float:

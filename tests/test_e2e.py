@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, REPO, WARMSTART, cli, free_port, http_get, wait_http
+from conftest import COUNTER, cli, free_port, http_get, wait_http
 from warmstart import demo
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]

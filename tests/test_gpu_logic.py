@@ -95,6 +95,8 @@ def test_requested_gpu_must_exist_match_and_have_room() -> None:
 
 def test_processes_without_gpu_memory_tie_nothing() -> None:
     assert plan_([GpuState(pid=1, gpu_uuid="", gpu_name="")], []) == {}
+    with pytest.raises(UsageError, match="no GPU state, so --gpu"):
+        plan_([], [gpu(0, A, 70)], requested="0")
 
 
 def test_uuid_and_device_map_parsing() -> None:

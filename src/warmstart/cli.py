@@ -179,13 +179,9 @@ def ps(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) ->
 @app.command()
 def stop(name: str = typer.Argument(..., help="Worker or replica name (see `warmstart ps`).")) -> None:
     """Stop a worker or replica (SIGTERM, then SIGKILL) and forget it."""
-    from warmstart import procs, registry
+    from warmstart import registry
 
-    rec = registry.get(name)
-    procs.terminate(rec.pid, rec.started)
-    if rec.holder_pid:
-        procs.terminate(rec.holder_pid, rec.holder_started, grace_s=1.0)
-    registry.remove(name)
+    registry.stop(name)
     out.print(f"stopped {name}")
 
 

@@ -12,10 +12,10 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from warmstart import paths, procs, registry
+from warmstart import paths, registry
 from warmstart.engine import checkpoint, launch, restore
 from warmstart.engine.steps import Progress, quiet
-from warmstart.errors import WorkerError
+from warmstart.errors import UsageError, WorkerError
 
 PROMPT = "The fastest way to start an inference worker is"
 MAX_TOKENS = 24
@@ -91,11 +91,7 @@ def run(replicas: int = 1, keep: bool = False, progress: Progress = quiet) -> De
         if not keep:
             for n in [name, *replica_names]:
                 try:
-                    r = registry.get(n)
-                except Exception:
-                    continue
-                procs.terminate(r.pid, r.started, grace_s=2)
-                if r.holder_pid:
-                    procs.terminate(r.holder_pid, r.holder_started, grace_s=1)
-                registry.remove(n)
+                    registry.stop(n, grace_s=2)
+                except UsageError:
+                    pass  # already gone (the checkpoint stops the source)
             shutil.rmtree(workdir, ignore_errors=True)

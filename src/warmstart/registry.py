@@ -80,6 +80,15 @@ def remove(name: str) -> None:
     shutil.rmtree(paths.worker_dir(name), ignore_errors=True)
 
 
+def stop(name: str, grace_s: float = 5.0) -> None:
+    """Terminate a worker or replica (SIGTERM, then SIGKILL), its namespace holder with it, and forget it."""
+    rec = get(name)
+    procs.terminate(rec.pid, rec.started, grace_s=grace_s)
+    if rec.holder_pid:
+        procs.terminate(rec.holder_pid, rec.holder_started, grace_s=1.0)
+    remove(name)
+
+
 def forget(name: str) -> None:
     """Drop the record but keep the directory: a failed replica's logs explain the failure."""
     (paths.worker_dir(name) / RECORD).unlink(missing_ok=True)

@@ -1,7 +1,6 @@
 """Try io_uring_setup; print the outcome; with 'hold', keep the ring open and wait (to be checkpointed)."""
 
 import ctypes
-import os
 import sys
 import time
 

@@ -120,8 +120,7 @@ def checkpoint(
                 host=host.current(binary.version),
                 criu=CriuSettings(version=binary.version, dump_args=criu.dump_args(pid, Path("IMAGES"), Path("LOG"))),
                 gpus=gpu_states,
-                driver_version=cuda_driver_version(cuda_pids),
-                cuda_version=cuda_runtime_version(cuda_pids),
+                **_gpu_versions(cuda_pids),
             )
             with timer.step("checksum", "checksumming images"):
                 manifest.files = store.checksum(staging)
@@ -150,20 +149,13 @@ def checkpoint(
     return CheckpointResult(staging.final, manifest, time.monotonic() - t_start)
 
 
-def cuda_driver_version(cuda_pids: list[int]) -> str | None:
+def _gpu_versions(cuda_pids: list[int]) -> dict[str, str | None]:
+    """The manifest's driver_version and cuda_version; none for a CPU worker."""
     if not cuda_pids:
-        return None
+        return {}
     from warmstart.engine import cuda
 
-    return cuda.driver_version()
-
-
-def cuda_runtime_version(cuda_pids: list[int]) -> str | None:
-    if not cuda_pids:
-        return None
-    from warmstart.engine import cuda
-
-    return cuda.cuda_version()
+    return {"driver_version": cuda.driver_version(), "cuda_version": cuda.cuda_version()}
 
 
 def _gpu_state_is(pid: int, want: str) -> bool:

@@ -114,6 +114,8 @@ def plan(
     """
     states = [s for s in states if s.gpu_name]  # processes that touched CUDA but held no GPU memory
     if not states:
+        if requested is not None:
+            raise UsageError("the artifact holds no GPU state, so --gpu has nothing to place", "leave out --gpu")
         return {}
     if not here:
         raise IncompatibleArtifact(f"artifact needs a {states[0].gpu_name}; this host has no GPU",
@@ -161,7 +163,7 @@ def plan(
 def plan_here(states: list[GpuState], artifact_driver: str | None, requested: str | None, replicas: int,
               remap_bytes: int = 0) -> dict[str, str]:
     if not [s for s in states if s.gpu_name]:
-        return {}
+        return plan(states, [], artifact_driver=None, here_driver=None, requested=requested)  # no NVML needed
     from warmstart.engine import cuda
 
     return plan(states, cuda.gpus(), artifact_driver=artifact_driver, here_driver=cuda.driver_version(),
