@@ -69,6 +69,17 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
                           env={**os.environ, **(env or {})}, cwd=REPO)
 
 
+def one_error_line(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """The command failed with `code` and said so in exactly one `error:` line containing every word."""
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,19 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import COUNTER, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, wait_http
+from conftest import one_error_line as _one_error_line
 from warmstart import demo, procs
 
 pytestmark = [pytest.mark.criu]
-
-
-def _one_error_line(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, r.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
-    return errors[0]
 
 
 def _holders() -> set[int]:

@@ -70,7 +70,10 @@ def test_explain_unknown_error_keeps_criu_words() -> None:
 
 def test_dump_and_restore_options() -> None:
     d = criu.dump_args(42, Path("/i"), Path("/l"))
-    assert d[:3] == ["dump", "--tree", "42"] and "--leave-running" in d and "--link-remap" not in d
+    # --link-remap only ever applies in /dev/shm (shm.used_by refuses such files elsewhere before the dump).
+    assert d[:3] == ["dump", "--tree", "42"] and "--leave-running" in d and "--link-remap" in d
+    assert "--action-script" not in d
+    assert criu.dump_args(42, Path("/i"), Path("/l"), "/hook.sh")[-2:] == ["--action-script", "/hook.sh"]
     r = criu.restore_args(Path("/i"), Path("/w"), Path("/l"), Path("/p"))
     assert "--restore-detached" in r and "--tcp-close" in r and "--link-remap" not in r
 

@@ -44,19 +44,22 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
 def run(
     ctx: typer.Context,
     name: Optional[str] = typer.Option(None, "--name", "-n", help="Name for the worker (default: the program's name)."),
-    engine: str = typer.Option("plain", help="Engine label recorded in the artifact."),
-    wait: bool = typer.Option(False, "--wait", help="Wait until the worker reports ready through the SDK."),
+    engine: str = typer.Option("plain", help="plain (any command), vllm or sglang: how warmstart checks, "
+                               "quiesces and resumes it (docs/engines/)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the worker is warm (an engine serves a completion, "
+                              "an SDK worker reports ready)."),
     timeout: float = typer.Option(300.0, help="Seconds --wait waits."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Start a worker under management: `warmstart run --name W -- python server.py`."""
+    """Start a worker under management: `warmstart run --name W [--engine vllm] -- python -m ...`."""
     from warmstart import registry
     from warmstart.engine import launch
 
     command = list(ctx.args)
     if not command:
         raise UsageError("no command to run", "pass it after --, e.g. `warmstart run -- python server.py`")
-    rec = launch.launch(name or registry.free_name(Path(command[0]).name.lower()), command, engine=engine)
+    default = engine if engine not in ("plain", "reference") else Path(command[0]).name.lower()
+    rec = launch.launch(name or registry.free_name(default), command, engine=engine)
     info = launch.wait_ready(rec, timeout) if wait else None
     if json_out:
         _emit({"name": rec.name, "pid": rec.pid, "log": rec.log, "port": info.port if info else None})

@@ -51,6 +51,16 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def environ(pid: int) -> dict[str, str]:
+    """A process's environment as it was started; {} if it is gone or hidden."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
+        return {}
+    pairs = (item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k: v for k, v in pairs}
+
+
 def children(pid: int) -> list[int]:
     out: list[int] = []
     try:

@@ -11,6 +11,7 @@ from warmstart.host import HostInfo
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGES_DIR = "images"
+SHM_DIR = "shm"  # the worker's /dev/shm segments, placed in each replica's own /dev/shm
 
 
 class FileEntry(BaseModel):
@@ -50,6 +51,8 @@ class WorkerIdentity(BaseModel):
     listen_ports: list[int] = Field(default_factory=list)
     port: int | None = None  # the port the SDK reported serving on, forwarded to each replica
     gpu_bytes_to_remap: int = 0  # GPU memory the worker released on quiesce and maps again on resume (KV cache)
+    private_dirs: list[str] = Field(default_factory=list)  # each replica gets these empty and its own (unix sockets)
+    kv_released: bool = False  # an engine adapter released the KV cache on quiesce; resume must take it back
 
 
 class GpuState(BaseModel):

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from warmstart import paths, procs
-from warmstart.artifact.manifest import IMAGES_DIR, MANIFEST_NAME, SCHEMA_VERSION, FileEntry, Manifest
+from warmstart.artifact.manifest import IMAGES_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHM_DIR, FileEntry, Manifest
 from warmstart.errors import ArtifactError, UsageError
 
 _CHUNK = 8 << 20
@@ -108,10 +108,17 @@ def _hash_all(root: Path, files: list[tuple[str, int, int]]) -> dict[str, str]:
 
 def _image_files(root: Path) -> list[str]:
     out = []
-    for dirpath, _, names in os.walk(root / IMAGES_DIR):
-        for n in names:
-            out.append(str((Path(dirpath) / n).relative_to(root)))
+    for top in (IMAGES_DIR, SHM_DIR):
+        for dirpath, _, names in os.walk(root / top):
+            for n in names:
+                out.append(str((Path(dirpath) / n).relative_to(root)))
     return sorted(out)
+
+
+def stored_bytes(root: Path, files: list[FileEntry]) -> int:
+    """Bytes the artifact's files take on disk: /dev/shm segments are sparse (mostly holes)."""
+    return sum(min(f.size, (root / f.path).stat().st_blocks * 512) if f.path.startswith(SHM_DIR + "/") else f.size
+               for f in files)
 
 
 def checksum(staging: Staging) -> list[FileEntry]:

@@ -1,7 +1,8 @@
-"""The checkpoint pipeline: quiesce -> (CUDA lock + checkpoint) -> CRIU dump -> artifact.
+"""The checkpoint pipeline: quiesce -> (CUDA lock + checkpoint) -> CRIU dump (+ /dev/shm) -> artifact.
 
-Any failure or interruption unwinds: the staged directory is removed and the worker is resumed, so a
-failed checkpoint leaves the worker running exactly as before.
+Quiesce goes through the SDK's control directory, or, for an engine started with `--engine`, through its
+adapter's HTTP calls (which first check the engine is warm). Any failure or interruption unwinds: the staged
+directory is removed and the worker is resumed, so a failed checkpoint leaves the worker running as before.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart import __version__, host, paths, procs, registry
+from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
-from warmstart.artifact.manifest import CriuSettings, Manifest, WorkerIdentity
-from warmstart.engine import control, criu, gpu
+from warmstart.artifact.manifest import SHM_DIR, CriuSettings, Manifest, WorkerIdentity
+from warmstart.engine import control, criu, gpu, shm
+from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
 from warmstart.errors import WorkerError
 from warmstart.registry import WorkerRecord
@@ -30,15 +32,8 @@ class CheckpointResult:
 
 def _control_dir_of(pid: int) -> Path | None:
     """A worker's control directory, from its environment (works for workers not started by us too)."""
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except (FileNotFoundError, PermissionError):
-        return None
-    prefix = protocol.ENV_CONTROL_DIR.encode() + b"="
-    for item in env:
-        if item.startswith(prefix):
-            return Path(item[len(prefix) :].decode())
-    return None
+    value = procs.environ(pid).get(protocol.ENV_CONTROL_DIR)
+    return Path(value) if value else None
 
 
 def _log_path_of(pid: int) -> str | None:
@@ -84,14 +79,26 @@ def checkpoint(
         log_path=record.log if record else _log_path_of(pid),
         port=info.port if info else None,
     )
+    adapter = None if info else adapters.for_engine(identity.engine)
+    if adapter:
+        # Refuse before anything changes: an engine that is not serving yet stays exactly as it was.
+        identity.port = record.port if record and record.port else adapter.port(identity.command)
+        progress(f"checking {adapter.name} is warm on port {identity.port}")
+        adapter.check_warm(identity.port)
+        identity.model = adapter.model(identity.port)
+        identity.private_dirs = adapter.private_dirs(procs.environ(pid))
+    tree = procs.tree(pid)
+    shm_use = shm.used_by(tree)
+    cuda_pids = gpu.cuda_pids(pid)
     timer = Timer(progress)
     staging = store.stage(out)
     # Outside the staging directory, so it survives a failed dump (the error names it).
     log = paths.home() / "logs" / f"dump-{pid}-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     quiesced_seq = 0
-    cuda_pids: list[int] = []
+    engine_paused: Quiesced | None = None
     gpu_states: list = []
+    hook_env: dict[str, str] = {}
     try:
         with deferred_signals() as got:
             if info and control_dir and not quiesce:
@@ -103,16 +110,26 @@ def checkpoint(
                     ack = control.wait_ack(control_dir, quiesced_seq, quiesce_timeout_s, pid, "quiesce")
                 identity.control_seq = quiesced_seq
                 identity.gpu_bytes_to_remap = int(ack.get("gpu_bytes_to_remap") or 0)
+            elif adapter and identity.port:
+                with timer.step("quiesce", f"quiescing {adapter.name}"):
+                    engine_paused = adapter.quiesce(identity.port, identity.command, bool(cuda_pids),
+                                                    quiesce_timeout_s)
+                identity.kv_released = engine_paused.kv_released
             check_interrupted(got, "checkpoint")
             identity.listen_ports = procs.listening_tcp_ports(pid)
-            cuda_pids = gpu.cuda_pids(pid)
             if cuda_pids:
                 gpu_states = gpu.describe(cuda_pids)
                 with timer.step("cuda_checkpoint", f"checkpointing GPU state of {len(cuda_pids)} CUDA process(es)"):
                     gpu.suspend(cuda_pids, int(quiesce_timeout_s * 1000))
+            script = staging.tmp / "shm-hook.sh" if shm_use else None
+            if script:
+                hook_env = shm.hook(shm_use, staging.tmp / SHM_DIR, script)
             with timer.step("criu_dump", "dumping process tree (CRIU)"):
-                criu.run(binary, criu.dump_args(pid, staging.images, log), log, "dump")
+                criu.run(binary, criu.dump_args(pid, staging.images, log, str(script) if script else None), log,
+                         "dump", env=hook_env)
             os.replace(log, staging.tmp / "dump.log")
+            if script:
+                script.unlink()
             check_interrupted(got, "checkpoint")
             manifest = Manifest(
                 warmstart_version=__version__,
@@ -124,7 +141,7 @@ def checkpoint(
             )
             with timer.step("checksum", "checksumming images"):
                 manifest.files = store.checksum(staging)
-            manifest.image_bytes = sum(f.size for f in manifest.files)
+            manifest.image_bytes = store.stored_bytes(staging.tmp, manifest.files)
             manifest.steps = list(timer.steps)
             store.commit(staging, manifest)
             store.remember_verified(staging.final, manifest)
@@ -134,7 +151,12 @@ def checkpoint(
             gpu.resume(cuda_pids)
         if quiesced_seq and control_dir:
             _resume_quietly(control_dir, quiesced_seq + 1)
+        if adapter and engine_paused and identity.port:
+            _resume_engine_quietly(adapter, identity.port, engine_paused, quiesce_timeout_s)
         raise
+    finally:
+        if hook_env:
+            shm.remove_remaps(shm.created_remaps(hook_env))
     if cuda_pids and leave_running:
         with timer.step("cuda_restore", "restoring GPU state of the source"):
             gpu.resume(cuda_pids)
@@ -142,6 +164,9 @@ def checkpoint(
         with timer.step("resume", "resuming worker"):
             control.send(control_dir, quiesced_seq + 1, protocol.RESUME, {"restored": False})
             control.wait_ack(control_dir, quiesced_seq + 1, quiesce_timeout_s, pid, "resume")
+    if adapter and engine_paused and identity.port and leave_running:
+        with timer.step("resume", f"resuming {adapter.name}"):
+            adapter.resume(identity.port, engine_paused, quiesce_timeout_s)
     if not leave_running:
         procs.terminate(pid, procs.start_time(pid), grace_s=2.0)
         if record:
@@ -162,6 +187,13 @@ def _gpu_state_is(pid: int, want: str) -> bool:
     from warmstart.engine import cuda
 
     return cuda.state_name(pid) == want
+
+
+def _resume_engine_quietly(adapter: Engine, port: int, paused: Quiesced, timeout_s: float) -> None:
+    try:
+        adapter.resume(port, paused, timeout_s)
+    except WorkerError:
+        pass  # the engine died; the checkpoint's own error says what went wrong first
 
 
 def _resume_quietly(control_dir: Path, seq: int) -> None:

@@ -79,14 +79,11 @@ def find() -> Criu:
 
 
 # Options both directions need for inference workers (docs/design.md says why each is there).
-# Not --link-remap: it hard-links deleted files back into the host's filesystem at dump time and the first
-# restore removes the link, so a second restore (or a concurrent replica, or another node) fails. Without
-# it CRIU stores deleted files as ghost files inside the image.
 _COMMON = ["--file-locks", "--ext-unix-sk", "--tcp-established"]
 
 
-def dump_args(pid: int, images: Path, log: Path) -> list[str]:
-    return [
+def dump_args(pid: int, images: Path, log: Path, action_script: str | None = None) -> list[str]:
+    args = [
         "dump", "--tree", str(pid), "--images-dir", str(images), "--log-file", str(log), "-v4",
         *_COMMON,
         # warmstart decides the worker's fate after the artifact is complete; an interrupted dump
@@ -95,8 +92,14 @@ def dump_args(pid: int, images: Path, log: Path) -> list[str]:
         # Replicas restore established connections closed, so there is nothing to protect by
         # rewriting the host's firewall during the dump.
         "--network-lock", "skip",
-        "--ghost-limit", str(512 << 20),
+        # Removed files are saved as ghost files inside the image. A file held under a removed name that
+        # another name still links gets a link_remap.N name instead: shm.used_by allows that only in
+        # /dev/shm, whose segments the action script saves into the artifact (see engine/shm.py).
+        "--ghost-limit", str(512 << 20), "--link-remap",
     ]
+    if action_script:
+        args += ["--action-script", action_script]
+    return args
 
 
 def restore_args(images: Path, work: Path, log: Path, pidfile: Path) -> list[str]:
@@ -134,8 +137,9 @@ _BENIGN = re.compile(r"RLIMIT_NOFILE|Restoring FAILED|Dumping FAILED")
 
 def explain(log_text: str) -> tuple[str, str]:
     """The first error CRIU logged, in words, with a fix where the pattern is known."""
+    # "warmstart: " lines come from warmstart's own action script (engine/shm.py), printed into CRIU's log.
     errors = [ln for ln in log_text.splitlines()
-              if ("Error (" in ln or ln.startswith("Error")) and not _BENIGN.search(ln)]
+              if ("Error (" in ln or ln.startswith(("Error", "warmstart: "))) and not _BENIGN.search(ln)]
     first = errors[0].split("): ", 1)[-1].strip() if errors else "no error line in the log"
     joined = "\n".join(errors)
     for pattern, problem, fix in _KNOWN:
@@ -144,7 +148,8 @@ def explain(log_text: str) -> tuple[str, str]:
     return first, "see the CRIU log named above; run with --debug for details"
 
 
-def run(criu: Criu, args: list[str], log: Path, what: str, timeout: float | None = None) -> None:
+def run(criu: Criu, args: list[str], log: Path, what: str, timeout: float | None = None,
+        env: dict[str, str] | None = None) -> None:
     """Run CRIU to completion in its own session.
 
     CRIU is never killed midway (subprocess.run would kill it on KeyboardInterrupt): a dump stopped
@@ -152,7 +157,7 @@ def run(criu: Criu, args: list[str], log: Path, what: str, timeout: float | None
     SIGINT/SIGTERM around this call instead.
     """
     proc = subprocess.Popen([criu.path, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **env} if env else None)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:

@@ -3,7 +3,7 @@
 The worker gets its own session (no controlling terminal, so no --shell-job), stdin from /dev/null,
 stdout and stderr appended to a log file (O_APPEND: CRIU then does not insist the file keeps its size,
 so each replica can log to a file of its own), a control directory for the quiesce/resume protocol,
-and a seccomp filter that refuses io_uring.
+a seccomp filter that refuses io_uring, and, for an engine named with --engine, its adapter's environment.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from warmstart import paths, procs, registry
+from warmstart import adapters, paths, procs, registry
 from warmstart.engine import control, seccomp
 from warmstart.errors import UsageError, WorkerError
 from warmstart.registry import WorkerRecord
@@ -39,10 +39,12 @@ def launch(name: str, command: list[str], engine: str = "plain", env: dict[str, 
     exe = shutil.which(command[0]) if "/" not in command[0] else command[0]
     if not exe or not os.access(exe, os.X_OK):
         raise UsageError(f"command not found: {command[0]}", "check the command and PATH")
+    adapters.check(engine)
+    adapter = adapters.for_engine(engine)
     registry.claim(name)
-    _, control_dir, log = prepare_dirs(name)
-    full_env = {**os.environ, **(env or {}), protocol.ENV_CONTROL_DIR: str(control_dir),
-                "WARMSTART_WORKER_NAME": name, "PYTHONUNBUFFERED": "1"}
+    worker_dir, control_dir, log = prepare_dirs(name)
+    full_env = {**os.environ, **(env or {}), **(adapter.env(worker_dir) if adapter else {}),
+                protocol.ENV_CONTROL_DIR: str(control_dir), "WARMSTART_WORKER_NAME": name, "PYTHONUNBUFFERED": "1"}
     log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=full_env,
@@ -52,13 +54,22 @@ def launch(name: str, command: list[str], engine: str = "plain", env: dict[str, 
         os.close(log_fd)
     started = procs.start_time(proc.pid) or 0
     rec = WorkerRecord(name=name, kind="run", pid=proc.pid, started=started, command=command, engine=engine,
-                       log=str(log), control_dir=str(control_dir))
+                       log=str(log), control_dir=str(control_dir),
+                       port=adapter.port(command) if adapter else None)
     registry.save(rec)
     return rec
 
 
 def wait_ready(rec: WorkerRecord, timeout_s: float) -> control.WorkerInfo:
-    """Wait until an SDK worker announces itself in its control directory (only SDK workers do)."""
+    """Wait until the worker is warm: an engine serves a completion, an SDK worker announces itself."""
+    adapter = adapters.for_engine(rec.engine)
+    if adapter and rec.port:
+        try:
+            adapter.wait_healthy(rec.port, timeout_s, alive=rec.alive)
+        except WorkerError as e:
+            raise WorkerError(f"{e.problem}: {_tail(Path(rec.log))}", f"see its log: {rec.log}") from None
+        adapter.check_warm(rec.port)
+        return control.WorkerInfo(pid=rec.pid, engine=adapter.name, model=adapter.model(rec.port), port=rec.port)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         info = control.worker_info(Path(rec.control_dir), rec.pid)

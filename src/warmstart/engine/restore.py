@@ -1,5 +1,7 @@
 """The restore pipeline: verify -> per replica: namespaces -> CRIU restore -> (CUDA restore) -> resume.
 
+Resume is the SDK's control message, or an engine adapter's HTTP call once the engine answers health.
+
 Replicas restore concurrently, each into its own pid, mount and network namespaces, reachable on its own
 host port. If any replica fails, every replica started by this call is killed and its state removed.
 """
@@ -12,11 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart import host, paths, procs, registry
+from warmstart import adapters, host, paths, procs, registry
 from warmstart.artifact import store
-from warmstart.artifact.manifest import IMAGES_DIR, Manifest
+from warmstart.artifact.manifest import IMAGES_DIR, SHM_DIR, Manifest
 from warmstart.engine import control, criu, gpu, launch, sandbox
 from warmstart.engine.steps import Progress, quiet
+from warmstart.adapters.base import Quiesced
 from warmstart.errors import IncompatibleArtifact, UsageError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
@@ -92,6 +95,7 @@ def restore(
     store.verify(artifact, manifest, use_cache=verify_cache)
     verify_s = time.monotonic() - t0
     w = manifest.worker
+    adapter = adapters.for_engine(w.engine) if not w.sdk else None
     inner = _inner_port(manifest)
     base = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-restored")
     names = _replica_names(base, replicas)
@@ -113,6 +117,10 @@ def restore(
                 binds.append((str(rcontrol), w.control_dir))
             if w.log_path:
                 binds.append((str(rlog), w.log_path))
+            for k, private in enumerate(w.private_dirs):
+                own = rdir / "private" / str(k)
+                own.mkdir(parents=True, exist_ok=True)
+                binds.append((str(own), private))
             pidfile = rdir / "restored.pid"
             log = rdir / "restore.log"
             spec = sandbox.SandboxSpec(
@@ -122,6 +130,7 @@ def restore(
                 pidfile=pidfile,
                 binds=binds,
                 forwards=[(listeners[i], inner)] if listeners and inner else [],
+                shm_src=artifact / SHM_DIR if (artifact / SHM_DIR).is_dir() else None,
                 timeout_s=timeout_s,
             )
             progress(f"restoring replica {i} ({rname})")
@@ -147,6 +156,9 @@ def restore(
             if w.sdk:
                 control.wait_ack(Path(rec.control_dir), w.control_seq + 1, max(1.0, deadline - time.monotonic()),
                                  wpid, "resume")
+            elif adapter and rec.port:
+                adapter.wait_healthy(rec.port, max(1.0, deadline - time.monotonic()), alive=rec.alive)
+                adapter.resume(rec.port, Quiesced(kv_released=w.kv_released), max(1.0, deadline - time.monotonic()))
             elif rec.port:
                 _wait_port(rec.port, deadline)
             return ReplicaResult(name=rname, replica=i, port=rec.port, pid=wpid, holder_pid=sb.holder_pid,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmstart import procs
-from warmstart.engine import criu
+from warmstart.engine import criu, shm
 from warmstart.engine.criu import Criu
 from warmstart.errors import EnvironmentProblem, StepFailed, UsageError, WarmstartError
 
@@ -75,6 +75,7 @@ class SandboxSpec:
     pidfile: Path  # where CRIU writes the restored root's pid
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host path, path to cover inside)
     forwards: list[tuple[socket.socket, int]] = field(default_factory=list)  # (host listener, inner port)
+    shm_src: Path | None = None  # the artifact's saved /dev/shm segments, copied into the replica's /dev/shm
     timeout_s: float = 120.0
 
 
@@ -193,11 +194,13 @@ def _lo_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
 
 
-def _prepare_mounts(binds: list[tuple[str, str]]) -> None:
+def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None) -> None:
     _mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here may reach the host
     _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     # Each replica gets its own POSIX shared memory and semaphores: names the source used must not clash.
     _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"), "mount /dev/shm")
+    if shm_src:
+        shm.place(shm_src)
     for src, dst in binds:
         d = Path(dst)
         if not d.exists():  # the source worker's paths may not exist on this host
@@ -253,7 +256,7 @@ def _forward(listener: socket.socket, port: int) -> None:
 def _init_main(spec: SandboxSpec, w: int) -> None:
     root = 0
     try:
-        _prepare_mounts(spec.binds)
+        _prepare_mounts(spec.binds, spec.shm_src)
         _lo_up()
         t0 = time.monotonic()
         criu.run(spec.criu_bin, spec.restore_args, spec.log, "restore", timeout=spec.timeout_s)

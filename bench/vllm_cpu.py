@@ -1,0 +1,125 @@
+"""vLLM benchmark (CPU build, the tiny reference model): cold start vs restore, to the first completion.
+
+    scripts/setup.sh --vllm && .venv/bin/python bench/vllm_cpu.py [--out DIR]
+
+Starts vLLM's OpenAI server under `warmstart run --engine vllm`, times it from launch to its first
+completion, checkpoints it, then restores it with the `warmstart restore` command (a fresh process, as a
+user would) from a cold and from a warm page cache, and as 2 replicas side by side; each restore is timed
+from the command's start to the replica's first completion, which must equal the cold start's. Needs root
+(CRIU, dropping the page cache). Prints a table; writes vllm_cpu.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from warmstart import adapters, registry  # noqa: E402
+from warmstart.engine import checkpoint, launch  # noqa: E402
+from warmstart.reference import model  # noqa: E402
+
+PROMPT = "The quick brown fox"
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=False)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def first_completion(port: int, deadline_s: float = 900) -> tuple[str, float]:
+    """Poll until a completion succeeds; (its text, monotonic time it arrived)."""
+    vllm = adapters.for_engine("vllm")
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return vllm.complete(port, PROMPT), time.monotonic()
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.02)
+
+
+def restore_once(art: Path, replicas: int, cold: bool) -> dict:
+    if cold:
+        drop_caches()
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "warmstart", "restore", str(art), "--replicas", str(replicas), "--json"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"restore failed: {r.stderr}")
+    t_cmd = time.monotonic() - t0
+    reps = json.loads(r.stdout)["replicas"]
+    out = []
+    for rep in reps:
+        text, t = first_completion(rep["port"], 60)
+        out.append({"name": rep["name"], "criu_s": rep["criu_s"], "ready_s": rep["ready_s"],
+                    "first_completion_s": round(t - t0, 3), "text": text})
+    for rep in reps:
+        registry.stop(rep["name"], grace_s=2)
+    return {"replicas": replicas, "cold_page_cache": cold, "command_s": round(t_cmd, 3), "each": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vllm-python", default=str(REPO / ".deps" / "vllm" / "bin" / "python"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--kv-mib", type=int, default=64)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="warmstart-vllm-bench-"))
+    os.environ["WARMSTART_HOME"] = str(work / "home")
+    from conftest import free_port
+
+    port = free_port()
+    cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model.ensure()),
+           "--served-model-name", "tiny", "--port", str(port), "--max-model-len", "256", "--dtype", "float32",
+           "--kv-cache-memory-bytes", str(args.kv_mib << 20)]
+    drop_caches()
+    t0 = time.monotonic()
+    rec = launch.launch("vllm", cmd, engine="vllm")
+    expected, t_first = first_completion(port)
+    cold_start = t_first - t0
+    print(f"cold start to first completion: {cold_start:.1f} s", flush=True)
+
+    res = checkpoint.checkpoint(rec.pid, work / "art", record=rec)
+    results = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "kernel": platform.release(), "cold_start_s": round(cold_start, 2),
+        "checkpoint_s": round(res.seconds, 2), "image_bytes": res.manifest.image_bytes,
+        "steps": res.manifest.step_seconds(), "restores": [],
+    }
+    for replicas, cold in ((1, True), (1, False), (1, False), (2, False)):
+        results["restores"].append(restore_once(work / "art", replicas, cold))
+    same = all(e["text"] == expected for r in results["restores"] for e in r["each"])
+    results["completions_identical"] = same
+
+    rows = [("cold start to first completion", f"{cold_start:.2f} s"),
+            ("checkpoint (warm check + quiesce + dump + checksums)", f"{res.seconds:.2f} s"),
+            ("image size", f"{res.manifest.image_bytes / 1e6:.0f} MB")]
+    for r in results["restores"]:
+        what = f"restore x{r['replicas']}, {'cold' if r['cold_page_cache'] else 'warm'} page cache, to first completion"
+        firsts = ", ".join(f"{e['first_completion_s']:.2f}" for e in r["each"])
+        rows.append((what, f"{firsts} s (CRIU {', '.join(str(round(e['criu_s'], 2)) for e in r['each'])})"))
+    best = min(e["first_completion_s"] for r in results["restores"] if r["replicas"] == 1 for e in r["each"])
+    rows.append(("speed-up (cold start / best single restore)", f"{cold_start / best:.0f}x"))
+    rows.append(("completions identical to the cold start's", "yes" if same else "NO"))
+    width = max(len(a) for a, _ in rows)
+    table = "\n".join(f"| {a.ljust(width)} | {b} |" for a, b in rows)
+    print(table)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "vllm_cpu.json").write_text(json.dumps(results, indent=2))
+    if not same:
+        raise SystemExit("completions differ")
+
+
+if __name__ == "__main__":
+    main()

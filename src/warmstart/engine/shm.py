@@ -1,0 +1,184 @@
+"""POSIX shared memory (/dev/shm) of a worker tree: saved into the artifact, placed in each replica's /dev/shm.
+
+CRIU saves a shared file mapping by its path, not its contents, so the named segments an engine's processes
+share (vLLM's shared-memory rings, multiprocessing's semaphores) would be missing from a replica's private,
+empty /dev/shm. The checkpoint copies the ones the tree uses into the artifact (sparsely: rings are mostly
+holes) while the tree is stopped, and each replica gets its own copy before CRIU restores into it.
+
+A segment held under a removed name while another name still links it (glibc creates a semaphore under a
+temporary name, links it to the real one and removes the temporary) can only be dumped with CRIU's
+`--link-remap`, which adds a `link_remap.N` name next to it; in /dev/shm that name is saved here too and
+consumed by each replica's restore in its own /dev/shm. Outside /dev/shm such a file is refused before
+the dump, because a restore would consume the one extra name on the host.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmstart import procs
+from warmstart.errors import WorkerError
+
+SHM = Path("/dev/shm")
+_DELETED = " (deleted)"
+_NAMES_ENV, _DEST_ENV, _BEFORE_ENV = "WARMSTART_SHM_NAMES", "WARMSTART_SHM_DEST", "WARMSTART_SHM_REMAPS_BEFORE"
+
+
+@dataclass(frozen=True)
+class ShmUse:
+    names: list[str]  # linked segments in /dev/shm the tree holds open or mapped
+    remapped: bool  # it also holds one under a removed name that another name links: CRIU adds link_remap.N
+
+    def __bool__(self) -> bool:
+        return bool(self.names) or self.remapped
+
+
+def _held_paths(pid: int) -> list[tuple[str, str]]:
+    """(path as the kernel shows it, /proc path that opens the same file) for every fd and file mapping."""
+    out = [(target, f"/proc/{pid}/fd/{fd}") for fd, target in procs.fd_targets(pid) if target.startswith("/")]
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            out.append((parts[5], f"/proc/{pid}/map_files/{parts[0]}"))
+    return out
+
+
+def _linked_elsewhere(proc_path: str) -> bool:
+    try:
+        return os.stat(proc_path).st_nlink > 0
+    except OSError:
+        return False
+
+
+def used_by(pids: list[int]) -> ShmUse:
+    """What in /dev/shm the processes hold open or mapped; refuse what CRIU could only save on the host.
+
+    Raises WorkerError for a file outside /dev/shm held under a removed name that other names still link.
+    """
+    names: set[str] = set()
+    remapped = False
+    for pid in pids:
+        for shown, proc_path in _held_paths(pid):
+            deleted = shown.endswith(_DELETED)
+            path = shown[: -len(_DELETED)] if deleted else shown
+            in_shm = Path(path).parent == SHM
+            if in_shm and not deleted:
+                names.add(Path(path).name)
+            elif deleted and _linked_elsewhere(proc_path):
+                if in_shm:
+                    remapped = True
+                    continue
+                raise WorkerError(
+                    f"process {pid} holds {path} under a name that was removed while another name still links it; "
+                    "CRIU could save it only by adding a link on this host, which the first restore would consume",
+                    "keep such files in /dev/shm or close them before the checkpoint",
+                )
+    return ShmUse(sorted(names), remapped)
+
+
+def link_remaps() -> set[str]:
+    return {p.name for p in SHM.glob("link_remap.*")}
+
+
+def remove_remaps(names: set[str]) -> None:
+    """Drop the link names a dump added to the host's /dev/shm: the artifact holds its own copies."""
+    for n in names:
+        (SHM / n).unlink(missing_ok=True)
+
+
+def sparse_copy(src: Path, dst: Path) -> int:
+    """Copy src to dst keeping holes; return the bytes of data copied."""
+    copied = 0
+    fin = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(fin).st_size
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fout, size)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fin, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # only a hole left
+                        break
+                    raise
+                end = os.lseek(fin, start, os.SEEK_HOLE)
+                os.lseek(fout, start, os.SEEK_SET)
+                while start < end:
+                    # sendfile, not copy_file_range: the copy crosses file systems (tmpfs <-> disk).
+                    n = os.sendfile(fout, fin, start, end - start)
+                    if n == 0:
+                        break
+                    start += n
+                    copied += n
+                pos = end
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+    os.chmod(dst, os.stat(src).st_mode & 0o7777)
+    return copied
+
+
+def save(names: list[str], dest: Path) -> int:
+    """Copy /dev/shm/<name> for each name into dest; return the bytes of data (not holes) saved."""
+    if not names:
+        return 0
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for n in names:
+        try:
+            total += sparse_copy(SHM / n, dest / n)
+        except FileNotFoundError:
+            raise WorkerError(f"/dev/shm/{n}, used by the worker, disappeared during the checkpoint",
+                              "checkpoint again once the worker is idle") from None
+    return total
+
+
+def place(src: Path, root: Path = SHM) -> None:
+    """Put an artifact's saved segments into a (replica's private) /dev/shm."""
+    if not src.is_dir():
+        return
+    for f in sorted(src.iterdir()):
+        sparse_copy(f, root / f.name)
+
+
+# ---- the CRIU action script: runs at post-dump, while the tree is still frozen ----
+
+def hook(use: ShmUse, dest: Path, script: Path) -> dict[str, str]:
+    """Write the --action-script (CRIU executes it directly) to script; return the environment CRIU needs."""
+    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m warmstart.engine.shm\n")
+    script.chmod(0o700)
+    return {_NAMES_ENV: json.dumps(use.names), _DEST_ENV: str(dest), _BEFORE_ENV: json.dumps(sorted(link_remaps()))}
+
+
+def created_remaps(env: dict[str, str]) -> set[str]:
+    """The link_remap.N names the dump added to /dev/shm (the caller removes them from the host)."""
+    return link_remaps() - set(json.loads(env[_BEFORE_ENV]))
+
+
+def _post_dump() -> int:
+    if os.environ.get("CRTOOLS_SCRIPT_ACTION") != "post-dump":
+        return 0
+    names = json.loads(os.environ[_NAMES_ENV]) + sorted(created_remaps(dict(os.environ)))
+    try:
+        save(names, Path(os.environ[_DEST_ENV]))
+    except (OSError, WorkerError) as e:
+        print(f"warmstart: saving /dev/shm failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_post_dump())

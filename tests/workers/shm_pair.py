@@ -1,0 +1,58 @@
+"""Two processes sharing named POSIX shared memory and a multiprocessing lock, as engines' processes do.
+
+The parent serves HTTP; each GET asks the child (through the lock-guarded segment) to add 1 to a counter
+that lives only in /dev/shm, and answers the counter and the segment's name.
+"""
+
+import http.server
+import multiprocessing as mp
+import sys
+import time
+from multiprocessing import shared_memory
+
+
+def child(name: str, lock) -> None:
+    seg = shared_memory.SharedMemory(name=name)
+    while True:
+        with lock:
+            if seg.buf[0] == 1:  # a request: add one to the counter in bytes 8..16
+                n = int.from_bytes(seg.buf[8:16], "little") + 1
+                seg.buf[8:16] = n.to_bytes(8, "little")
+                seg.buf[0] = 2
+        time.sleep(0.001)
+
+
+def main() -> None:
+    ctx = mp.get_context("fork")
+    seg = shared_memory.SharedMemory(create=True, size=64 << 20)  # mostly holes: the artifact stores it sparse
+    seg.buf[8:16] = (1000).to_bytes(8, "little")
+    # A "spawn" lock keeps its /dev/shm name linked (the resource tracker removes it at exit), as in vLLM:
+    # the process maps it under the temporary name glibc removed, so CRIU needs a link_remap for it.
+    lock = mp.get_context("spawn").Lock()
+    ctx.Process(target=child, args=(seg.name, lock), daemon=True).start()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with lock:
+                seg.buf[0] = 1
+            while True:
+                with lock:
+                    if seg.buf[0] == 2:
+                        n = int.from_bytes(seg.buf[8:16], "little")
+                        seg.buf[0] = 0
+                        break
+                time.sleep(0.001)
+            body = f"{n} {seg.name}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
