@@ -109,13 +109,22 @@ def restore(
     timeout: float = typer.Option(120.0, help="Seconds before an unfinished restore is abandoned and cleaned up."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU index or UUID to restore onto "
                                       "(default: the one it was on, else the first of its model with room)."),
+    into: Optional[int] = typer.Option(None, "--into", help="Restore into the namespaces of this running process "
+                                       "(a placeholder container's first process) instead of new ones."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Restore an artifact into fresh namespaces, once or as several replicas."""
+    """Restore an artifact into fresh namespaces, once or as several replicas (or into a placeholder's)."""
     from warmstart.engine import restore as pipeline
 
-    result = pipeline.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout,
-                              gpu_device=gpu, progress=_progress(json_out))
+    if into is not None:
+        if replicas != 1 or port is not None:
+            raise UsageError("--into restores one replica, reached in the target's own network",
+                             "drop --replicas and --port, or drop --into")
+        result = pipeline.restore_into(artifact, into, name=name, timeout_s=timeout, gpu_device=gpu,
+                                       progress=_progress(json_out))
+    else:
+        result = pipeline.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout,
+                                  gpu_device=gpu, progress=_progress(json_out))
     if json_out:
         _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
                "restore_s": round(result.seconds, 3),
@@ -128,6 +137,14 @@ def restore(
     for r in result.replicas:
         t.add_row(str(r.replica), r.name, str(r.port or "-"), str(r.pid), f"{r.criu_s:.3f}", f"{r.ready_s:.3f}")
     out.print(t)
+
+
+@app.command(hidden=True)
+def placeholder() -> None:
+    """First process of a Kubernetes restore-target container: holds its namespaces, reaps, exits with the worker."""
+    from warmstart.k8s import placeholder as ph
+
+    raise typer.Exit(ph.run())
 
 
 @app.command()

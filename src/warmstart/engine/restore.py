@@ -17,7 +17,7 @@ from pathlib import Path
 from warmstart import adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, SHM_DIR, Manifest
-from warmstart.engine import control, criu, gpu, launch, sandbox
+from warmstart.engine import control, criu, gpu, joinns, launch, sandbox
 from warmstart.engine.steps import Progress, quiet
 from warmstart.adapters.base import Quiesced
 from warmstart.errors import IncompatibleArtifact, UsageError, WorkerError
@@ -68,6 +68,22 @@ def _wait_port(port: int, deadline: float) -> None:
     raise WorkerError(f"restored worker does not accept connections on port {port}", "see the replica's log")
 
 
+def _check_and_verify(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool,
+                      progress: Progress) -> tuple[Manifest, criu.Criu, dict[str, str]]:
+    """Everything that can refuse the restore, before any process starts: host, GPU plan, checksums."""
+    manifest = store.load(artifact)
+    binary = criu.find()
+    problems = host.check_compatible(manifest.host, host.current(binary.version))
+    if problems:
+        raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
+                                   "restore it on a host like the one it was made on, or checkpoint on this one")
+    gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
+                            manifest.worker.gpu_bytes_to_remap)
+    progress("verifying artifact checksums")
+    store.verify(artifact, manifest, use_cache=verify_cache)
+    return manifest, binary, gpu_map
+
+
 def restore(
     artifact: Path,
     *,
@@ -83,16 +99,7 @@ def restore(
         raise UsageError(f"--replicas must be at least 1, not {replicas}", "pass --replicas 1 or more")
     t0 = time.monotonic()
     artifact = artifact.absolute()
-    manifest = store.load(artifact)
-    binary = criu.find()
-    problems = host.check_compatible(manifest.host, host.current(binary.version))
-    if problems:
-        raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
-                                   "restore it on a host like the one it was made on, or checkpoint on this one")
-    gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
-                            manifest.worker.gpu_bytes_to_remap)
-    progress("verifying artifact checksums")
-    store.verify(artifact, manifest, use_cache=verify_cache)
+    manifest, binary, gpu_map = _check_and_verify(artifact, gpu_device, replicas, verify_cache, progress)
     verify_s = time.monotonic() - t0
     w = manifest.worker
     adapter = adapters.for_engine(w.engine) if not w.sdk else None
@@ -187,3 +194,67 @@ def restore(
     return RestoreResult(artifact=artifact, manifest=manifest, verify_s=verify_s, replicas=results,
                          seconds=time.monotonic() - t0)
 
+
+
+def restore_into(
+    artifact: Path,
+    target: int,
+    *,
+    name: str | None = None,
+    timeout_s: float = 120.0,
+    verify_cache: bool = True,
+    gpu_device: str | None = None,
+    progress: Progress = quiet,
+) -> RestoreResult:
+    """Restore one replica into the namespaces of a running process (a pod's placeholder) instead of new ones."""
+    t0 = time.monotonic()
+    artifact = artifact.absolute()
+    joinns.check_target(target)
+    manifest, binary, gpu_map = _check_and_verify(artifact, gpu_device, 1, verify_cache, progress)
+    verify_s = time.monotonic() - t0
+    w = manifest.worker
+    adapter = adapters.for_engine(w.engine) if not w.sdk else None
+    inner = _inner_port(manifest)
+    rname = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-in-{target}")
+    registry.claim(rname)
+    rdir, _, _ = launch.prepare_dirs(rname)
+    control_dir = joinns.target_path(target, w.control_dir) if w.control_dir else None
+    progress(f"restoring into the namespaces of process {target}")
+    joinns.prepare_files(target, w.log_path, [*w.private_dirs, *([w.control_dir] if w.control_dir else [])],
+                         artifact / SHM_DIR if (artifact / SHM_DIR).is_dir() else None)
+    if w.sdk and control_dir:
+        control.send(control_dir, w.control_seq + 1, protocol.RESUME,
+                     {"restored": True, "replica": 0, "name": rname, "port": inner})
+    pidfile, log = rdir / "restored.pid", rdir / "restore.log"
+    deadline = t0 + timeout_s
+    wpid = None
+    try:
+        wpid, criu_s = joinns.restore(target, binary, criu.restore_args(artifact / IMAGES_DIR, rdir, log, pidfile),
+                                      log, pidfile, timeout_s)
+        rec = WorkerRecord(name=rname, kind="replica", pid=wpid, started=procs.start_time(wpid) or 0,
+                           command=w.command, engine=w.engine,
+                           log=str(joinns.target_path(target, w.log_path)) if w.log_path else str(rdir / launch.LOG),
+                           control_dir=str(control_dir or rdir / launch.CONTROL), artifact=str(artifact),
+                           replica=0, port=inner)
+        registry.save(rec)
+        if manifest.gpus:
+            gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]), gpu_map=gpu_map)
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+        if w.sdk and control_dir:
+            control.wait_ack(control_dir, w.control_seq + 1, left(), wpid, "resume")
+        elif adapter and inner:
+            port = inner
+            joinns.in_network_of(target, lambda: (adapter.wait_healthy(port, left(), alive=rec.alive),
+                                                  adapter.resume(port, Quiesced(kv_released=w.kv_released), left())))
+        elif inner:
+            port = inner
+            joinns.in_network_of(target, lambda: _wait_port(port, deadline))
+    except BaseException:
+        if wpid:
+            procs.terminate(wpid, procs.start_time(wpid), grace_s=1.0)
+        registry.forget(rname)
+        raise
+    result = ReplicaResult(name=rname, replica=0, port=inner, pid=wpid, holder_pid=target, criu_s=criu_s,
+                           ready_s=time.monotonic() - t0)
+    return RestoreResult(artifact=artifact, manifest=manifest, verify_s=verify_s, replicas=[result],
+                         seconds=time.monotonic() - t0)

@@ -44,14 +44,14 @@ _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _check(ret: int, what: str) -> None:
+def libc_check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _mount(src: str, dst: str, fstype: str | None, flags: int) -> None:
-    _check(_libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags, None), f"mount {dst}")
+def mount(src: str, dst: str, fstype: str | None, flags: int) -> None:
+    libc_check(_libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags, None), f"mount {dst}")
 
 
 def bind_host_port(port: int) -> socket.socket:
@@ -87,7 +87,7 @@ class Sandbox:
 
     def wait_restored(self, timeout_s: float) -> float:
         """Block until init reports the restore done; return the command's seconds. Raise on failure."""
-        msg = _read_msg(self._reader, timeout_s)
+        msg = read_msg(self._reader, timeout_s)
         os.close(self._reader)
         if msg is None:
             kill(self)
@@ -101,7 +101,7 @@ class Sandbox:
         return kids[0] if kids else None
 
 
-def _read_msg(fd: int, timeout_s: float) -> dict | None:
+def read_msg(fd: int, timeout_s: float) -> dict | None:
     buf = b""
     deadline = time.monotonic() + timeout_s
     while b"\n" not in buf:
@@ -116,7 +116,7 @@ def _read_msg(fd: int, timeout_s: float) -> dict | None:
     return json.loads(buf.split(b"\n", 1)[0])
 
 
-def _detach_fds(keep: set[int]) -> None:
+def detach_fds(keep: set[int]) -> None:
     """Close everything inherited from the caller (its stdout may be a pipe someone reads to EOF)."""
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -130,7 +130,7 @@ def _detach_fds(keep: set[int]) -> None:
                 pass
 
 
-def _send(fd: int, msg: dict) -> None:
+def send_msg(fd: int, msg: dict) -> None:
     os.write(fd, (json.dumps(msg) + "\n").encode())
 
 
@@ -144,17 +144,17 @@ def start(spec: SandboxSpec) -> Sandbox:
         code = 1
         try:
             os.close(r)
-            _detach_fds(keep={w, *(sock.fileno() for sock, _ in spec.forwards)})
+            detach_fds(keep={w, *(sock.fileno() for sock, _ in spec.forwards)})
             os.setsid()
-            _check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET), "unshare")
+            libc_check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET), "unshare")
             init = os.fork()
             if init == 0:
                 _init_main(spec, w)  # never returns
-            _send(w, {"event": "holder", "pid": init})
+            send_msg(w, {"event": "holder", "pid": init})
             code = 0
         except BaseException as e:  # report every failure to the parent, then leave
             try:
-                _send(w, {"event": "error", "problem": f"cannot create the replica's namespaces: {e}",
+                send_msg(w, {"event": "error", "problem": f"cannot create the replica's namespaces: {e}",
                           "fix": "run as root on a kernel with pid, mount and network namespaces"})
             except OSError:
                 pass
@@ -162,7 +162,7 @@ def start(spec: SandboxSpec) -> Sandbox:
             os._exit(code)
     os.close(w)
     _, status = os.waitpid(pid, 0)
-    msg = _read_msg(r, 10)
+    msg = read_msg(r, 10)
     if not msg or msg.get("event") != "holder":
         os.close(r)
         raise StepFailed((msg or {}).get("problem", "could not start the replica's namespaces"),
@@ -195,10 +195,10 @@ def _lo_up() -> None:
 
 
 def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None) -> None:
-    _mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here may reach the host
-    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here may reach the host
+    mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     # Each replica gets its own POSIX shared memory and semaphores: names the source used must not clash.
-    _check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"), "mount /dev/shm")
+    libc_check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"), "mount /dev/shm")
     if shm_src:
         shm.place(shm_src)
     for src, dst in binds:
@@ -209,7 +209,7 @@ def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None) -> None:
             else:
                 d.parent.mkdir(parents=True, exist_ok=True)
                 d.touch()
-        _mount(src, dst, None, _MS_BIND)
+        mount(src, dst, None, _MS_BIND)
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -261,12 +261,12 @@ def _init_main(spec: SandboxSpec, w: int) -> None:
         t0 = time.monotonic()
         criu.run(spec.criu_bin, spec.restore_args, spec.log, "restore", timeout=spec.timeout_s)
         root = int(spec.pidfile.read_text().strip())
-        _send(w, {"event": "restored", "seconds": time.monotonic() - t0})
+        send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
     except WarmstartError as e:
-        _send(w, {"event": "error", "problem": e.problem, "fix": e.fix})
+        send_msg(w, {"event": "error", "problem": e.problem, "fix": e.fix})
         os._exit(1)
     except BaseException as e:
-        _send(w, {"event": "error", "problem": f"replica init failed: {e}", "fix": "run with --debug",
+        send_msg(w, {"event": "error", "problem": f"replica init failed: {e}", "fix": "run with --debug",
                   "trace": traceback.format_exc()})
         os._exit(1)
     os.close(w)

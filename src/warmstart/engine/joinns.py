@@ -1,0 +1,152 @@
+"""Restore into the namespaces of a process that already holds them: a Kubernetes placeholder container's init.
+
+    warmstart ── fork ──► helper: setns(target's pid ns), unshare(mnt) ── fork ──► runner, in the target's pid ns:
+                                                                               mounts that pid ns's /proc privately,
+                                                                               criu restore --join-ns net,ipc,uts,mnt
+                                                                               of /proc/1 (the target)
+
+Nothing is created: the restored worker lives in the target's pid, mount, network, IPC and UTS namespaces and,
+once CRIU exits, is a child of the target (the namespace's init). What the worker needs on the target's file
+system (its log file, control directory, per-replica directories, /dev/shm segments) is made through
+/proc/<target>/root, and calls to the worker's port go through a thread that joined the target's network.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from warmstart import procs
+from warmstart.engine import criu, shm
+from warmstart.engine.criu import Criu
+from warmstart.engine.sandbox import detach_fds, libc_check, mount, read_msg, send_msg
+from warmstart.errors import StepFailed, UsageError, WarmstartError
+
+_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_JOINED = ("net", "ipc", "uts", "mnt")
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
+
+
+def check_target(pid: int) -> None:
+    """The target must be running and be the init (pid 1) of its own pid namespace, as a pod container's is."""
+    if not procs.alive(pid):
+        raise UsageError(f"no running process with pid {pid} to restore into", "pass the placeholder's host pid")
+    nspid = _nspid(pid)
+    if len(nspid) < 2 or nspid[-1] != 1:
+        raise UsageError(f"process {pid} is not the init of its own pid namespace",
+                         "pass the host pid of a placeholder container's first process")
+
+
+def _nspid(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(x) for x in line.split()[1:]]
+    return []
+
+
+def target_path(target: int, path: str) -> Path:
+    """A path as the target's mount namespace sees it, reachable from here."""
+    return Path(f"/proc/{target}/root") / path.lstrip("/")
+
+
+def prepare_files(target: int, log_path: str | None, dirs: list[str], shm_src: Path | None) -> None:
+    """Create what the restored worker reopens by path in the target's file system."""
+    if log_path:
+        p = target_path(target, log_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    for d in dirs:
+        target_path(target, d).mkdir(parents=True, exist_ok=True)
+    if shm_src:
+        shm.place(shm_src, target_path(target, "/dev/shm"))
+
+
+def _setns(path: str, nstype: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc_check(_libc.setns(fd, nstype), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pidfile: Path, timeout_s: float) -> tuple[int, float]:
+    """Run `criu restore` inside the target's namespaces; return (the worker's host pid, CRIU's seconds)."""
+    joins = [a for ns in _JOINED for a in ("--join-ns", f"{ns}:/proc/1/ns/{ns}")]
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        code = 1
+        try:
+            os.close(r)
+            detach_fds(keep={w})
+            _setns(f"/proc/{target}/ns/pid", _CLONE_NEWPID)  # children are born in the target's pid namespace
+            libc_check(_libc.unshare(_CLONE_NEWNS), "unshare")
+            runner = os.fork()
+            if runner == 0:
+                _run(criu_bin, restore_args + joins, log, timeout_s, w)
+            _, status = os.waitpid(runner, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except BaseException as e:
+            try:
+                send_msg(w, {"event": "error", "problem": f"cannot enter the namespaces of {target}: {e}",
+                             "fix": "run as root; the target must still be running"})
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        msg = read_msg(r, timeout_s)
+    finally:
+        os.close(r)
+        os.waitpid(helper, 0)
+    if msg is None:
+        raise StepFailed(f"restore into process {target} did not finish within {timeout_s:g} s", f"see {log}")
+    if msg.get("event") == "error":
+        raise StepFailed(msg.get("problem", "restore failed"), msg.get("fix", ""))
+    inner = int(pidfile.read_text().strip())
+    for child in procs.children(target):
+        if _nspid(child)[-1:] == [inner]:
+            return child, float(msg["seconds"])
+    raise StepFailed(f"the restored worker (pid {inner} inside) is not a child of {target}", f"see {log}")
+
+
+def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -> None:
+    try:
+        mount("none", "/", None, _MS_REC | _MS_PRIVATE)
+        mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # this pid namespace's view
+        t0 = time.monotonic()
+        criu.run(criu_bin, args, log, "restore", timeout=timeout_s)
+        send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
+        os._exit(0)
+    except WarmstartError as e:
+        send_msg(w, {"event": "error", "problem": e.problem, "fix": e.fix})
+    except BaseException as e:
+        send_msg(w, {"event": "error", "problem": f"restore runner failed: {e}", "fix": "run with --debug"})
+    os._exit(1)
+
+
+def in_network_of(target: int, fn: Callable[[], T]) -> T:
+    """Call fn in a thread that joined the target's network namespace (setns(net) applies to one thread)."""
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            _setns(f"/proc/{target}/ns/net", _CLONE_NEWNET)
+            box["value"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Kubernetes: the node agent, the Checkpoint resource, and the placeholder container's init."""

@@ -1,0 +1,70 @@
+"""Restore into the namespaces of an already-running placeholder process, as a pod sandbox holds them (real CRIU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import COUNTER, WARMSTART, cli, free_port, http_get, one_error_line, wait_http
+from warmstart import procs
+from warmstart.engine import joinns
+
+pytestmark = [pytest.mark.criu]
+
+
+@pytest.fixture()
+def placeholder():
+    """`warmstart placeholder` as pid 1 of its own pid, mount and network namespaces (loopback up)."""
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--net", "--mount-proc", "sh", "-c",
+                          "ip link set lo up && exec " + " ".join(WARMSTART) + " placeholder"],
+                         start_new_session=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not procs.children(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ph = procs.children(p.pid)[0]
+    yield ph
+    p.kill()
+    p.wait()
+    procs.terminate(ph, grace_s=1)
+
+
+def _ns(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def test_restore_into_placeholder_namespaces(need_criu, home: Path, tmp_path: Path, placeholder: int) -> None:
+    port = free_port()
+    assert cli("run", "--name", "src", "--", sys.executable, str(COUNTER), str(port)).returncode == 0
+    wait_http(port)
+    boot = http_get(port).split()[1]
+    assert cli("checkpoint", "src", "-o", str(tmp_path / "art")).returncode == 0
+
+    r = cli("restore", str(tmp_path / "art"), "--into", str(placeholder), "--name", "in-pod", "--json")
+    assert r.returncode == 0, r.stderr
+    wpid = json.loads(r.stdout)["replicas"][0]["pid"]
+    assert procs.children(placeholder) == [wpid]  # the placeholder is its parent: no namespace was created
+    for kind in ("pid", "mnt", "net", "ipc", "uts"):
+        assert _ns(wpid, kind) == _ns(placeholder, kind), kind
+    n, b, _ = joinns.in_network_of(placeholder, lambda: http_get(port)).split()
+    assert b == boot and int(n) > 0  # the counter's state survived, served inside the pod's network
+    with pytest.raises(OSError):
+        http_get(port, timeout=2)  # and not in the host's
+
+    assert cli("stop", "in-pod").returncode == 0
+    deadline = time.monotonic() + 10
+    while procs.alive(placeholder) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not procs.alive(placeholder)  # the placeholder ends with its worker, as the pod's container would
+
+
+def test_restore_into_a_process_that_is_no_namespace_init(need_criu, home: Path, tmp_path: Path) -> None:
+    one_error_line(cli("restore", str(tmp_path / "none"), "--into", str(os.getpid())), 2,
+                   "not the init of its own pid namespace")
+    one_error_line(cli("restore", str(tmp_path / "none"), "--into", "4999999"), 2, "no running process")
+    one_error_line(cli("restore", str(tmp_path / "none"), "--into", "1", "--replicas", "2"), 2, "one replica")
