@@ -63,8 +63,52 @@ def test_restore_into_placeholder_namespaces(need_criu, home: Path, tmp_path: Pa
     assert not procs.alive(placeholder)  # the placeholder ends with its worker, as the pod's container would
 
 
+def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path, placeholder: int) -> None:
+    """A worker in a 'container' (own pid, mount and network namespaces, not its init) is dumped from inside
+    them and restored into another 'pod' — the Kubernetes data plane, with real CRIU, on one machine."""
+    port = free_port()
+    src = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--net", "--mount-proc", "sh", "-c",
+                            f"exec </dev/null >/dev/null 2>&1; ip link set lo up; "
+                            f"setsid {sys.executable} {COUNTER} {port} & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        worker = None
+        while worker is None and time.monotonic() < deadline:
+            kids = [k for c in procs.children(src.pid) for k in procs.children(c)]
+            worker = kids[0] if kids else None
+            time.sleep(0.05)
+        assert worker and procs.nspid(worker)[-1] != worker  # nested: not the host's view
+        boot = joinns.in_network_of(worker, lambda: _get_when_up(port)).split()[1]
+        r = cli("checkpoint", "--pid", str(worker), "-o", str(tmp_path / "art"))
+        assert r.returncode == 0, r.stderr
+        r = cli("restore", str(tmp_path / "art"), "--into", str(placeholder), "--name", "moved", "--json")
+        assert r.returncode == 0, r.stderr
+        n, b, _ = joinns.in_network_of(placeholder, lambda: http_get(port)).split()
+        assert b == boot
+    finally:
+        src.kill()
+        src.wait()
+
+
+def _get_when_up(port: int) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return http_get(port, timeout=2)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_restore_into_a_process_that_is_no_namespace_init(need_criu, home: Path, tmp_path: Path) -> None:
     one_error_line(cli("restore", str(tmp_path / "none"), "--into", str(os.getpid())), 2,
                    "not the init of its own pid namespace")
     one_error_line(cli("restore", str(tmp_path / "none"), "--into", "4999999"), 2, "no running process")
     one_error_line(cli("restore", str(tmp_path / "none"), "--into", "1", "--replicas", "2"), 2, "one replica")
+
+
+def test_pid_counter_lands_in_the_widest_free_run() -> None:
+    assert joinns.start_of_widest_gap([2, 3], 32768) == 3  # a container's worker: high pids are free
+    assert joinns.start_of_widest_gap([100, 30000], 32768) == 100
+    assert joinns.start_of_widest_gap([5000, 5001, 32000], 32768) == 5001

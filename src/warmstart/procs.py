@@ -51,6 +51,42 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def nspid(pid: int) -> list[int]:
+    """The pid as each pid namespace sees it, outermost first (one entry when not nested); [] if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return []
+
+
+def inner_ids(pids: list[int]) -> list[int]:
+    """Every process and thread id of these processes as their own pid namespace sees them (CRIU restores all)."""
+    out: set[int] = set()
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            ids = _task_nspid(pid, int(tid))
+            if ids:
+                out.add(ids[-1])
+    return sorted(out)
+
+
+def _task_nspid(pid: int, tid: int) -> list[int]:
+    try:
+        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return []
+
+
 def environ(pid: int) -> dict[str, str]:
     """A process's environment as it was started; {} if it is gone or hidden."""
     try:

@@ -53,6 +53,7 @@ class WorkerIdentity(BaseModel):
     gpu_bytes_to_remap: int = 0  # GPU memory the worker released on quiesce and maps again on resume (KV cache)
     private_dirs: list[str] = Field(default_factory=list)  # each replica gets these empty and its own (unix sockets)
     kv_released: bool = False  # an engine adapter released the KV cache on quiesce; resume must take it back
+    ids: list[int] = Field(default_factory=list)  # every pid and thread id the image restores (its namespace's view)
 
 
 class GpuState(BaseModel):

@@ -88,6 +88,11 @@ def checkpoint(
         identity.model = adapter.model(identity.port)
         identity.private_dirs = adapter.private_dirs(procs.environ(pid))
     tree = procs.tree(pid)
+    # A process in a pid namespace of its own (a container's) is dumped by a CRIU running inside its pid and
+    # mount namespaces, under its pid there; its /dev/shm is reached through /proc/<pid>/root.
+    inner = procs.nspid(pid)[-1]
+    enter = pid if inner != pid else None
+    shm_root = Path(f"/proc/{pid}/root/dev/shm") if enter else shm.SHM
     shm_use = shm.used_by(tree)
     cuda_pids = gpu.cuda_pids(pid)
     timer = Timer(progress)
@@ -117,16 +122,17 @@ def checkpoint(
                 identity.kv_released = engine_paused.kv_released
             check_interrupted(got, "checkpoint")
             identity.listen_ports = procs.listening_tcp_ports(pid)
+            identity.ids = procs.inner_ids(procs.tree(pid))
             if cuda_pids:
                 gpu_states = gpu.describe(cuda_pids)
                 with timer.step("cuda_checkpoint", f"checkpointing GPU state of {len(cuda_pids)} CUDA process(es)"):
                     gpu.suspend(cuda_pids, int(quiesce_timeout_s * 1000))
             script = staging.tmp / "shm-hook.sh" if shm_use else None
             if script:
-                hook_env = shm.hook(shm_use, staging.tmp / SHM_DIR, script)
+                hook_env = shm.hook(shm_use, staging.tmp / SHM_DIR, script, shm_root)
             with timer.step("criu_dump", "dumping process tree (CRIU)"):
-                criu.run(binary, criu.dump_args(pid, staging.images, log, str(script) if script else None), log,
-                         "dump", env=hook_env)
+                criu.run(binary, criu.dump_args(inner, staging.images, log, str(script) if script else None), log,
+                         "dump", env=hook_env, enter=enter)
             os.replace(log, staging.tmp / "dump.log")
             if script:
                 script.unlink()
@@ -156,7 +162,7 @@ def checkpoint(
         raise
     finally:
         if hook_env:
-            shm.remove_remaps(shm.created_remaps(hook_env))
+            shm.remove_remaps(shm.created_remaps(hook_env, shm_root), shm_root)
     if cuda_pids and leave_running:
         with timer.step("cuda_restore", "restoring GPU state of the source"):
             gpu.resume(cuda_pids)

@@ -149,14 +149,17 @@ def explain(log_text: str) -> tuple[str, str]:
 
 
 def run(criu: Criu, args: list[str], log: Path, what: str, timeout: float | None = None,
-        env: dict[str, str] | None = None) -> None:
+        env: dict[str, str] | None = None, enter: int | None = None) -> None:
     """Run CRIU to completion in its own session.
 
     CRIU is never killed midway (subprocess.run would kill it on KeyboardInterrupt): a dump stopped
     while its parasite code is inside the worker can take the worker down with it. The caller defers
     SIGINT/SIGTERM around this call instead.
     """
-    proc = subprocess.Popen([criu.path, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    # enter: run CRIU inside that process's pid and mount namespaces (a container's), where the paths it is
+    # given (CRIU itself, images, log) must resolve too.
+    prefix = ["nsenter", f"--target={enter}", "--pid", "--mount", "--"] if enter else []
+    proc = subprocess.Popen([*prefix, criu.path, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, **env} if env else None)
     try:
         _, stderr = proc.communicate(timeout=timeout)

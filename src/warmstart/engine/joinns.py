@@ -38,17 +38,10 @@ def check_target(pid: int) -> None:
     """The target must be running and be the init (pid 1) of its own pid namespace, as a pod container's is."""
     if not procs.alive(pid):
         raise UsageError(f"no running process with pid {pid} to restore into", "pass the placeholder's host pid")
-    nspid = _nspid(pid)
+    nspid = procs.nspid(pid)
     if len(nspid) < 2 or nspid[-1] != 1:
         raise UsageError(f"process {pid} is not the init of its own pid namespace",
                          "pass the host pid of a placeholder container's first process")
-
-
-def _nspid(pid: int) -> list[int]:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("NSpid:"):
-            return [int(x) for x in line.split()[1:]]
-    return []
 
 
 def target_path(target: int, path: str) -> Path:
@@ -76,8 +69,16 @@ def _setns(path: str, nstype: int) -> None:
         os.close(fd)
 
 
-def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pidfile: Path, timeout_s: float) -> tuple[int, float]:
-    """Run `criu restore` inside the target's namespaces; return (the worker's host pid, CRIU's seconds)."""
+def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pidfile: Path, timeout_s: float,
+            needed_ids: list[int]) -> tuple[int, float]:
+    """Run `criu restore` inside the target's namespaces; return (the worker's host pid, CRIU's seconds).
+
+    needed_ids: the pids and thread ids the image restores; they must be free in the target's namespace.
+    """
+    busy = sorted(set(needed_ids) & set(_ids_in(target)))
+    if busy:
+        raise StepFailed(f"ids {busy[:5]} the image restores are taken in the namespace of process {target}",
+                         "restore into a fresh placeholder container")
     joins = [a for ns in _JOINED for a in ("--join-ns", f"{ns}:/proc/1/ns/{ns}")]
     r, w = os.pipe()
     helper = os.fork()
@@ -87,6 +88,7 @@ def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pid
             os.close(r)
             detach_fds(keep={w})
             _setns(f"/proc/{target}/ns/pid", _CLONE_NEWPID)  # children are born in the target's pid namespace
+            _move_pid_counter(needed_ids)
             libc_check(_libc.unshare(_CLONE_NEWNS), "unshare")
             runner = os.fork()
             if runner == 0:
@@ -113,9 +115,37 @@ def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pid
         raise StepFailed(msg.get("problem", "restore failed"), msg.get("fix", ""))
     inner = int(pidfile.read_text().strip())
     for child in procs.children(target):
-        if _nspid(child)[-1:] == [inner]:
+        if procs.nspid(child)[-1:] == [inner]:
             return child, float(msg["seconds"])
     raise StepFailed(f"the restored worker (pid {inner} inside) is not a child of {target}", f"see {log}")
+
+
+def _ids_in(target: int) -> list[int]:
+    """The ids in use in the target's pid namespace (its /proc is not ours: walk its processes from here)."""
+    return procs.inner_ids(procs.tree(target))
+
+
+def start_of_widest_gap(needed: list[int], pid_max: int) -> int:
+    """A last-pid value after which the most ids are free before the next needed one (pids wrap at pid_max)."""
+    ids = sorted({i for i in needed if 0 < i < pid_max} | {1})
+    gaps = [(b - a, a) for a, b in zip(ids, ids[1:] + [ids[0] + pid_max])]
+    return max(gaps)[1]
+
+
+def _move_pid_counter(needed: list[int]) -> None:
+    """Point the target namespace's pid counter at the widest run of ids the image does not need, so that
+    neither the runner nor CRIU's own processes take one it restores (a container's worker is pid 2 or 3)."""
+    start = start_of_widest_gap(needed, int(Path("/proc/sys/kernel/pid_max").read_text()))
+    child = os.fork()
+    if child == 0:  # the first process born in the target namespace: ns_last_pid applies to its namespace
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(start))
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise OSError("cannot set the target namespace's ns_last_pid")
 
 
 def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -> None:

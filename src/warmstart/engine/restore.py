@@ -230,7 +230,7 @@ def restore_into(
     wpid = None
     try:
         wpid, criu_s = joinns.restore(target, binary, criu.restore_args(artifact / IMAGES_DIR, rdir, log, pidfile),
-                                      log, pidfile, timeout_s)
+                                      log, pidfile, timeout_s, w.ids or [w.pid])
         rec = WorkerRecord(name=rname, kind="replica", pid=wpid, started=procs.start_time(wpid) or 0,
                            command=w.command, engine=w.engine,
                            log=str(joinns.target_path(target, w.log_path)) if w.log_path else str(rdir / launch.LOG),

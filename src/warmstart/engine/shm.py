@@ -3,7 +3,8 @@
 CRIU saves a shared file mapping by its path, not its contents, so the named segments an engine's processes
 share (vLLM's shared-memory rings, multiprocessing's semaphores) would be missing from a replica's private,
 empty /dev/shm. The checkpoint copies the ones the tree uses into the artifact (sparsely: rings are mostly
-holes) while the tree is stopped, and each replica gets its own copy before CRIU restores into it.
+holes) while the tree is stopped (a CRIU action script), and each replica gets its own copy before CRIU restores
+into it.
 
 A segment held under a removed name while another name still links it (glibc creates a semaphore under a
 temporary name, links it to the real one and removes the temporary) can only be dumped with CRIU's
@@ -15,10 +16,7 @@ the dump, because a restore would consume the one extra name on the host.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +71,9 @@ def used_by(pids: list[int]) -> ShmUse:
             path = shown[: -len(_DELETED)] if deleted else shown
             in_shm = Path(path).parent == SHM
             if in_shm and not deleted:
+                if any(c.isspace() for c in path):
+                    raise WorkerError(f"process {pid} uses /dev/shm segment {path!r}, whose name has white space",
+                                      "name shared memory segments without spaces")
                 names.add(Path(path).name)
             elif deleted and _linked_elsewhere(proc_path):
                 if in_shm:
@@ -86,14 +87,14 @@ def used_by(pids: list[int]) -> ShmUse:
     return ShmUse(sorted(names), remapped)
 
 
-def link_remaps() -> set[str]:
-    return {p.name for p in SHM.glob("link_remap.*")}
+def link_remaps(shm_root: Path = SHM) -> set[str]:
+    return {p.name for p in shm_root.glob("link_remap.*")}
 
 
-def remove_remaps(names: set[str]) -> None:
-    """Drop the link names a dump added to the host's /dev/shm: the artifact holds its own copies."""
+def remove_remaps(names: set[str], shm_root: Path = SHM) -> None:
+    """Drop the link names a dump added to /dev/shm: the artifact holds its own copies."""
     for n in names:
-        (SHM / n).unlink(missing_ok=True)
+        (shm_root / n).unlink(missing_ok=True)
 
 
 def sparse_copy(src: Path, dst: Path) -> int:
@@ -131,21 +132,6 @@ def sparse_copy(src: Path, dst: Path) -> int:
     return copied
 
 
-def save(names: list[str], dest: Path) -> int:
-    """Copy /dev/shm/<name> for each name into dest; return the bytes of data (not holes) saved."""
-    if not names:
-        return 0
-    dest.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for n in names:
-        try:
-            total += sparse_copy(SHM / n, dest / n)
-        except FileNotFoundError:
-            raise WorkerError(f"/dev/shm/{n}, used by the worker, disappeared during the checkpoint",
-                              "checkpoint again once the worker is idle") from None
-    return total
-
-
 def place(src: Path, root: Path = SHM) -> None:
     """Put an artifact's saved segments into a (replica's private) /dev/shm."""
     if not src.is_dir():
@@ -156,29 +142,28 @@ def place(src: Path, root: Path = SHM) -> None:
 
 # ---- the CRIU action script: runs at post-dump, while the tree is still frozen ----
 
-def hook(use: ShmUse, dest: Path, script: Path) -> dict[str, str]:
+# POSIX sh and cp only: CRIU runs it where it runs, which for a container is inside the container's mount
+# namespace, where neither Python nor warmstart need exist.
+_HOOK = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
+cd /dev/shm || exit 1
+for n in $WARMSTART_SHM_NAMES link_remap.*; do
+    [ -e "$n" ] || continue
+    case " $WARMSTART_SHM_REMAPS_BEFORE " in *" $n "*) continue ;; esac
+    cp --sparse=always "$n" "$WARMSTART_SHM_DEST/" || { echo "warmstart: saving /dev/shm/$n failed"; exit 1; }
+done
+"""
+
+
+def hook(use: ShmUse, dest: Path, script: Path, shm_root: Path = SHM) -> dict[str, str]:
     """Write the --action-script (CRIU executes it directly) to script; return the environment CRIU needs."""
-    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m warmstart.engine.shm\n")
+    script.write_text(_HOOK)
     script.chmod(0o700)
-    return {_NAMES_ENV: json.dumps(use.names), _DEST_ENV: str(dest), _BEFORE_ENV: json.dumps(sorted(link_remaps()))}
+    dest.mkdir(parents=True, exist_ok=True)
+    return {_NAMES_ENV: " ".join(use.names), _DEST_ENV: str(dest),
+            _BEFORE_ENV: " ".join(sorted(link_remaps(shm_root)))}
 
 
-def created_remaps(env: dict[str, str]) -> set[str]:
-    """The link_remap.N names the dump added to /dev/shm (the caller removes them from the host)."""
-    return link_remaps() - set(json.loads(env[_BEFORE_ENV]))
-
-
-def _post_dump() -> int:
-    if os.environ.get("CRTOOLS_SCRIPT_ACTION") != "post-dump":
-        return 0
-    names = json.loads(os.environ[_NAMES_ENV]) + sorted(created_remaps(dict(os.environ)))
-    try:
-        save(names, Path(os.environ[_DEST_ENV]))
-    except (OSError, WorkerError) as e:
-        print(f"warmstart: saving /dev/shm failed: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_post_dump())
+def created_remaps(env: dict[str, str], shm_root: Path = SHM) -> set[str]:
+    """The link_remap.N names the dump added to /dev/shm (the caller removes them from there)."""
+    return link_remaps(shm_root) - set(env[_BEFORE_ENV].split())
