@@ -139,12 +139,26 @@ def restore(
     out.print(t)
 
 
-@app.command(hidden=True)
-def placeholder() -> None:
-    """First process of a Kubernetes restore-target container: holds its namespaces, reaps, exits with the worker."""
+@app.command()
+def agent(
+    node: str = typer.Option(..., "--node", envvar="NODE_NAME", help="This node's name (the pods it acts on)."),
+    claim: str = typer.Option(..., "--claim", help="The artifact PersistentVolumeClaim (recorded in Checkpoints)."),
+    artifacts: Path = typer.Option(Path("/var/lib/warmstart/artifacts"), "--artifacts",
+                                   help="Where that volume is mounted, here and in the pods."),
+    metrics_port: int = typer.Option(9400, "--metrics-port", help="Prometheus metrics port."),
+) -> None:
+    """The Kubernetes node agent (run by the Helm chart's DaemonSet): checkpoints sources, restores targets."""
+    from warmstart.k8s import agent as node_agent
+
+    node_agent.main(node, claim, artifacts, metrics_port)
+
+
+@app.command(hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def placeholder(ctx: typer.Context) -> None:
+    """First process of a Kubernetes warmstart container: `-- CMD` in a source, nothing in a restore target."""
     from warmstart.k8s import placeholder as ph
 
-    raise typer.Exit(ph.run())
+    raise typer.Exit(ph.run(list(ctx.args) or None))
 
 
 @app.command()

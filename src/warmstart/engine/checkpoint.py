@@ -11,16 +11,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import SHM_DIR, CriuSettings, Manifest, WorkerIdentity
-from warmstart.engine import control, criu, gpu, shm
+from warmstart.engine import control, criu, gpu, joinns, shm
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
 from warmstart.errors import WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ def checkpoint(
     leave_running: bool = False,
     quiesce_timeout_s: float = 30.0,
     quiesce: bool = True,
+    engine: str | None = None,
     progress: Progress = quiet,
 ) -> CheckpointResult:
     t_start = time.monotonic()
@@ -72,7 +77,7 @@ def checkpoint(
         command=procs.cmdline(pid),
         cwd=os.readlink(f"/proc/{pid}/cwd"),
         name=record.name if record else None,
-        engine=info.engine if info else (record.engine if record else "plain"),
+        engine=info.engine if info else (record.engine if record else engine or "plain"),
         model=info.model if info else None,
         sdk=info is not None,
         control_dir=str(control_dir) if control_dir else None,
@@ -82,10 +87,10 @@ def checkpoint(
     adapter = None if info else adapters.for_engine(identity.engine)
     if adapter:
         # Refuse before anything changes: an engine that is not serving yet stays exactly as it was.
-        identity.port = record.port if record and record.port else adapter.port(identity.command)
+        port = identity.port = record.port if record and record.port else adapter.port(identity.command)
         progress(f"checking {adapter.name} is warm on port {identity.port}")
-        adapter.check_warm(identity.port)
-        identity.model = adapter.model(identity.port)
+        in_net(pid, lambda: adapter.check_warm(port))
+        identity.model = in_net(pid, lambda: adapter.model(port))
         identity.private_dirs = adapter.private_dirs(procs.environ(pid))
     tree = procs.tree(pid)
     # A process in a pid namespace of its own (a container's) is dumped by a CRIU running inside its pid and
@@ -117,8 +122,8 @@ def checkpoint(
                 identity.gpu_bytes_to_remap = int(ack.get("gpu_bytes_to_remap") or 0)
             elif adapter and identity.port:
                 with timer.step("quiesce", f"quiescing {adapter.name}"):
-                    engine_paused = adapter.quiesce(identity.port, identity.command, bool(cuda_pids),
-                                                    quiesce_timeout_s)
+                    engine_paused = in_net(pid, lambda: adapter.quiesce(port, identity.command, bool(cuda_pids),
+                                                                        quiesce_timeout_s))
                 identity.kv_released = engine_paused.kv_released
             check_interrupted(got, "checkpoint")
             identity.listen_ports = procs.listening_tcp_ports(pid)
@@ -158,7 +163,7 @@ def checkpoint(
         if quiesced_seq and control_dir:
             _resume_quietly(control_dir, quiesced_seq + 1)
         if adapter and engine_paused and identity.port:
-            _resume_engine_quietly(adapter, identity.port, engine_paused, quiesce_timeout_s)
+            _resume_engine_quietly(pid, adapter, identity.port, engine_paused, quiesce_timeout_s)
         raise
     finally:
         if hook_env:
@@ -172,7 +177,8 @@ def checkpoint(
             control.wait_ack(control_dir, quiesced_seq + 1, quiesce_timeout_s, pid, "resume")
     if adapter and engine_paused and identity.port and leave_running:
         with timer.step("resume", f"resuming {adapter.name}"):
-            adapter.resume(identity.port, engine_paused, quiesce_timeout_s)
+            paused = engine_paused
+            in_net(pid, lambda: adapter.resume(port, paused, quiesce_timeout_s))
     if not leave_running:
         procs.terminate(pid, procs.start_time(pid), grace_s=2.0)
         if record:
@@ -195,9 +201,16 @@ def _gpu_state_is(pid: int, want: str) -> bool:
     return cuda.state_name(pid) == want
 
 
-def _resume_engine_quietly(adapter: Engine, port: int, paused: Quiesced, timeout_s: float) -> None:
+def in_net(pid: int, fn: Callable[[], T]) -> T:
+    """fn() in the worker's network namespace: a container's engine answers on its own loopback."""
+    if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        return fn()
+    return joinns.in_network_of(pid, fn)
+
+
+def _resume_engine_quietly(pid: int, adapter: Engine, port: int, paused: Quiesced, timeout_s: float) -> None:
     try:
-        adapter.resume(port, paused, timeout_s)
+        in_net(pid, lambda: adapter.resume(port, paused, timeout_s))
     except WorkerError:
         pass  # the engine died; the checkpoint's own error says what went wrong first
 

@@ -1,8 +1,11 @@
-"""The first process of a restore-target (placeholder) container: it holds the pod's namespaces and waits.
+"""The first process of a warmstart container: it holds the pod's namespaces, and starts or receives the worker.
 
-The node agent restores a worker into this process's namespaces (`warmstart restore --into PID`); the worker
-then becomes its child. As a pid-namespace init it reaps every orphan, and it exits with the worker's status
-when the worker ends, so Kubernetes restarts the container as it would a crashed server.
+In a restore target (`warmstart placeholder`) the node agent restores a worker into this process's namespaces
+(`warmstart restore --into PID`) and the worker becomes its child. In a checkpoint source
+(`warmstart placeholder -- CMD...`) it starts CMD as its child, in a session of its own with io_uring refused,
+so that the worker is never the namespace's pid 1 and can be restored into another pod's placeholder. Either
+way it reaps every orphan, and exits with the worker's status when the worker ends, so Kubernetes restarts
+the container as it would a crashed server.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ import signal
 import sys
 import time
 
+from warmstart.engine import seccomp
 
-def run() -> int:
+
+def run(command: list[str] | None = None) -> int:
     worker: int | None = None
+    if command:
+        worker = _spawn(command)
 
     def stop(signum: int, _frame: object) -> None:
         if worker is not None:
@@ -39,6 +46,19 @@ def run() -> int:
             return os.waitstatus_to_exitcode(status)
         if not pid:
             time.sleep(0.1)
+
+
+def _spawn(command: list[str]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            seccomp.refuse_io_uring()
+            os.execvp(command[0], command)
+        except BaseException as e:
+            print(f"warmstart placeholder: cannot start {command[0]}: {e}", file=sys.stderr)
+        os._exit(127)
+    return pid
 
 
 def _children() -> list[int]:

@@ -1,0 +1,195 @@
+"""`warmstart agent`: the per-node agent. Watches the pods of its own node and acts on reconcile's decisions.
+
+It runs privileged with hostPID (it ptraces workers and enters pod namespaces), with the artifact volume
+mounted at the same path as in the pods it serves. Every step is an Event on the pod or Checkpoint and a
+Prometheus metric; a failure is a Failed status or a False condition with its reason, never a retry loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from warmstart.errors import WarmstartError
+from warmstart.k8s import containers, reconcile
+from warmstart.k8s.resources import GROUP, KIND, PLURAL, RESTORED_CONDITION, VERSION, condition
+
+try:  # the agent's dependencies are the optional extra `k8s`; the rest of warmstart never needs them
+    from kubernetes import client, config, watch
+    from prometheus_client import Counter, Histogram, start_http_server
+except ImportError as e:  # pragma: no cover - reported by main()
+    _MISSING: Exception | None = e
+else:
+    _MISSING = None
+    OPS = Counter("warmstart_operations_total", "Checkpoints and restores by result", ["op", "result"])
+    SECONDS = Histogram("warmstart_operation_seconds", "Duration of checkpoints and restores", ["op"],
+                        buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+    STEP_SECONDS = Histogram("warmstart_step_seconds", "Duration of each pipeline step", ["op", "step"],
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Agent:
+    def __init__(self, node: str, claim: str, artifacts: Path) -> None:
+        self.node, self.claim, self.artifacts = node, claim, artifacts
+        self.core = client.CoreV1Api()
+        self.custom = client.CustomObjectsApi()
+        self.busy: set[str] = set()  # pod uids being handled
+        self.lock = threading.Lock()
+
+    # ---- the API side ----
+
+    def node_labels(self) -> dict[str, str]:
+        return self.core.read_node(self.node).metadata.labels or {}
+
+    def checkpoints(self, namespace: str) -> dict[str, dict[str, Any]]:
+        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        return {c["metadata"]["name"]: c for c in items}
+
+    def event(self, obj: dict[str, Any], kind: str, reason: str, message: str, warning: bool = False) -> None:
+        meta = obj["metadata"]
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(kind=kind, name=meta["name"], namespace=meta["namespace"],
+                                                     uid=meta.get("uid"), api_version=obj.get("apiVersion")),
+            reason=reason, message=message[:1000], type="Warning" if warning else "Normal",
+            source=client.V1EventSource(component="warmstart-agent", host=self.node),
+            first_timestamp=_now(), last_timestamp=_now(), count=1)
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except client.ApiException as e:
+            print(f"warmstart agent: event {reason} not recorded: {e.reason}", flush=True)
+
+    def set_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+
+    # ---- decisions and actions ----
+
+    def handle(self, pod: dict[str, Any]) -> None:
+        ns = pod["metadata"]["namespace"]
+        action = reconcile.decide(pod, self.node, self.node_labels(), self.checkpoints(ns), self.claim)
+        if isinstance(action, (reconcile.Ignore, reconcile.Wait)):
+            return
+        uid = pod["metadata"]["uid"]
+        with self.lock:
+            if uid in self.busy:
+                return
+            self.busy.add(uid)
+        try:
+            if isinstance(action, reconcile.Checkpoint):
+                self.checkpoint(pod, action)
+            elif isinstance(action, reconcile.Restore):
+                self.restore(pod, action)
+            elif isinstance(action, reconcile.Refuse):
+                self.refuse(pod, action.reason)
+        finally:
+            with self.lock:
+                self.busy.discard(uid)
+
+    def checkpoint(self, pod: dict[str, Any], a: reconcile.Checkpoint) -> None:
+        from warmstart.engine import checkpoint as pipeline
+
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                "metadata": {"name": a.name, "namespace": a.namespace,
+                             "labels": {f"{GROUP}/source-pod": pod["metadata"]["name"]}},
+                "spec": a.spec.body()}
+        try:
+            cr = self.custom.create_namespaced_custom_object(GROUP, VERSION, a.namespace, PLURAL, body)
+        except client.ApiException as e:
+            if e.status == 409:
+                return  # another agent (or an earlier run) owns it
+            raise
+        self.set_status(a.namespace, a.name, {"phase": "Checkpointing", "node": self.node, "startedAt": _now()})
+        self.event(cr, KIND, "Checkpointing", f"checkpointing pod {pod['metadata']['name']} on {self.node}")
+        t0 = time.monotonic()
+        out = self.artifacts / a.spec.storage.path
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            worker = containers.worker_pid(a.container_id)
+            res = pipeline.checkpoint(worker, out, leave_running=True, engine=a.spec.engine)
+        except (WarmstartError, OSError) as e:
+            reason = e.line() if isinstance(e, WarmstartError) else f"{e}"
+            OPS.labels("checkpoint", "failed").inc()
+            self.set_status(a.namespace, a.name, {"phase": "Failed", "reason": reason, "conditions": [
+                condition("Ready", False, "CheckpointFailed", reason, _now())]})
+            self.event(cr, KIND, "CheckpointFailed", reason, warning=True)
+            return
+        seconds = time.monotonic() - t0
+        OPS.labels("checkpoint", "ok").inc()
+        SECONDS.labels("checkpoint").observe(seconds)
+        for step, s in res.manifest.step_seconds().items():
+            STEP_SECONDS.labels("checkpoint", step).observe(s)
+        self.set_status(a.namespace, a.name, {
+            "phase": "Ready", "artifact": a.spec.storage.path, "sizeBytes": res.manifest.image_bytes,
+            "node": self.node, "seconds": round(seconds, 3), "steps": res.manifest.step_seconds(),
+            "conditions": [condition("Ready", True, "Checkpointed", f"{res.manifest.image_bytes} bytes", _now())]})
+        self.event(cr, KIND, "Checkpointed", f"{res.manifest.image_bytes / 1e6:.0f} MB in {seconds:.1f} s")
+
+    def restore(self, pod: dict[str, Any], a: reconcile.Restore) -> None:
+        from warmstart.engine import restore as pipeline
+
+        t0 = time.monotonic()
+        try:
+            target = containers.init_pid(a.container_id)
+            name = f"{a.namespace}.{pod['metadata']['name']}"[:63].rstrip(".-_")
+            pipeline.restore_into(self.artifacts / a.artifact, target, name=name)
+        except (WarmstartError, OSError) as e:
+            self.refuse(pod, e.line() if isinstance(e, WarmstartError) else str(e))
+            return
+        seconds = time.monotonic() - t0
+        OPS.labels("restore", "ok").inc()
+        SECONDS.labels("restore").observe(seconds)
+        self.pod_condition(pod, True, "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
+        self.event(pod, "Pod", "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
+
+    def refuse(self, pod: dict[str, Any], reason: str) -> None:
+        OPS.labels("restore", "failed").inc()
+        self.pod_condition(pod, False, "RestoreFailed", reason)
+        self.event(pod, "Pod", "RestoreFailed", reason, warning=True)
+
+    def pod_condition(self, pod: dict[str, Any], ok: bool, reason: str, message: str) -> None:
+        meta = pod["metadata"]
+        self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": {"conditions": [
+            condition(RESTORED_CONDITION, ok, reason, message, _now())]}})
+
+    # ---- the loop ----
+
+    def run(self) -> None:
+        selector = f"spec.nodeName={self.node}"
+        while True:
+            try:
+                for ev in watch.Watch().stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
+                                               timeout_seconds=300):
+                    if ev["type"] in ("ADDED", "MODIFIED"):
+                        pod = client.ApiClient().sanitize_for_serialization(ev["object"])
+                        threading.Thread(target=self._safe_handle, args=(pod,), daemon=True).start()
+            except Exception as e:  # the API server went away: watch again
+                print(f"warmstart agent: watch failed ({e}); retrying in 5 s", flush=True)
+                time.sleep(5)
+
+    def _safe_handle(self, pod: dict[str, Any]) -> None:
+        try:
+            self.handle(pod)
+        except Exception:
+            print(f"warmstart agent: handling {pod['metadata'].get('name')} failed:\n{traceback.format_exc()}",
+                  flush=True)
+
+
+def main(node: str, claim: str, artifacts: Path, metrics_port: int) -> None:
+    if _MISSING is not None:
+        from warmstart.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(f"the agent needs the kubernetes and prometheus-client packages ({_MISSING})",
+                                 "pip install 'warmstart[k8s]'")
+    config.load_incluster_config()
+    start_http_server(metrics_port)
+    print(f"warmstart agent on node {node}: artifacts in {artifacts} (claim {claim}), metrics on :{metrics_port}",
+          flush=True)
+    Agent(node, claim, artifacts).run()

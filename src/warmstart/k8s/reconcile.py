@@ -1,0 +1,152 @@
+"""What the node agent does about one pod: a pure decision on the pod's and Checkpoints' JSON as the API serves it.
+
+Sources (label checkpoint-source: "true") are checkpointed once Ready, once per Checkpoint name. Restore
+targets (label restore-target: <name>) are restored into once their placeholder container runs and the named
+Checkpoint is Ready and matches them (image, GPU model, and engine/model when the pod names them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from warmstart.k8s.resources import (CONTAINER_ANNOTATION, GPU_PRODUCT_LABEL, GROUP, NAME_ANNOTATION,
+                                     RESTORED_CONDITION, SOURCE_LABEL, TARGET_LABEL, CheckpointSpec, Storage)
+
+ENGINE_ANNOTATION = f"{GROUP}/engine"
+MODEL_ANNOTATION = f"{GROUP}/model"
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Because:
+    reason: str
+
+
+class Ignore(_Because):
+    """Nothing to do, now or later."""
+
+
+class Wait(_Because):
+    """Nothing to do yet: a later event will bring the pod back."""
+
+
+class Refuse(_Because):
+    """A restore target that can never be served by its Checkpoint: say why on the pod, leave it clean."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    namespace: str
+    container_id: str
+    spec: CheckpointSpec
+
+
+@dataclass(frozen=True)
+class Restore:
+    name: str  # the Checkpoint
+    namespace: str
+    container_id: str
+    artifact: str  # path inside the artifact volume
+
+
+Action = Union[Ignore, Wait, Refuse, Checkpoint, Restore]
+
+
+def _meta(pod: Obj, key: str) -> dict[str, str]:
+    return pod.get("metadata", {}).get(key) or {}
+
+
+def _container(pod: Obj) -> tuple[Obj | None, Obj | None]:
+    """(spec, status) of the container holding the worker: the annotated one, else the first."""
+    containers = pod.get("spec", {}).get("containers") or []
+    if not containers:
+        return None, None
+    want = _meta(pod, "annotations").get(CONTAINER_ANNOTATION, containers[0]["name"])
+    spec = next((c for c in containers if c["name"] == want), None)
+    status = next((s for s in pod.get("status", {}).get("containerStatuses") or [] if s["name"] == want), None)
+    return spec, status
+
+
+def _condition(pod: Obj, ctype: str) -> bool:
+    return any(c.get("type") == ctype and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions") or [])
+
+
+def _running(status: Obj | None) -> bool:
+    return bool(status and "running" in (status.get("state") or {}) and status.get("containerID"))
+
+
+def decide(pod: Obj, node: str, node_labels: dict[str, str], checkpoints: dict[str, Obj], claim: str) -> Action:
+    labels = _meta(pod, "labels")
+    name = pod.get("metadata", {}).get("name", "?")
+    if pod.get("spec", {}).get("nodeName") != node:
+        return Ignore(f"pod {name} is not on node {node}")
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return Ignore(f"pod {name} is being deleted")
+    if labels.get(SOURCE_LABEL) == "true":
+        return _source(pod, node_labels, checkpoints, claim)
+    if labels.get(TARGET_LABEL):
+        return _target(pod, node_labels, checkpoints)
+    return Ignore(f"pod {name} has no warmstart label")
+
+
+def _source(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj], claim: str) -> Action:
+    meta = pod["metadata"]
+    spec, status = _container(pod)
+    if spec is None or not _running(status) or not _condition(pod, "Ready"):
+        return Wait(f"source pod {meta['name']} is not Ready yet")
+    cname = _meta(pod, "annotations").get(NAME_ANNOTATION, meta["name"])
+    existing = checkpoints.get(cname)
+    if existing:
+        phase = (existing.get("status") or {}).get("phase", "Pending")
+        if phase == "Failed":
+            return Ignore(f"Checkpoint {cname} failed ({existing['status'].get('reason', '')}); delete it to retry")
+        if phase in ("Checkpointing", "Ready"):
+            return Ignore(f"Checkpoint {cname} is already {phase}")
+    annotations = _meta(pod, "annotations")
+    cspec = CheckpointSpec(
+        engine=annotations.get(ENGINE_ANNOTATION, "plain"),
+        model=annotations.get(MODEL_ANNOTATION, ""),
+        image=spec["image"],
+        gpuModel=node_labels.get(GPU_PRODUCT_LABEL, ""),
+        args=[*(spec.get("command") or []), *(spec.get("args") or [])],
+        storage=Storage(claim=claim, path=f"{meta['namespace']}/{cname}"),
+    )
+    return Checkpoint(name=cname, namespace=meta["namespace"], container_id=status["containerID"], spec=cspec)
+
+
+def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) -> Action:
+    meta = pod["metadata"]
+    cname = _meta(pod, "labels")[TARGET_LABEL]
+    if _condition(pod, RESTORED_CONDITION):
+        return Ignore(f"pod {meta['name']} is already restored")
+    spec, status = _container(pod)
+    if spec is None or not _running(status):
+        return Wait(f"placeholder container of {meta['name']} is not running yet")
+    existing = checkpoints.get(cname)
+    if existing is None:
+        return Wait(f"no Checkpoint {cname} in namespace {meta['namespace']} yet")
+    st = existing.get("status") or {}
+    phase = st.get("phase", "Pending")
+    if phase == "Failed":
+        return Refuse(f"Checkpoint {cname} failed: {st.get('reason', 'unknown')}")
+    if phase != "Ready":
+        return Wait(f"Checkpoint {cname} is {phase}")
+    want = existing["spec"]
+    problems = []
+    if want.get("image") != spec["image"]:
+        problems.append(f"image {spec['image']} differs from the checkpoint's {want.get('image')}")
+    gpu_here = node_labels.get(GPU_PRODUCT_LABEL, "")
+    if want.get("gpuModel") and want["gpuModel"] != gpu_here:
+        problems.append(f"GPU {gpu_here or 'none'} on this node, the checkpoint needs {want['gpuModel']}")
+    annotations = _meta(pod, "annotations")
+    for key, field in ((ENGINE_ANNOTATION, "engine"), (MODEL_ANNOTATION, "model")):
+        if key in annotations and annotations[key] != want.get(field):
+            problems.append(f"{field} {annotations[key]} differs from the checkpoint's {want.get(field)}")
+    if problems:
+        return Refuse(f"Checkpoint {cname} does not match pod {meta['name']}: " + "; ".join(problems))
+    return Restore(name=cname, namespace=meta["namespace"], container_id=status["containerID"],
+                   artifact=st.get("artifact") or want["storage"]["path"])
