@@ -7,6 +7,7 @@ The node data plane (restore into a placeholder's namespaces, dump from a contai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -21,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import COUNTER, REPO, WARMSTART, free_port, http_get
 from warmstart import procs
 from warmstart.k8s import containers, reconcile
 from warmstart.k8s.resources import CheckpointSpec, Storage, condition
@@ -236,27 +237,21 @@ def _pids_cgroup_root() -> Path:
     pytest.skip("no writable pids cgroup hierarchy (needs root)")
 
 
-def test_container_processes_found_by_container_id() -> None:
-    """A 'container' (own pid namespace, its init and a worker child) in a cgroup named like containerd's."""
+@contextlib.contextmanager
+def container(cid: str, script: str):
+    """A 'container': `sh -c script` as pid 1 of its own pid, mount and network namespaces (loopback up),
+    in a cgroup named as containerd names a container's."""
     root = _pids_cgroup_root()
-    cid = "ab" * 32
     cg = root / "kubepods.slice" / f"cri-containerd-{cid}.scope"
     cg.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                          f"echo $$ > {cg}/cgroup.procs; sleep 60 & wait"], start_new_session=True)
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--net", "--mount-proc", "sh", "-c",
+                          f"echo $$ > {cg}/cgroup.procs; exec </dev/null >/dev/null 2>&1; ip link set lo up; "
+                          + script], start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        found: list[int] = []
-        while len(found) < 2 and time.monotonic() < deadline:
-            found = containers.pids_of(f"containerd://{cid}")
-            time.sleep(0.05)
-        init = containers.init_pid(f"containerd://{cid}")
-        assert procs.nspid(init)[-1] == 1 and init in found
-        assert containers.worker_pid(f"containerd://{cid}") in found
-        with pytest.raises(Exception, match="no process of container"):
-            containers.init_pid("containerd://" + "cd" * 32)
-        with pytest.raises(Exception, match="unexpected container id"):
-            containers.container_hex("docker:/x")
+        while not containers.pids_of(f"containerd://{cid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield p
     finally:
         members = containers.pids_of(f"containerd://{cid}")
         for pid in members:
@@ -275,8 +270,160 @@ def test_container_processes_found_by_container_id() -> None:
             pass  # holds other cgroups: not ours to remove
 
 
+def _get_when_up(port: int) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return http_get(port, timeout=2)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _wait_for(fn, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_container_processes_found_by_container_id() -> None:
+    cid = "ab" * 32
+    with container(cid, "sleep 60 & wait"):
+        found = _wait_for(lambda: len(containers.pids_of(f"containerd://{cid}")) >= 2 and
+                          containers.pids_of(f"containerd://{cid}"))
+        init = containers.init_pid(f"containerd://{cid}")
+        assert procs.nspid(init)[-1] == 1 and init in found
+        assert containers.worker_pid(f"containerd://{cid}") in found
+    with pytest.raises(Exception, match="no process of container"):
+        containers.init_pid("containerd://" + "cd" * 32)
+    with pytest.raises(Exception, match="unexpected container id"):
+        containers.container_hex("docker:/x")
+
+
 def test_agent_module_imports_with_its_extra() -> None:
     from warmstart.k8s import agent
 
     assert agent._MISSING is None
     assert re.match(r"^\w+$", agent.OPS._name)
+
+
+# ---- the agent's node side, for real, with the Kubernetes API kept in memory ----
+
+class MemoryApi:
+    """Stands in for the API server only (no cluster here): keeps Checkpoints, Events and pod conditions."""
+
+    def __init__(self, node_labels: dict[str, str]) -> None:
+        self.node_labels = node_labels
+        self.checkpoints: dict[str, dict] = {}
+        self.events: list = []
+        self.pod_conditions: dict[str, list] = {}
+
+    # CoreV1Api
+    def read_node(self, name: str):
+        from kubernetes import client
+
+        return client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=self.node_labels))
+
+    def create_namespaced_event(self, namespace: str, body) -> None:
+        self.events.append(body)
+
+    def patch_namespaced_pod_status(self, name: str, namespace: str, body: dict) -> None:
+        self.pod_conditions.setdefault(name, []).extend(body["status"]["conditions"])
+
+    # CustomObjectsApi
+    def list_namespaced_custom_object(self, group, version, namespace, plural) -> dict:
+        return {"items": list(self.checkpoints.values())}
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body) -> dict:
+        from kubernetes import client
+
+        if body["metadata"]["name"] in self.checkpoints:
+            raise client.ApiException(status=409, reason="AlreadyExists")
+        obj = copy.deepcopy(body)
+        obj["metadata"].update(uid="cr-uid", namespace=namespace)
+        self.checkpoints[obj["metadata"]["name"]] = obj
+        return obj
+
+    def patch_namespaced_custom_object_status(self, group, version, namespace, plural, name, body) -> None:
+        self.checkpoints[name].setdefault("status", {}).update(body["status"])
+
+
+def _agent(api: MemoryApi, artifacts: Path):
+    from warmstart.k8s.agent import Agent
+
+    a = Agent.__new__(Agent)
+    a.node, a.claim, a.artifacts = NODE, "ws-warmstart-artifacts", artifacts
+    a.core = a.custom = api
+    a.busy, a.lock = set(), __import__("threading").Lock()
+    return a
+
+
+def _pod(fixture: str, cid: str, **annotations: str) -> dict:
+    p = pod(fixture)
+    p["status"]["containerStatuses"][0]["containerID"] = f"containerd://{cid}"
+    p["metadata"]["annotations"].update(annotations)
+    return p
+
+
+@pytest.mark.criu
+def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_criu, home: Path,
+                                                                          tmp_path: Path) -> None:
+    from warmstart.engine import joinns
+
+    api = MemoryApi({})
+    agent = _agent(api, tmp_path / "artifacts")
+    port = free_port()
+    ws = " ".join(WARMSTART)
+    src_cid, dst_cid, bad_cid = "5a" * 32, "6b" * 32, "7c" * 32
+    with container(src_cid, f"exec {ws} placeholder -- {sys.executable} {COUNTER} {port}"):
+        worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
+        boot = joinns.in_network_of(worker, lambda: _get_when_up(port)).split()[1]
+        source = _pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"})
+        agent.handle(source)
+        ckpt = api.checkpoints["llama-8b"]
+        assert ckpt["status"]["phase"] == "Ready", ckpt["status"]
+        assert ckpt["status"]["sizeBytes"] > 0 and ckpt["status"]["node"] == NODE
+        assert (tmp_path / "artifacts" / ckpt["status"]["artifact"] / "manifest.json").is_file()
+        assert [e.reason for e in api.events] == ["Checkpointing", "Checkpointed"]
+        assert joinns.in_network_of(worker, lambda: http_get(port)).split()[1] == boot  # source still serving
+        agent.handle(source)  # once per Checkpoint name
+        assert len(api.events) == 2
+
+        target = _pod("target-pod", dst_cid, **{"warmstart.dev/engine": "plain", "warmstart.dev/model": ckpt["spec"]["model"]})
+        with container(dst_cid, f"exec {ws} placeholder"):
+            agent.handle(target)
+            cond = api.pod_conditions[target["metadata"]["name"]][-1]
+            assert (cond["type"], cond["status"]) == ("warmstart.dev/restored", "True"), cond
+            ph = containers.init_pid(f"containerd://{dst_cid}")
+            assert joinns.in_network_of(ph, lambda: http_get(port)).split()[1] == boot
+
+        wrong = _pod("target-pod", bad_cid)
+        wrong["metadata"]["name"] = "wrong-image"
+        wrong["spec"]["containers"][0]["image"] = "registry.example.com/vllm-warmstart:0.31.0"
+        with container(bad_cid, f"exec {ws} placeholder"):
+            agent.handle(wrong)
+            cond = api.pod_conditions["wrong-image"][-1]
+            assert cond["status"] == "False" and "image" in cond["message"]
+            assert not procs.children(containers.init_pid(f"containerd://{bad_cid}"))  # left clean
+        assert api.events[-1].type == "Warning" and api.events[-1].reason == "RestoreFailed"
+
+
+@pytest.mark.criu
+def test_agent_marks_a_failed_checkpoint_and_leaves_the_source_serving(need_criu, home: Path,
+                                                                       tmp_path: Path) -> None:
+    api = MemoryApi({})
+    agent = _agent(api, tmp_path / "artifacts")
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "warmstart").write_text("not a directory")  # the checkpoint cannot be written
+    src_cid = "8d" * 32
+    with container(src_cid, "sleep 60 & wait"):
+        worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
+        agent.handle(_pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"}))
+        st = api.checkpoints["llama-8b"]["status"]
+        assert st["phase"] == "Failed" and st["reason"], st
+        assert api.events[-1].reason == "CheckpointFailed" and api.events[-1].type == "Warning"
+        assert procs.alive(worker)
