@@ -102,6 +102,18 @@ def wait_http(port: int, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing answers on port {port}")
 
 
+def get_when_up(port: int, timeout: float = 30) -> str:
+    """GET / once something answers on the port (in the calling thread's network namespace)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return http_get(port, timeout=2)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def copy_artifact(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, WARMSTART, cli, free_port, http_get, one_error_line, wait_http
+from conftest import COUNTER, WARMSTART, cli, free_port, get_when_up, http_get, one_error_line, wait_http
 from warmstart import procs
 from warmstart.engine import joinns
 
@@ -78,7 +78,7 @@ def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path,
             worker = kids[0] if kids else None
             time.sleep(0.05)
         assert worker and procs.nspid(worker)[-1] != worker  # nested: not the host's view
-        boot = joinns.in_network_of(worker, lambda: _get_when_up(port)).split()[1]
+        boot = joinns.in_network_of(worker, lambda: get_when_up(port)).split()[1]
         r = cli("checkpoint", "--pid", str(worker), "-o", str(tmp_path / "art"))
         assert r.returncode == 0, r.stderr
         r = cli("restore", str(tmp_path / "art"), "--into", str(placeholder), "--name", "moved", "--json")
@@ -88,17 +88,6 @@ def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path,
     finally:
         src.kill()
         src.wait()
-
-
-def _get_when_up(port: int) -> str:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return http_get(port, timeout=2)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_restore_into_a_process_that_is_no_namespace_init(need_criu, home: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import COUNTER, REPO, WARMSTART, free_port, http_get
+from conftest import COUNTER, REPO, WARMSTART, free_port, get_when_up, http_get
 from warmstart import procs
 from warmstart.k8s import containers, reconcile
 from warmstart.k8s.resources import CheckpointSpec, Storage, condition
@@ -270,17 +270,6 @@ def container(cid: str, script: str):
             pass  # holds other cgroups: not ours to remove
 
 
-def _get_when_up(port: int) -> str:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return http_get(port, timeout=2)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def _wait_for(fn, timeout: float = 10):
     deadline = time.monotonic() + timeout
     while True:
@@ -381,7 +370,7 @@ def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_c
     src_cid, dst_cid, bad_cid = "5a" * 32, "6b" * 32, "7c" * 32
     with container(src_cid, f"exec {ws} placeholder -- {sys.executable} {COUNTER} {port}"):
         worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
-        boot = joinns.in_network_of(worker, lambda: _get_when_up(port)).split()[1]
+        boot = joinns.in_network_of(worker, lambda: get_when_up(port)).split()[1]
         source = _pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"})
         agent.handle(source)
         ckpt = api.checkpoints["llama-8b"]
