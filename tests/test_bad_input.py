@@ -20,9 +20,12 @@ pytestmark = [pytest.mark.criu]
 
 
 def _holders() -> set[int]:
-    """Processes that could be replica inits: anything forked from a warmstart CLI that outlived it."""
+    """Processes that could be replica inits: anything forked from this test's warmstart CLI that outlived it
+    (other warmstart processes on the machine have another WARMSTART_HOME)."""
+    home = os.environ.get("WARMSTART_HOME")
     return {p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
-            if "warmstart" in " ".join(procs.cmdline(p)) and procs.alive(p)}
+            if "warmstart" in " ".join(procs.cmdline(p)) and procs.alive(p)
+            and procs.environ(p).get("WARMSTART_HOME") == home}
 
 
 @pytest.fixture()

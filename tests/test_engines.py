@@ -158,3 +158,22 @@ def _wait_health(port: int, timeout: float = 30) -> None:
 
 def test_procs_environ_reads_own_environment() -> None:
     assert procs.environ(os.getpid()).get("PATH") == os.environ.get("PATH")
+
+
+@pytest.mark.criu
+def test_checkpoint_stops_the_whole_source_tree(need_criu, home: Path, tmp_path: Path) -> None:
+    """A worker's helper process (here shm_pair's child) must not outlive the worker checkpointed away."""
+    port = free_port()
+    before = set(os.listdir("/dev/shm"))
+    try:
+        assert cli("run", "--name", "pair", "--", sys.executable, str(SHM_PAIR), str(port)).returncode == 0
+        wait_http(port)
+        from warmstart import registry
+
+        family = procs.tree(registry.get("pair").pid)
+        assert len(family) >= 2
+        assert cli("checkpoint", "pair", "-o", str(tmp_path / "art")).returncode == 0
+        assert not [p for p in family if procs.alive(p)]
+    finally:
+        for n in set(os.listdir("/dev/shm")) - before:
+            Path("/dev/shm", n).unlink(missing_ok=True)

@@ -129,3 +129,52 @@ def test_lock_timeout_on_a_busy_gpu_leaves_the_worker_running(need_criu, home: P
     while log.read_text().count("batch") <= seen and time.monotonic() < deadline:
         time.sleep(0.2)
     assert log.read_text().count("batch") > seen  # still computing
+
+
+def test_weights_from_the_gpu_weight_service(need_criu, home: Path, tmp_path: Path) -> None:
+    """Weights in the service's exportable GPU memory: not in the CUDA checkpoint, mapped again on restore."""
+    import subprocess
+
+    from warmstart import registry
+    from warmstart.reference import model
+    from warmstart.reference.model import ModelShape
+
+    model_dir = model.ensure(ModelShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                                        num_attention_heads=16, num_key_value_heads=4), "bfloat16", device="cuda")
+    wbytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    sock = tmp_path / "w.sock"
+    svc = subprocess.Popen([sys.executable, "-m", "warmstart", "weights", "serve", "--device", "cuda:0",
+                            "--socket", str(sock)])
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        common = ["--device", "cuda", "--kv-cache-mb", "256", "--model", str(model_dir)]
+        port = free_port()
+        r = cli("run", "--name", "plainw", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
+                "--port", str(port), *common)
+        assert r.returncode == 0, r.stderr
+        want = demo.complete(port)
+        assert cli("checkpoint", "plainw", "-o", str(tmp_path / "plain")).returncode == 0
+        plain_gpu = sum(g["memory_bytes"] for g in json.loads((tmp_path / "plain" / "manifest.json").read_text())["gpus"])
+
+        port = free_port()
+        r = cli("run", "--name", "sharedw", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
+                "--port", str(port), *common, "--weights-socket", str(sock))
+        assert r.returncode == 0, r.stderr
+        assert demo.complete(port) == want  # same weights, mapped from the service
+        r = cli("checkpoint", "sharedw", "-o", str(tmp_path / "art"))
+        assert r.returncode == 0, r.stderr
+        m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+        shared_gpu = sum(g["memory_bytes"] for g in m["gpus"])
+        assert m["worker"]["weights"][0]["device"] == "cuda:0"
+        assert shared_gpu < plain_gpu - 0.9 * wbytes, (plain_gpu, shared_gpu, wbytes)  # the weights stayed out
+        for name in ("r1", "r2"):  # restored twice: the service keeps the weights resident
+            r = cli("restore", str(tmp_path / "art"), "--name", name, "--json")
+            assert r.returncode == 0, r.stderr
+            assert demo.complete(json.loads(r.stdout)["replicas"][0]["port"]) == want
+            assert cli("stop", name).returncode == 0
+        assert registry.all_records() == []
+    finally:
+        svc.kill()
+        svc.wait()

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from warmstart.engine.steps import Progress, quiet
-from warmstart.errors import UsageError, WarmstartError
+from warmstart.errors import EnvironmentProblem, UsageError, WarmstartError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Checkpoint warm inference workers and restore them, many times, in seconds.")
@@ -137,6 +137,44 @@ def restore(
     for r in result.replicas:
         t.add_row(str(r.replica), r.name, str(r.port or "-"), str(r.pid), f"{r.criu_s:.3f}", f"{r.ready_s:.3f}")
     out.print(t)
+
+
+weights_app = typer.Typer(no_args_is_help=True, help="The weight service: weights resident, mapped by workers.")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("serve")
+def weights_serve(
+    socket_path: str = typer.Option("/run/warmstart/weights.sock", "--socket", help="Unix socket to serve on."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda:N: where the weights are kept."),
+) -> None:
+    """Run the weight service for this node (one per GPU; foreground)."""
+    from warmstart.weights import service
+
+    if device != "cpu" and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}", "use cpu or cuda:N")
+    service.serve(socket_path, device)
+
+
+@weights_app.command("status")
+def weights_status(
+    socket_path: str = typer.Option("/run/warmstart/weights.sock", "--socket", help="The service's socket."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """What a weight service holds."""
+    from warmstart.worker import weights
+
+    try:
+        answer, _ = weights.request(socket_path, {"op": "status"}, timeout_s=10)
+    except ConnectionError as e:
+        raise EnvironmentProblem(str(e).split(": start")[0], "start it with `warmstart weights serve`") from None
+    if json_out:
+        _emit(answer)
+        return
+    out.print(f"weight service on {socket_path} ({answer['device']}): {len(answer['sets'])} set(s)")
+    for ws in answer["sets"]:
+        out.print(f"  {ws['hash'][:16]}  {ws['bytes'] / 1e9:.2f} GB  loaded in {ws['load_s']:.2f} s  "
+                  f"served {ws['served']}x  {len(ws['files'])} file(s)")
 
 
 @app.command()

@@ -164,7 +164,17 @@ def listening_tcp_ports(root_pid: int) -> list[int]:
 
 
 def terminate(pid: int, started: int | None = None, grace_s: float = 5.0) -> bool:
-    """SIGTERM, then SIGKILL after grace_s. True if the process is gone."""
+    """SIGTERM the process, then SIGKILL it after grace_s, and every descendant it had that is still left
+    (a worker's helper processes must not outlive it). True if the process is gone."""
+    family = [(p, start_time(p)) for p in tree(pid)[1:]] if alive(pid, started) else []
+    gone = _signal_until_gone(pid, started, grace_s)
+    for child, child_started in family:
+        if alive(child, child_started):
+            _signal_until_gone(child, child_started, 0.5)
+    return gone
+
+
+def _signal_until_gone(pid: int, started: int | None, grace_s: float) -> bool:
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
         if not alive(pid, started):
             return True

@@ -35,6 +35,16 @@ class StepTiming(BaseModel):
     seconds: float
 
 
+class WeightsRef(BaseModel):
+    """Weights the worker maps from a weight service: not in the image; the restore asks the service for them."""
+
+    socket: str
+    files: list[str]
+    hash: str  # content hash: a restore gets exactly these weights or fails
+    bytes: int
+    device: str
+
+
 class WorkerIdentity(BaseModel):
     """The checkpointed worker, as the restore needs to recreate its surroundings."""
 
@@ -54,6 +64,7 @@ class WorkerIdentity(BaseModel):
     private_dirs: list[str] = Field(default_factory=list)  # each replica gets these empty and its own (unix sockets)
     kv_released: bool = False  # an engine adapter released the KV cache on quiesce; resume must take it back
     ids: list[int] = Field(default_factory=list)  # every pid and thread id the image restores (its namespace's view)
+    weights: list[WeightsRef] = Field(default_factory=list)
 
 
 class GpuState(BaseModel):

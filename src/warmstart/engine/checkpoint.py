@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
-from warmstart.artifact.manifest import SHM_DIR, CriuSettings, Manifest, WorkerIdentity
+from warmstart.artifact.manifest import SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
 from warmstart.engine import control, criu, gpu, joinns, shm
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
@@ -120,6 +120,7 @@ def checkpoint(
                     ack = control.wait_ack(control_dir, quiesced_seq, quiesce_timeout_s, pid, "quiesce")
                 identity.control_seq = quiesced_seq
                 identity.gpu_bytes_to_remap = int(ack.get("gpu_bytes_to_remap") or 0)
+                identity.weights = [WeightsRef(**w) for w in ack.get("weights") or []]
             elif adapter and identity.port:
                 with timer.step("quiesce", f"quiescing {adapter.name}"):
                     engine_paused = in_net(pid, lambda: adapter.quiesce(port, identity.command, bool(cuda_pids),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +58,32 @@ def _inner_port(m: Manifest) -> int | None:
     return m.worker.listen_ports[0] if m.worker.listen_ports else None
 
 
+def _prefetch_weights(m: Manifest) -> Future | None:
+    """Ask the weight services to load the worker's weights now, while CRIU restores the process."""
+    if not m.worker.weights:
+        return None
+    from warmstart.worker import weights
+
+    def load() -> None:
+        for ref in m.worker.weights:
+            weights.request(ref.socket, {"op": "prefetch", "files": ref.files, "hash": ref.hash})
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(load)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _weights_ready(future: Future | None, deadline: float) -> None:
+    if future is None:
+        return
+    try:
+        future.result(timeout=max(1.0, deadline - time.monotonic()))
+    except Exception as e:
+        raise WorkerError(f"the worker's weights are not available: {e}",
+                          "start `warmstart weights serve` with the same weight files, then restore again") from None
+
+
 def _wait_port(port: int, deadline: float) -> None:
     while time.monotonic() < deadline:
         try:
@@ -101,6 +127,7 @@ def restore(
     artifact = artifact.absolute()
     manifest, binary, gpu_map = _check_and_verify(artifact, gpu_device, replicas, verify_cache, progress)
     verify_s = time.monotonic() - t0
+    weights_loaded = _prefetch_weights(manifest)
     w = manifest.worker
     adapter = adapters.for_engine(w.engine) if not w.sdk else None
     inner = _inner_port(manifest)
@@ -160,6 +187,7 @@ def restore(
             registry.save(rec)
             if manifest.gpus:
                 gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]), gpu_map=gpu_map)
+            _weights_ready(weights_loaded, deadline)
             if w.sdk:
                 control.wait_ack(Path(rec.control_dir), w.control_seq + 1, max(1.0, deadline - time.monotonic()),
                                  wpid, "resume")
@@ -212,6 +240,7 @@ def restore_into(
     joinns.check_target(target)
     manifest, binary, gpu_map = _check_and_verify(artifact, gpu_device, 1, verify_cache, progress)
     verify_s = time.monotonic() - t0
+    weights_loaded = _prefetch_weights(manifest)
     w = manifest.worker
     adapter = adapters.for_engine(w.engine) if not w.sdk else None
     inner = _inner_port(manifest)
@@ -240,6 +269,7 @@ def restore_into(
         if manifest.gpus:
             gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]), gpu_map=gpu_map)
         left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+        _weights_ready(weights_loaded, deadline)
         if w.sdk and control_dir:
             control.wait_ack(control_dir, w.control_seq + 1, left(), wpid, "resume")
         elif adapter and inner:

@@ -1,6 +1,6 @@
 """The reference worker: OpenAI-compatible /v1/completions and /health over the reference model.
 
-    python -m warmstart.reference.server --port 8000 [--model DIR] [--kv-cache-mb 256]
+    python -m warmstart.reference.server --port 8000 [--model DIR] [--kv-cache-mb 256] [--weights-socket S]
 
 It decodes greedily with its KV cache in a preallocated pool, as real engines reserve one (on GPU: bf16,
 the pool a CUDA virtual-memory region, the decode step captured once as a CUDA graph). It takes part in
@@ -22,7 +22,8 @@ from warmstart.worker import ResumeSettings, attach
 
 
 class Engine:
-    def __init__(self, model_dir: str, kv_cache_mb: int, device: str, dtype: str, max_len: int, graph: bool) -> None:
+    def __init__(self, model_dir: str, kv_cache_mb: int, device: str, dtype: str, max_len: int, graph: bool,
+                 weights_socket: str | None = None) -> None:
         import torch
         from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -32,7 +33,11 @@ class Engine:
         self.device = device
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).to(device).eval()
+        self.weights = None
+        if weights_socket:
+            model = self._shared_model(model_dir, device, dtype, weights_socket)
+        else:
+            model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).to(device).eval()
         need = decode.cache_bytes(model.config, max_len, model.lm_head.weight.element_size())
         # The KV pool: engines size it from free memory; here --kv-cache-mb, at least one sequence's worth.
         nbytes = max(kv_cache_mb << 20, need)
@@ -49,6 +54,25 @@ class Engine:
         self.gate = threading.Lock()  # held by each request, and by the worker while quiesced
         self.replica: int | None = None
 
+    def _shared_model(self, model_dir: str, device: str, dtype: str, socket_path: str):  # -> LlamaForCausalLM
+        """The model with every parameter aliasing the weight service's memory: no load, no copy."""
+        import glob
+
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from warmstart.worker.weights import SharedWeights
+
+        torch = self.torch
+        self.weights = SharedWeights(socket_path, sorted(glob.glob(f"{model_dir}/*.safetensors")), device=device)
+        tensors = self.weights.tensors(torch)
+        wrong = {t.dtype for t in tensors.values()} - {getattr(torch, dtype)}
+        if wrong:
+            raise SystemExit(f"the weight files hold {sorted(map(str, wrong))}, not {dtype}: pass --dtype to match")
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)))
+        model.load_state_dict(tensors, strict=True, assign=True)
+        return model.eval()
+
     def complete(self, prompt: str, max_tokens: int) -> tuple[str, int, int]:
         ids = self.tokenizer(prompt).input_ids
         new = self.decoder.generate(ids, max_tokens)
@@ -59,8 +83,12 @@ class Engine:
         if self.region is not None:
             self.region.release()  # the KV pool leaves GPU memory, so the CUDA checkpoint does not copy it
             self.torch.cuda.empty_cache()  # and the allocator's idle blocks too
+        if self.weights is not None:
+            self.weights.release()  # the weights stay in the service: neither checkpoint carries them
 
     def resume(self, settings: ResumeSettings) -> None:
+        if self.weights is not None:
+            self.weights.restore()
         if self.region is not None:
             self.region.restore()
         if settings.restored:
@@ -127,13 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--max-len", type=int, default=256, help="longest sequence (prompt + completion)")
     ap.add_argument("--no-graph", action="store_true", help="do not capture the decode step as a CUDA graph")
+    ap.add_argument("--weights-socket", help="map the weights from this weight service instead of loading them")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.model is None:
         from warmstart.reference import model
 
         args.model = str(model.ensure())
-    engine = Engine(args.model, args.kv_cache_mb, args.device, dtype, args.max_len, not args.no_graph)
+    engine = Engine(args.model, args.kv_cache_mb, args.device, dtype, args.max_len, not args.no_graph,
+                    args.weights_socket)
     engine.complete("warm-up", 2)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(engine, "warmstart-reference"))
     server.daemon_threads = True

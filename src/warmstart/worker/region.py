@@ -15,6 +15,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from warmstart.worker import vmm
+
 _regions: "weakref.WeakSet[GpuRegion]" = weakref.WeakSet()
 
 
@@ -23,43 +25,21 @@ def released_bytes() -> int:
     return sum(r.nbytes for r in list(_regions) if not r.mapped)
 
 
-def _driver() -> Any:
-    from cuda.bindings import driver
-
-    return driver
-
-
-def _ok(result: Any, what: str) -> Any:
-    d = _driver()
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != d.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"{what} failed: {getattr(err, 'name', err)}")
-    return rest[0] if len(rest) == 1 else rest
-
-
 class GpuRegion:
     def __init__(self, nbytes: int, device: int = 0) -> None:
-        d = _driver()
-        _ok(d.cuInit(0), "cuInit")
+        d = vmm.driver()
         self.device = device
-        self._ctx = _ok(d.cuDevicePrimaryCtxRetain(_ok(d.cuDeviceGet(device), "cuDeviceGet")), "cuDevicePrimaryCtxRetain")
-        self._current()
-        prop = d.CUmemAllocationProp()
-        prop.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = device
-        self._prop = prop
-        gran = int(_ok(d.cuMemGetAllocationGranularity(
-            prop, d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED), "granularity"))
+        self._ctx = vmm.primary_context(device)
+        self._prop, gran = vmm.device_memory(device)
         self.nbytes = -(-nbytes // gran) * gran
-        self.ptr = int(_ok(d.cuMemAddressReserve(self.nbytes, gran, 0, 0), "cuMemAddressReserve"))
+        self.ptr = int(vmm.ok(d.cuMemAddressReserve(self.nbytes, gran, 0, 0), "cuMemAddressReserve"))
         self._handle: Any = None
         self.restore()
         _regions.add(self)
 
     def _current(self) -> None:
         # The SDK calls release/restore from its own thread, which has no current context yet.
-        _ok(_driver().cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        vmm.ok(vmm.driver().cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
 
     @property
     def mapped(self) -> bool:
@@ -69,17 +49,17 @@ class GpuRegion:
         """Back the reserved range with fresh device memory, zeroed (stale contents must not leak into use)."""
         if self.mapped:
             return
-        d = _driver()
+        d = vmm.driver()
         self._current()
-        handle = _ok(d.cuMemCreate(self.nbytes, self._prop, 0), "cuMemCreate (is the GPU out of memory?)")
+        handle = vmm.ok(d.cuMemCreate(self.nbytes, self._prop, 0), "cuMemCreate (is the GPU out of memory?)")
         try:
-            _ok(d.cuMemMap(self.ptr, self.nbytes, 0, handle, 0), "cuMemMap")
-            access = d.CUmemAccessDesc()
-            access.location = self._prop.location
-            access.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-            _ok(d.cuMemSetAccess(self.ptr, self.nbytes, [access], 1), "cuMemSetAccess")
-            _ok(d.cuMemsetD8(self.ptr, 0, self.nbytes), "cuMemsetD8")
-            _ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
+            vmm.map_rw(self.ptr, self.nbytes, handle, self._prop.location)
+        except BaseException:
+            d.cuMemRelease(handle)
+            raise
+        try:
+            vmm.ok(d.cuMemsetD8(self.ptr, 0, self.nbytes), "cuMemsetD8")
+            vmm.ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
         except BaseException:
             d.cuMemUnmap(self.ptr, self.nbytes)
             d.cuMemRelease(handle)
@@ -90,19 +70,13 @@ class GpuRegion:
         """Give the memory back to the driver; the address range stays reserved for restore()."""
         if not self.mapped:
             return
-        d = _driver()
+        d = vmm.driver()
         self._current()
-        _ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
-        _ok(d.cuMemUnmap(self.ptr, self.nbytes), "cuMemUnmap")
-        _ok(d.cuMemRelease(self._handle), "cuMemRelease")
+        vmm.ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
+        vmm.ok(d.cuMemUnmap(self.ptr, self.nbytes), "cuMemUnmap")
+        vmm.ok(d.cuMemRelease(self._handle), "cuMemRelease")
         self._handle = None
 
     def tensor(self, torch: Any) -> Any:
         """A torch uint8 tensor over the region (no copy); valid whenever the region is mapped."""
-        region = self
-
-        class _Cai:
-            __cuda_array_interface__ = {"shape": (region.nbytes,), "typestr": "|u1", "data": (region.ptr, False),
-                                        "version": 3, "strides": None, "stream": None}
-
-        return torch.as_tensor(_Cai(), device=f"cuda:{self.device}")
+        return vmm.uint8_tensor(torch, self.ptr, self.nbytes, self.device)

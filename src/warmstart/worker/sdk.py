@@ -67,8 +67,12 @@ class Controller:
         if op == p.QUIESCE and not error:
             from warmstart.worker import region  # no CUDA import: it only sums what its regions released
 
+            from warmstart.worker import weights
+
             # The restore must find room for this again on the target GPU, on top of the checkpointed memory.
             ack["gpu_bytes_to_remap"] = region.released_bytes()
+            # Weights mapped from a weight service: the restore asks the service for them (by content hash).
+            ack["weights"] = weights.held()
         p.write_json(self.dir / p.ACK, ack)
 
     def _handle(self, req: dict) -> None:

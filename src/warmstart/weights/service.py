@@ -1,0 +1,200 @@
+"""`warmstart weights serve`: keeps model weights resident and hands them to local workers.
+
+    worker ──unix socket──► {"op": "get", "files": [...], "hash": H?}
+           ◄─────────────── {"ok": true, "hash": H, "layout": {...}, "device": "cpu"|"cuda:N"} + one fd (SCM_RIGHTS)
+
+A weight set is a list of safetensors files, identified by the SHA-256 of their contents (headers, then the
+SHA-256 of each 64 MiB piece of their data, in order): workers asking for the same files share one copy,
+and a restore that names a hash gets exactly those weights or an error. Loading reads on several threads
+straight into the shared memory (CPU) or through pinned buffers to the GPU, hashing as it reads. Other ops:
+"prefetch" (load, no fd: a restore starts the load while CRIU runs) and "status".
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import json
+import os
+import socket
+import socketserver
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warmstart.weights import backing
+from warmstart.weights.layout import Layout, plan
+
+DEFAULT_SOCKET = "/run/warmstart/weights.sock"
+THREADS = 8
+
+
+@dataclass
+class WeightSet:
+    key: tuple  # (path, size, mtime_ns) of each file
+    layout: Layout
+    memory: Any  # CpuBacking | CudaBacking
+    hash: str
+    load_s: float
+    served: int = 0
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def _file_key(paths: list[Path]) -> tuple:
+    out = []
+    for p in sorted(paths, key=lambda p: p.name):
+        st = p.stat()
+        out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class Store:
+    """The loaded weight sets, by their files; one load at a time per set, any number of readers."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.sets: dict[tuple, WeightSet] = {}
+        self._lock = threading.Lock()
+        self._staging: list[Any] = []
+
+    def get(self, files: list[str]) -> WeightSet:
+        paths = [Path(f) for f in files]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"weight file not found: {missing[0]}")
+        key = _file_key(paths)
+        with self._lock:
+            ws = self.sets.get(key)
+            owner = ws is None
+            if owner:
+                ws = WeightSet(key, plan(paths), None, "", 0.0)
+                self.sets[key] = ws
+        if owner:
+            try:
+                self._load(ws)
+            except BaseException:
+                with self._lock:
+                    del self.sets[key]
+                ws.ready.set()
+                raise
+            ws.ready.set()
+        ws.ready.wait()
+        if ws.memory is None:
+            raise RuntimeError("loading the weights failed (see the service's log)")
+        return ws
+
+    def _memory(self, size: int, name: str) -> Any:
+        if self.device == "cpu":
+            return backing.CpuBacking(size, name)
+        return backing.CudaBacking(size, name, int(self.device.split(":")[1]))
+
+    def _load(self, ws: WeightSet) -> None:
+        t0 = time.monotonic()
+        mem = self._memory(ws.layout.size, Path(ws.layout.files[0].path).parent.name)
+        tasks = []  # (file index, piece index, file offset, blob offset, n)
+        for i, f in enumerate(ws.layout.files):
+            for j, off in enumerate(range(0, f.size, backing.CHUNK)):
+                tasks.append((i, j, f.data_start + off, f.offset + off, min(backing.CHUNK, f.size - off)))
+        fds = [os.open(f.path, os.O_RDONLY) for f in ws.layout.files]
+        gpu = self.device != "cpu"
+        if gpu and not self._staging:
+            self._staging = [mem.staging() for _ in range(THREADS)]
+        local = threading.local()
+        counter = iter(range(THREADS))
+        counter_lock = threading.Lock()
+
+        def piece(t: tuple) -> tuple[int, int, bytes]:
+            i, j, foff, boff, n = t
+            if gpu:
+                if not hasattr(local, "buf"):
+                    with counter_lock:
+                        local.buf = self._staging[next(counter)]
+                data = mem.load_pinned(fds[i], foff, boff, n, local.buf)
+            else:
+                data = mem.load(fds[i], foff, boff, n)
+            return i, j, hashlib.sha256(data).digest()
+
+        try:
+            with ThreadPoolExecutor(max_workers=THREADS) as pool:
+                digests = sorted(pool.map(piece, tasks))
+        except BaseException:
+            mem.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        h = hashlib.sha256()
+        for i, f in enumerate(ws.layout.files):
+            with open(f.path, "rb") as fh:
+                h.update(fh.read(f.data_start))  # the header: names, dtypes, shapes
+            for fi, _, d in digests:
+                if fi == i:
+                    h.update(d)
+        ws.memory, ws.hash, ws.load_s = mem, h.hexdigest(), time.monotonic() - t0
+        print(f"warmstart weights: loaded {ws.layout.size / 1e9:.2f} GB ({len(ws.layout.files)} files, "
+              f"{ws.hash[:12]}) to {mem.device} in {ws.load_s:.2f} s "
+              f"({ws.layout.size / max(ws.load_s, 1e-9) / 1e9:.1f} GB/s)", flush=True)
+
+
+def _answer(store: Store, req: dict) -> tuple[dict, int | None]:
+    op = req.get("op")
+    if op == "status":
+        return {"ok": True, "device": store.device, "sets": [
+            {"hash": ws.hash, "files": [k[0] for k in ws.key], "bytes": ws.layout.size, "load_s": round(ws.load_s, 3),
+             "served": ws.served} for ws in list(store.sets.values()) if ws.memory is not None]}, None
+    if op not in ("get", "prefetch"):
+        return {"ok": False, "error": f"unknown op {op!r}"}, None
+    ws = store.get(list(req.get("files") or []))
+    want = req.get("hash")
+    if want and want != ws.hash:
+        return {"ok": False, "error": f"weight hash mismatch: the files now hash to {ws.hash[:16]}, "
+                                      f"the worker was checkpointed with {want[:16]}"}, None
+    if op == "prefetch":
+        return {"ok": True, "hash": ws.hash, "load_s": ws.load_s}, None
+    ws.served += 1
+    return {"ok": True, "hash": ws.hash, "device": ws.memory.device, "layout": ws.layout.to_json()}, \
+        ws.memory.export_fd()
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        store: Store = self.server.store  # type: ignore[attr-defined]
+        for line in self.rfile:
+            try:
+                answer, fd = _answer(store, json.loads(line))
+            except Exception as e:  # one bad request must not take the service down for the others
+                answer, fd = {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
+            data = (json.dumps(answer) + "\n").encode()
+            if fd is None:
+                self.connection.sendall(data)
+            else:
+                try:
+                    self.connection.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                finally:
+                    os.close(fd)
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve(socket_path: str, device: str) -> None:
+    path = Path(socket_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+            raise SystemExit(f"a weight service already listens on {path}")
+        except ConnectionRefusedError:
+            path.unlink()  # a stale socket of a service that died
+        finally:
+            probe.close()
+    server = _Server(str(path), _Handler)
+    server.store = Store(device)  # type: ignore[attr-defined]
+    os.chmod(path, 0o600)
+    print(f"warmstart weights: serving on {path} ({device})", flush=True)
+    server.serve_forever()
