@@ -2,7 +2,7 @@
 # On the GPU machine (no network, no apt), with the CRIU and wheels carried from the dev machine:
 #   bench/gpu.sh tests          GPU tests + the end-to-end suite
 #   bench/gpu.sh bench 1b [8b]  bench/gpu.py for those shapes; table and JSON under $OUT
-#   bench/gpu.sh weights 8b     bench/weights_gpu.py (the weight service) for that shape
+#   bench/gpu.sh weights 8b     the weight service's GPU test, then bench/weights_gpu.py for that shape
 # Carry: .deps/criu-bundle (criu + its shared libraries) and .whl (pydantic for the machine's python);
 # docs/benchmarks.md says how to make both.
 set -uo pipefail
@@ -22,7 +22,8 @@ mode=${1:-tests}; shift || true
   case "$mode" in
     tests) python3 -m pytest tests/test_gpu.py tests/test_gpu_logic.py tests/test_e2e.py -q -s -p no:cacheprovider 2>&1 ;;
     bench) python3 bench/gpu.py $(printf -- '--shape %s ' "$@") --out "$out" 2>&1 ;;
-    weights) python3 bench/weights_gpu.py --shape "${1:-8b}" --out "$out" 2>&1 ;;
+    weights) python3 -m pytest tests/test_gpu.py -k weights -q -s -p no:cacheprovider 2>&1
+             python3 bench/weights_gpu.py --shape "${1:-8b}" --out "$out" 2>&1 ;;
     *) echo "usage: bench/gpu.sh tests | bench SHAPE... | weights SHAPE" ;;
   esac
 } | tee "$out/gpu-$mode.log"

@@ -71,6 +71,8 @@ def request(socket_path: str, req: dict, timeout_s: float = 600) -> tuple[dict, 
 
 class SharedWeights:
     def __init__(self, socket_path: str, files: list[str], device: str = "cpu") -> None:
+        if device == "cuda":
+            device = "cuda:0"
         self.socket_path, self.files, self.device = socket_path, [os.path.abspath(f) for f in files], device
         answer, fd = request(socket_path, {"op": "get", "files": self.files})
         self.hash: str = answer["hash"]
