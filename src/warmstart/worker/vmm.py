@@ -42,6 +42,15 @@ def device_memory(device: int, exportable: bool = False) -> tuple[Any, int]:
     return prop, gran
 
 
+def device_location(device: int) -> Any:
+    """A CUmemLocation of its own (one read off an allocation-properties struct dies with that struct)."""
+    d = driver()
+    loc = d.CUmemLocation()
+    loc.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    loc.id = device
+    return loc
+
+
 def map_rw(ptr: int, size: int, handle: Any, location: Any) -> None:
     """Map handle at ptr and make it readable and writable from the device; undo the map on failure."""
     d = driver()

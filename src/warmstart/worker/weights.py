@@ -158,8 +158,8 @@ class SharedWeights:
         d = vmm.driver()
         self._index = int(self.device.split(":")[1])
         self._ctx = vmm.primary_context(self._index)
-        prop, gran = vmm.device_memory(self._index)
-        self._location = prop.location
+        _, gran = vmm.device_memory(self._index)
+        self._location = vmm.device_location(self._index)
         self.size = -(-self.size // gran) * gran
         self.ptr = int(vmm.ok(d.cuMemAddressReserve(self.size, gran, 0, 0), "cuMemAddressReserve"))
 
