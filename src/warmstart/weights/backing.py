@@ -84,6 +84,29 @@ class CudaBacking:
         self._ok(d.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
         return view[:n]
 
+    def copy_into(self, fd: int, size: int) -> None:
+        """Copy the weights into another process's exported GPU memory (a worker that cannot import ours)."""
+        d = self._d
+        self._current()
+        handle = self._ok(d.cuMemImportFromShareableHandle(
+            fd, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR), "import the worker's memory")
+        try:
+            if size != self.size:
+                raise ValueError(f"the worker's memory is {size} bytes, the weights take {self.size}")
+            from warmstart.worker import vmm
+
+            _, gran = vmm.device_memory(int(self.device.split(":")[1]))
+            dst = int(self._ok(d.cuMemAddressReserve(size, gran, 0, 0), "cuMemAddressReserve"))
+            try:
+                vmm.map_rw(dst, size, handle, vmm.device_location(int(self.device.split(":")[1])))
+                self._ok(d.cuMemcpyDtoDAsync(dst, self.ptr, size, self._stream), "cuMemcpyDtoDAsync")
+                self._ok(d.cuStreamSynchronize(self._stream), "cuStreamSynchronize")
+                d.cuMemUnmap(dst, size)
+            finally:
+                d.cuMemAddressFree(dst, size)
+        finally:
+            d.cuMemRelease(handle)
+
     def export_fd(self) -> int:
         d = self._d
         self._current()

@@ -7,7 +7,9 @@ A weight set is a list of safetensors files, identified by the SHA-256 of their 
 SHA-256 of each 64 MiB piece of their data, in order): workers asking for the same files share one copy,
 and a restore that names a hash gets exactly those weights or an error. Loading reads on several threads
 straight into the shared memory (CPU) or through pinned buffers to the GPU, hashing as it reads. Other ops:
-"prefetch" (load, no fd: a restore starts the load while CRIU runs) and "status".
+"prefetch" (load, no fd: a restore starts the load while CRIU runs), "copy" (GPU: copy the weights into
+memory the worker exported and sent with the request: a process restored by CRIU cannot import memory
+exported by another process, CUDA_ERROR_OPERATING_SYSTEM on driver 580, but can export its own) and "status".
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class WeightSet:
     hash: str
     load_s: float
     served: int = 0
+    copies: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
 
 
@@ -139,13 +142,13 @@ class Store:
               f"({ws.layout.size / max(ws.load_s, 1e-9) / 1e9:.1f} GB/s)", flush=True)
 
 
-def _answer(store: Store, req: dict) -> tuple[dict, int | None]:
+def _answer(store: Store, req: dict, fds: list[int]) -> tuple[dict, int | None]:
     op = req.get("op")
     if op == "status":
         return {"ok": True, "device": store.device, "sets": [
             {"hash": ws.hash, "files": [k[0] for k in ws.key], "bytes": ws.layout.size, "load_s": round(ws.load_s, 3),
-             "served": ws.served} for ws in list(store.sets.values()) if ws.memory is not None]}, None
-    if op not in ("get", "prefetch"):
+             "served": ws.served, "copies": ws.copies} for ws in list(store.sets.values()) if ws.memory is not None]}, None
+    if op not in ("get", "prefetch", "copy"):
         return {"ok": False, "error": f"unknown op {op!r}"}, None
     ws = store.get(list(req.get("files") or []))
     want = req.get("hash")
@@ -154,25 +157,52 @@ def _answer(store: Store, req: dict) -> tuple[dict, int | None]:
                                       f"the worker was checkpointed with {want[:16]}"}, None
     if op == "prefetch":
         return {"ok": True, "hash": ws.hash, "load_s": ws.load_s}, None
+    if op == "copy":  # into the worker's own memory (its fd came with the request)
+        if not fds or ws.memory.device == "cpu":
+            return {"ok": False, "error": "copy needs GPU weights and the worker's memory descriptor"}, None
+        t0 = time.monotonic()
+        ws.memory.copy_into(fds[0], int(req["size"]))
+        ws.copies += 1
+        return {"ok": True, "hash": ws.hash, "copy_s": round(time.monotonic() - t0, 4)}, None
     ws.served += 1
     return {"ok": True, "hash": ws.hash, "device": ws.memory.device, "layout": ws.layout.to_json()}, \
         ws.memory.export_fd()
 
 
-class _Handler(socketserver.StreamRequestHandler):
+def _requests(conn: socket.socket):
+    """Each request line on the connection, with the descriptors that came with it."""
+    buf, fds = b"", []
+    while True:
+        data, anc, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 4))
+        if not data:
+            return
+        buf += data
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line, fds
+            fds = []
+
+
+class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         store: Store = self.server.store  # type: ignore[attr-defined]
-        for line in self.rfile:
+        for line, fds in _requests(self.request):
             try:
-                answer, fd = _answer(store, json.loads(line))
+                answer, fd = _answer(store, json.loads(line), fds)
             except Exception as e:  # one bad request must not take the service down for the others
                 answer, fd = {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
+            finally:
+                for f in fds:
+                    os.close(f)
             data = (json.dumps(answer) + "\n").encode()
             if fd is None:
-                self.connection.sendall(data)
+                self.request.sendall(data)
             else:
                 try:
-                    self.connection.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                    self.request.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
                 finally:
                     os.close(fd)
 

@@ -39,7 +39,7 @@ def held() -> list[dict]:
     return [w.ref() for w in list(_all)]
 
 
-def request(socket_path: str, req: dict, timeout_s: float = 600) -> tuple[dict, int | None]:
+def request(socket_path: str, req: dict, timeout_s: float = 600, send_fd: int | None = None) -> tuple[dict, int | None]:
     """One request to the service: (its answer, the descriptor it sent or None). Raises on an error answer."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout_s)
@@ -49,7 +49,11 @@ def request(socket_path: str, req: dict, timeout_s: float = 600) -> tuple[dict, 
         except OSError as e:
             raise ConnectionError(f"cannot reach the weight service at {socket_path} ({e.strerror}): "
                                   "start it with `warmstart weights serve`") from None
-        s.sendall((json.dumps(req) + "\n").encode())
+        data = (json.dumps(req) + "\n").encode()
+        if send_fd is None:
+            s.sendall(data)
+        else:
+            s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [send_fd]))])
         buf, fds = b"", []
         while not buf.endswith(b"\n"):
             data, anc, _, _ = s.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
@@ -81,6 +85,8 @@ class SharedWeights:
             raise RuntimeError(f"the weight service holds weights on {answer['device']}, this worker runs on {device}")
         self.size = self.layout.size
         self._mapped = False
+        self._shared = True
+        self.private_copy = False
         if device == "cpu":
             addr = _libc.mmap(None, self.size, _PROT_NONE,
                               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
@@ -127,7 +133,16 @@ class SharedWeights:
         if self._mapped:
             return
         _, fd = request(self.socket_path, {"op": "get", "files": self.files, "hash": self.hash})
-        self._map(fd)
+        try:
+            self._map(fd)
+        except RuntimeError as e:
+            if self.device == "cpu" or "cuMemImportFromShareableHandle" not in str(e):
+                raise
+            # A process restored by CRIU cannot import another process's GPU memory (driver 580), but it can
+            # export its own: take a private copy, made by the service on the GPU.
+            self._gpu_own_copy()
+            self._mapped = True
+        self.private_copy = not self._shared
 
     # ---- mapping ----
 
@@ -174,6 +189,28 @@ class SharedWeights:
             d.cuMemRelease(handle)
             raise
         self._handle = handle
+        self._shared = True
+
+    def _gpu_own_copy(self) -> None:
+        d = vmm.driver()
+        vmm.ok(d.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        prop, _ = vmm.device_memory(self._index, exportable=True)
+        handle = vmm.ok(d.cuMemCreate(self.size, prop, 0), "cuMemCreate (is the GPU out of memory?)")
+        try:
+            vmm.map_rw(self.ptr, self.size, handle, self._location)
+            fd = vmm.ok(d.cuMemExportToShareableHandle(
+                handle, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0), "export")
+            try:
+                request(self.socket_path, {"op": "copy", "files": self.files, "hash": self.hash, "size": self.size},
+                        send_fd=int(fd))
+            finally:
+                os.close(int(fd))
+        except BaseException:
+            d.cuMemUnmap(self.ptr, self.size)
+            d.cuMemRelease(handle)
+            raise
+        self._handle = handle
+        self._shared = False
 
     def _gpu_unmap(self) -> None:
         # Imported memory must be unmapped before a CUDA checkpoint: restoring a process that still maps
