@@ -31,7 +31,7 @@ from warmstart.weights import backing
 from warmstart.weights.layout import Layout, plan
 
 DEFAULT_SOCKET = "/run/warmstart/weights.sock"
-THREADS = 8
+THREADS = min(32, os.cpu_count() or 8)  # reading and hashing both run on these threads
 
 
 @dataclass
