@@ -120,7 +120,8 @@ ensure_venv() {
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     say "installing warmstart into $venv (first run: a few minutes)"
     # torch==2.13.0 (CPU) is pinned so pip takes the wheel this machine image ships rather than a CUDA build.
-    "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[reference,test,k8s]"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[reference,test,k8s]" 2>&1 \
+        | { grep -v '^WARNING: Location' || true; }
     echo "$want" >"$stamp"
 }
 

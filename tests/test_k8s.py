@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -400,19 +401,39 @@ def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_c
             assert not procs.children(containers.init_pid(f"containerd://{bad_cid}"))  # left clean
         assert api.events[-1].type == "Warning" and api.events[-1].reason == "RestoreFailed"
 
+        # The artifact gone from the volume: refused with the reason, the placeholder left clean.
+        shutil.rmtree(tmp_path / "artifacts" / ckpt["status"]["artifact"])
+        gone = _pod("target-pod", bad_cid, **{"warmstart.dev/engine": "plain"})
+        gone["metadata"]["name"] = "no-artifact"
+        with container(bad_cid, f"exec {ws} placeholder"):
+            agent.handle(gone)
+            cond = api.pod_conditions["no-artifact"][-1]
+            assert cond["status"] == "False" and "artifact" in cond["message"], cond
+            assert not procs.children(containers.init_pid(f"containerd://{bad_cid}"))
+
 
 @pytest.mark.criu
-def test_agent_marks_a_failed_checkpoint_and_leaves_the_source_serving(need_criu, home: Path,
-                                                                       tmp_path: Path) -> None:
-    api = MemoryApi({})
-    agent = _agent(api, tmp_path / "artifacts")
-    (tmp_path / "artifacts").mkdir()
-    (tmp_path / "artifacts" / "warmstart").write_text("not a directory")  # the checkpoint cannot be written
-    src_cid = "8d" * 32
-    with container(src_cid, "sleep 60 & wait"):
-        worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
-        agent.handle(_pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"}))
-        st = api.checkpoints["llama-8b"]["status"]
-        assert st["phase"] == "Failed" and st["reason"], st
-        assert api.events[-1].reason == "CheckpointFailed" and api.events[-1].type == "Warning"
-        assert procs.alive(worker)
+def test_agent_marks_a_checkpoint_on_a_full_volume_failed_and_leaves_the_source_serving(
+        need_criu, home: Path, tmp_path: Path) -> None:
+    vol = tmp_path / "artifacts"
+    vol.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(vol)], check=True)  # a full volume
+    try:
+        api = MemoryApi({})
+        agent = _agent(api, vol)
+        src_cid = "8d" * 32
+        port = free_port()
+        with container(src_cid, f"exec {' '.join(WARMSTART)} placeholder -- {sys.executable} {COUNTER} {port}"):
+            worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
+            from warmstart.engine import joinns
+
+            before = joinns.in_network_of(worker, lambda: get_when_up(port)).split()
+            agent.handle(_pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"}))
+            st = api.checkpoints["llama-8b"]["status"]
+            assert st["phase"] == "Failed" and st["reason"], st
+            assert api.events[-1].reason == "CheckpointFailed" and api.events[-1].type == "Warning"
+            after = joinns.in_network_of(worker, lambda: http_get(port)).split()
+            assert after[1] == before[1] and int(after[0]) > int(before[0])  # the source kept serving
+            assert not [p for p in vol.rglob("*") if p.is_file()]  # nothing half-written left
+    finally:
+        subprocess.run(["umount", str(vol)], check=False)

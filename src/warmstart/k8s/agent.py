@@ -139,13 +139,16 @@ class Agent:
         try:
             target = containers.init_pid(a.container_id)
             name = f"{a.namespace}.{pod['metadata']['name']}"[:63].rstrip(".-_")
-            pipeline.restore_into(self.artifacts / a.artifact, target, name=name)
+            res = pipeline.restore_into(self.artifacts / a.artifact, target, name=name)
         except (WarmstartError, OSError) as e:
             self.refuse(pod, e.line() if isinstance(e, WarmstartError) else str(e))
             return
         seconds = time.monotonic() - t0
         OPS.labels("restore", "ok").inc()
         SECONDS.labels("restore").observe(seconds)
+        rep = res.replicas[0]
+        for step, s in (("verify", res.verify_s), ("criu_restore", rep.criu_s), ("ready", rep.ready_s)):
+            STEP_SECONDS.labels("restore", step).observe(s)
         self.pod_condition(pod, True, "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
         self.event(pod, "Pod", "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
 

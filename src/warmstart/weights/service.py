@@ -54,11 +54,25 @@ def _file_key(paths: list[Path]) -> tuple:
     return tuple(out)
 
 
-class Store:
-    """The loaded weight sets, by their files; one load at a time per set, any number of readers."""
+def _stamps(paths: list[Path]) -> str:
+    """Size, mtime, ctime and inode of each file: any write changes ctime, which user space cannot set back."""
+    out = []
+    for p in sorted(paths, key=lambda p: p.name):
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+    return json.dumps(out)
 
-    def __init__(self, device: str) -> None:
+
+class Store:
+    """The loaded weight sets, by their files; one load at a time per set, any number of readers.
+
+    Content hashes are remembered by the files' stamps (hash_cache), so a restarted service loads known
+    files at read speed instead of hashing them again.
+    """
+
+    def __init__(self, device: str, hash_cache: Path | None = None) -> None:
         self.device = device
+        self.hash_cache = hash_cache
         self.sets: dict[tuple, WeightSet] = {}
         self._lock = threading.Lock()
         self._staging: list[Any] = []
@@ -94,8 +108,28 @@ class Store:
             return backing.CpuBacking(size, name)
         return backing.CudaBacking(size, name, int(self.device.split(":")[1]))
 
+    def _known_hash(self, stamps: str) -> str | None:
+        try:
+            return json.loads(self.hash_cache.read_text()).get(stamps) if self.hash_cache else None
+        except (OSError, ValueError):
+            return None
+
+    def _remember_hash(self, stamps: str, digest: str) -> None:
+        if not self.hash_cache:
+            return
+        try:
+            known = json.loads(self.hash_cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known[stamps] = digest
+        tmp = self.hash_cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, self.hash_cache)
+
     def _load(self, ws: WeightSet) -> None:
         t0 = time.monotonic()
+        stamps = _stamps([Path(f.path) for f in ws.layout.files])
+        known = self._known_hash(stamps)
         mem = self._memory(ws.layout.size, Path(ws.layout.files[0].path).parent.name)
         tasks = []  # (file index, piece index, file offset, blob offset, n)
         for i, f in enumerate(ws.layout.files):
@@ -118,7 +152,7 @@ class Store:
                 data = mem.load_pinned(fds[i], foff, boff, n, local.buf)
             else:
                 data = mem.load(fds[i], foff, boff, n)
-            return i, j, hashlib.sha256(data).digest()
+            return i, j, b"" if known else hashlib.sha256(data).digest()
 
         try:
             with ThreadPoolExecutor(max_workers=THREADS) as pool:
@@ -129,14 +163,18 @@ class Store:
         finally:
             for fd in fds:
                 os.close(fd)
-        h = hashlib.sha256()
-        for i, f in enumerate(ws.layout.files):
-            with open(f.path, "rb") as fh:
-                h.update(fh.read(f.data_start))  # the header: names, dtypes, shapes
-            for fi, _, d in digests:
-                if fi == i:
-                    h.update(d)
-        ws.memory, ws.hash, ws.load_s = mem, h.hexdigest(), time.monotonic() - t0
+        if known is None:
+            h = hashlib.sha256()
+            for i, f in enumerate(ws.layout.files):
+                with open(f.path, "rb") as fh:
+                    h.update(fh.read(f.data_start))  # the header: names, dtypes, shapes
+                for fi, _, d in digests:
+                    if fi == i:
+                        h.update(d)
+            known = h.hexdigest()
+            if _stamps([Path(f.path) for f in ws.layout.files]) == stamps:  # unchanged while we read it
+                self._remember_hash(stamps, known)
+        ws.memory, ws.hash, ws.load_s = mem, known, time.monotonic() - t0
         print(f"warmstart weights: loaded {ws.layout.size / 1e9:.2f} GB ({len(ws.layout.files)} files, "
               f"{ws.hash[:12]}) to {mem.device} in {ws.load_s:.2f} s "
               f"({ws.layout.size / max(ws.load_s, 1e-9) / 1e9:.1f} GB/s)", flush=True)
@@ -224,7 +262,7 @@ def serve(socket_path: str, device: str) -> None:
         finally:
             probe.close()
     server = _Server(str(path), _Handler)
-    server.store = Store(device)  # type: ignore[attr-defined]
+    server.store = Store(device, path.with_name(path.name + ".hashes.json"))  # type: ignore[attr-defined]
     os.chmod(path, 0o600)
     print(f"warmstart weights: serving on {path} ({device})", flush=True)
     server.serve_forever()
