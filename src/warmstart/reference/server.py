@@ -5,8 +5,8 @@
 It decodes greedily with its KV cache in a preallocated pool, as real engines reserve one (on GPU: bf16,
 the pool a CUDA virtual-memory region, the decode step captured once as a CUDA graph). It takes part in
 warmstart's quiesce/resume protocol: in-flight requests finish before it acknowledges a quiesce, new ones
-wait until it resumes, and on GPU the pool's memory is released while quiesced and mapped again (same
-address, so the graph stays valid) on resume.
+wait until it resumes, and the pool's memory is released while quiesced (GPU: unmapped and mapped again at
+the same address, so the graph stays valid; CPU: its pages dropped), so the KV cache is not in the image.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Engine:
             pool = self.region.tensor(torch)
         else:
             pool = torch.zeros(nbytes, dtype=torch.uint8)
+        self.cpu_pool = pool if self.region is None else None
         self.kv_cache_bytes = nbytes
         self.decoder = decode.Decoder(model, pool, max_len, use_graph=graph and self.region is not None)
         self.gate = threading.Lock()  # held by each request, and by the worker while quiesced
@@ -83,6 +84,8 @@ class Engine:
         if self.region is not None:
             self.region.release()  # the KV pool leaves GPU memory, so the CUDA checkpoint does not copy it
             self.torch.cuda.empty_cache()  # and the allocator's idle blocks too
+        if self.cpu_pool is not None:
+            _discard(self.cpu_pool)  # on CPU too: the pages go, so CRIU does not dump the KV cache
         if self.weights is not None:
             self.weights.release()  # the weights stay in the service: neither checkpoint carries them
 
@@ -94,6 +97,20 @@ class Engine:
         if settings.restored:
             self.replica = settings.replica
         self.gate.release()
+
+
+def _discard(t) -> None:  # t: a contiguous CPU torch tensor
+    """Drop a CPU buffer's pages (MADV_DONTNEED): it reads as zeros afterwards, as a released GPU region does."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) on the KV pool failed")
 
 
 def make_handler(engine: Engine, model_name: str) -> type[BaseHTTPRequestHandler]:
