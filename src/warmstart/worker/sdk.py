@@ -69,10 +69,13 @@ class Controller:
 
             from warmstart.worker import weights
 
-            # The restore must find room for this again on the target GPU, on top of the checkpointed memory.
-            ack["gpu_bytes_to_remap"] = region.released_bytes()
             # Weights mapped from a weight service: the restore asks the service for them (by content hash).
-            ack["weights"] = weights.held()
+            held = weights.held()
+            # The restore must find room for this again on the target GPU, on top of the checkpointed memory:
+            # released regions, and GPU weights (a restored worker holds a private copy of them).
+            ack["gpu_bytes_to_remap"] = region.released_bytes() + sum(
+                w["bytes"] for w in held if w["device"].startswith("cuda"))
+            ack["weights"] = held
         p.write_json(self.dir / p.ACK, ack)
 
     def _handle(self, req: dict) -> None:
