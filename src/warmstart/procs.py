@@ -51,15 +51,19 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def nspid(pid: int) -> list[int]:
-    """The pid as each pid namespace sees it, outermost first (one entry when not nested); [] if gone."""
+def _nspid_in(status: Path) -> list[int]:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in status.read_text().splitlines():
             if line.startswith("NSpid:"):
                 return [int(x) for x in line.split()[1:]]
     except (FileNotFoundError, ProcessLookupError):
         pass
     return []
+
+
+def nspid(pid: int) -> list[int]:
+    """The pid as each pid namespace sees it, outermost first (one entry when not nested); [] if gone."""
+    return _nspid_in(Path(f"/proc/{pid}/status"))
 
 
 def inner_ids(pids: list[int]) -> list[int]:
@@ -71,20 +75,10 @@ def inner_ids(pids: list[int]) -> list[int]:
         except FileNotFoundError:
             continue
         for tid in tids:
-            ids = _task_nspid(pid, int(tid))
+            ids = _nspid_in(Path(f"/proc/{pid}/task/{tid}/status"))
             if ids:
                 out.add(ids[-1])
     return sorted(out)
-
-
-def _task_nspid(pid: int, tid: int) -> list[int]:
-    try:
-        for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-            if line.startswith("NSpid:"):
-                return [int(x) for x in line.split()[1:]]
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return []
 
 
 def environ(pid: int) -> dict[str, str]:

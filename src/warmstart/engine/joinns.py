@@ -23,7 +23,7 @@ from typing import Callable, TypeVar
 from warmstart import procs
 from warmstart.engine import criu, shm
 from warmstart.engine.criu import Criu
-from warmstart.engine.sandbox import detach_fds, libc_check, mount, read_msg, send_msg
+from warmstart.engine.sandbox import detach_fds, libc_check, mount, read_msg, send_error, send_msg
 from warmstart.errors import StepFailed, UsageError, WarmstartError
 
 _CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
@@ -96,16 +96,12 @@ def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pid
             _, status = os.waitpid(runner, 0)
             code = os.waitstatus_to_exitcode(status)
         except BaseException as e:
-            try:
-                send_msg(w, {"event": "error", "problem": f"cannot enter the namespaces of {target}: {e}",
-                             "fix": "run as root; the target must still be running"})
-            except OSError:
-                pass
+            send_error(w, f"cannot enter the namespaces of {target}: {e}", "run as root; the target must still be running")
         finally:
             os._exit(code)
     os.close(w)
     try:
-        msg = read_msg(r, timeout_s)
+        msg = read_msg(r, timeout_s + 10)  # the runner's own CRIU timeout reports first
     finally:
         os.close(r)
         os.waitpid(helper, 0)
@@ -157,9 +153,9 @@ def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -
         send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
         os._exit(0)
     except WarmstartError as e:
-        send_msg(w, {"event": "error", "problem": e.problem, "fix": e.fix})
+        send_error(w, e.problem, e.fix)
     except BaseException as e:
-        send_msg(w, {"event": "error", "problem": f"restore runner failed: {e}", "fix": "run with --debug"})
+        send_error(w, f"restore runner failed: {e}", "run with --debug")
     os._exit(1)
 
 

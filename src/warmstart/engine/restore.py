@@ -13,13 +13,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from warmstart import adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, SHM_DIR, Manifest
 from warmstart.engine import control, criu, gpu, joinns, launch, sandbox
 from warmstart.engine.steps import Progress, quiet
-from warmstart.adapters.base import Quiesced
+from warmstart.adapters.base import Engine, Quiesced
 from warmstart.errors import IncompatibleArtifact, UsageError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
@@ -94,9 +95,30 @@ def _wait_port(port: int, deadline: float) -> None:
     raise WorkerError(f"restored worker does not accept connections on port {port}", "see the replica's log")
 
 
-def _check_and_verify(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool,
-                      progress: Progress) -> tuple[Manifest, criu.Criu, dict[str, str]]:
+@dataclass
+class _Prepared:
+    """What both restore paths know once nothing can refuse any more."""
+
+    artifact: Path
+    manifest: Manifest
+    binary: criu.Criu
+    gpu_map: dict[str, str]
+    weights: Future | None  # the weight services loading the worker's weights, started now
+    adapter: Engine | None
+    inner_port: int | None
+    t0: float
+    verify_s: float
+
+    @property
+    def shm_src(self) -> Path | None:
+        return self.artifact / SHM_DIR if (self.artifact / SHM_DIR).is_dir() else None
+
+
+def _prepare(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool,
+             progress: Progress) -> _Prepared:
     """Everything that can refuse the restore, before any process starts: host, GPU plan, checksums."""
+    t0 = time.monotonic()
+    artifact = artifact.absolute()
     manifest = store.load(artifact)
     binary = criu.find()
     problems = host.check_compatible(manifest.host, host.current(binary.version))
@@ -107,7 +129,33 @@ def _check_and_verify(artifact: Path, gpu_device: str | None, replicas: int, ver
                             manifest.worker.gpu_bytes_to_remap)
     progress("verifying artifact checksums")
     store.verify(artifact, manifest, use_cache=verify_cache)
-    return manifest, binary, gpu_map
+    w = manifest.worker
+    return _Prepared(artifact, manifest, binary, gpu_map, _prefetch_weights(manifest),
+                     adapters.for_engine(w.engine) if not w.sdk else None, _inner_port(manifest),
+                     t0, time.monotonic() - t0)
+
+
+def _bring_up(p: _Prepared, rec: WorkerRecord, deadline: float,
+              in_net: Callable[[Callable[[], Any]], Any] = lambda fn: fn()) -> None:
+    """After CRIU: CUDA restore, the weights, then the resume (SDK ack, engine adapter, or the port answering).
+
+    in_net runs a call in the network the worker's port is reached from (a placeholder's, for --into)."""
+    w = p.manifest.worker
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
+    if p.manifest.gpus:
+        gpu.resume(gpu.host_pids(rec.pid, [g.pid for g in p.manifest.gpus]), gpu_map=p.gpu_map)
+    _weights_ready(p.weights, deadline)
+    port, adapter = rec.port, p.adapter
+    if w.sdk:
+        control.wait_ack(Path(rec.control_dir), w.control_seq + 1, left(), rec.pid, "resume")
+    elif adapter and port:
+        in_net(lambda: (adapter.wait_healthy(port, left(), alive=rec.alive),
+                        adapter.resume(port, Quiesced(kv_released=w.kv_released), left())))
+    elif port:
+        in_net(lambda: _wait_port(port, deadline))
 
 
 def restore(
@@ -123,14 +171,9 @@ def restore(
 ) -> RestoreResult:
     if replicas < 1:
         raise UsageError(f"--replicas must be at least 1, not {replicas}", "pass --replicas 1 or more")
-    t0 = time.monotonic()
-    artifact = artifact.absolute()
-    manifest, binary, gpu_map = _check_and_verify(artifact, gpu_device, replicas, verify_cache, progress)
-    verify_s = time.monotonic() - t0
-    weights_loaded = _prefetch_weights(manifest)
+    p = _prepare(artifact, gpu_device, replicas, verify_cache, progress)
+    artifact, manifest, inner, t0 = p.artifact, p.manifest, p.inner_port, p.t0
     w = manifest.worker
-    adapter = adapters.for_engine(w.engine) if not w.sdk else None
-    inner = _inner_port(manifest)
     base = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-restored")
     names = _replica_names(base, replicas)
     listeners = [sandbox.bind_host_port(port + i if port else 0) for i in range(replicas)] if inner else []
@@ -158,13 +201,13 @@ def restore(
             pidfile = rdir / "restored.pid"
             log = rdir / "restore.log"
             spec = sandbox.SandboxSpec(
-                criu_bin=binary,
+                criu_bin=p.binary,
                 restore_args=criu.restore_args(artifact / IMAGES_DIR, rdir, log, pidfile),
                 log=log,
                 pidfile=pidfile,
                 binds=binds,
                 forwards=[(listeners[i], inner)] if listeners and inner else [],
-                shm_src=artifact / SHM_DIR if (artifact / SHM_DIR).is_dir() else None,
+                shm_src=p.shm_src,
                 timeout_s=timeout_s,
             )
             progress(f"restoring replica {i} ({rname})")
@@ -185,17 +228,7 @@ def restore(
                                artifact=str(artifact), replica=i,
                                port=host_ports[i])
             registry.save(rec)
-            if manifest.gpus:
-                gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]), gpu_map=gpu_map)
-            _weights_ready(weights_loaded, deadline)
-            if w.sdk:
-                control.wait_ack(Path(rec.control_dir), w.control_seq + 1, max(1.0, deadline - time.monotonic()),
-                                 wpid, "resume")
-            elif adapter and rec.port:
-                adapter.wait_healthy(rec.port, max(1.0, deadline - time.monotonic()), alive=rec.alive)
-                adapter.resume(rec.port, Quiesced(kv_released=w.kv_released), max(1.0, deadline - time.monotonic()))
-            elif rec.port:
-                _wait_port(rec.port, deadline)
+            _bring_up(p, rec, deadline)
             return ReplicaResult(name=rname, replica=i, port=rec.port, pid=wpid, holder_pid=sb.holder_pid,
                                  criu_s=criu_s, ready_s=time.monotonic() - t0)
 
@@ -219,9 +252,8 @@ def restore(
     finally:
         for s in listeners:
             s.close()  # init holds its own copy
-    return RestoreResult(artifact=artifact, manifest=manifest, verify_s=verify_s, replicas=results,
+    return RestoreResult(artifact=artifact, manifest=manifest, verify_s=p.verify_s, replicas=results,
                          seconds=time.monotonic() - t0)
-
 
 
 def restore_into(
@@ -235,56 +267,39 @@ def restore_into(
     progress: Progress = quiet,
 ) -> RestoreResult:
     """Restore one replica into the namespaces of a running process (a pod's placeholder) instead of new ones."""
-    t0 = time.monotonic()
-    artifact = artifact.absolute()
     joinns.check_target(target)
-    manifest, binary, gpu_map = _check_and_verify(artifact, gpu_device, 1, verify_cache, progress)
-    verify_s = time.monotonic() - t0
-    weights_loaded = _prefetch_weights(manifest)
-    w = manifest.worker
-    adapter = adapters.for_engine(w.engine) if not w.sdk else None
-    inner = _inner_port(manifest)
+    p = _prepare(artifact, gpu_device, 1, verify_cache, progress)
+    w = p.manifest.worker
     rname = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-in-{target}")
     registry.claim(rname)
     rdir, _, _ = launch.prepare_dirs(rname)
     control_dir = joinns.target_path(target, w.control_dir) if w.control_dir else None
     progress(f"restoring into the namespaces of process {target}")
     joinns.prepare_files(target, w.log_path, [*w.private_dirs, *([w.control_dir] if w.control_dir else [])],
-                         artifact / SHM_DIR if (artifact / SHM_DIR).is_dir() else None)
+                         p.shm_src)
     if w.sdk and control_dir:
         control.send(control_dir, w.control_seq + 1, protocol.RESUME,
-                     {"restored": True, "replica": 0, "name": rname, "port": inner})
+                     {"restored": True, "replica": 0, "name": rname, "port": p.inner_port})
     pidfile, log = rdir / "restored.pid", rdir / "restore.log"
-    deadline = t0 + timeout_s
+    deadline = p.t0 + timeout_s
     wpid = None
     try:
-        wpid, criu_s = joinns.restore(target, binary, criu.restore_args(artifact / IMAGES_DIR, rdir, log, pidfile),
+        wpid, criu_s = joinns.restore(target, p.binary,
+                                      criu.restore_args(p.artifact / IMAGES_DIR, rdir, log, pidfile),
                                       log, pidfile, timeout_s, w.ids or [w.pid])
         rec = WorkerRecord(name=rname, kind="replica", pid=wpid, started=procs.start_time(wpid) or 0,
                            command=w.command, engine=w.engine,
                            log=str(joinns.target_path(target, w.log_path)) if w.log_path else str(rdir / launch.LOG),
-                           control_dir=str(control_dir or rdir / launch.CONTROL), artifact=str(artifact),
-                           replica=0, port=inner)
+                           control_dir=str(control_dir or rdir / launch.CONTROL), artifact=str(p.artifact),
+                           replica=0, port=p.inner_port)
         registry.save(rec)
-        if manifest.gpus:
-            gpu.resume(gpu.host_pids(wpid, [g.pid for g in manifest.gpus]), gpu_map=gpu_map)
-        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
-        _weights_ready(weights_loaded, deadline)
-        if w.sdk and control_dir:
-            control.wait_ack(control_dir, w.control_seq + 1, left(), wpid, "resume")
-        elif adapter and inner:
-            port = inner
-            joinns.in_network_of(target, lambda: (adapter.wait_healthy(port, left(), alive=rec.alive),
-                                                  adapter.resume(port, Quiesced(kv_released=w.kv_released), left())))
-        elif inner:
-            port = inner
-            joinns.in_network_of(target, lambda: _wait_port(port, deadline))
+        _bring_up(p, rec, deadline, in_net=lambda fn: joinns.in_network_of(target, fn))
     except BaseException:
         if wpid:
             procs.terminate(wpid, procs.start_time(wpid), grace_s=1.0)
         registry.forget(rname)
         raise
-    result = ReplicaResult(name=rname, replica=0, port=inner, pid=wpid, holder_pid=target, criu_s=criu_s,
-                           ready_s=time.monotonic() - t0)
-    return RestoreResult(artifact=artifact, manifest=manifest, verify_s=verify_s, replicas=[result],
-                         seconds=time.monotonic() - t0)
+    result = ReplicaResult(name=rname, replica=0, port=p.inner_port, pid=wpid, holder_pid=target, criu_s=criu_s,
+                           ready_s=time.monotonic() - p.t0)
+    return RestoreResult(artifact=p.artifact, manifest=p.manifest, verify_s=p.verify_s, replicas=[result],
+                         seconds=time.monotonic() - p.t0)

@@ -134,6 +134,14 @@ def send_msg(fd: int, msg: dict) -> None:
     os.write(fd, (json.dumps(msg) + "\n").encode())
 
 
+def send_error(fd: int, problem: str, fix: str) -> None:
+    """Report a forked helper's failure to its parent; the parent may be gone already."""
+    try:
+        send_msg(fd, {"event": "error", "problem": problem, "fix": fix})
+    except OSError:
+        pass
+
+
 def start(spec: SandboxSpec) -> Sandbox:
     """Fork the replica's init; returns at once (the restore runs concurrently with the caller)."""
     if os.geteuid() != 0:
@@ -153,11 +161,8 @@ def start(spec: SandboxSpec) -> Sandbox:
             send_msg(w, {"event": "holder", "pid": init})
             code = 0
         except BaseException as e:  # report every failure to the parent, then leave
-            try:
-                send_msg(w, {"event": "error", "problem": f"cannot create the replica's namespaces: {e}",
-                          "fix": "run as root on a kernel with pid, mount and network namespaces"})
-            except OSError:
-                pass
+            send_error(w, f"cannot create the replica's namespaces: {e}",
+                       "run as root on a kernel with pid, mount and network namespaces")
         finally:
             os._exit(code)
     os.close(w)
@@ -263,7 +268,7 @@ def _init_main(spec: SandboxSpec, w: int) -> None:
         root = int(spec.pidfile.read_text().strip())
         send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
     except WarmstartError as e:
-        send_msg(w, {"event": "error", "problem": e.problem, "fix": e.fix})
+        send_error(w, e.problem, e.fix)
         os._exit(1)
     except BaseException as e:
         send_msg(w, {"event": "error", "problem": f"replica init failed: {e}", "fix": "run with --debug",
