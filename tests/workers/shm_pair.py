@@ -4,11 +4,12 @@ The parent serves HTTP; each GET asks the child (through the lock-guarded segmen
 that lives only in /dev/shm, and answers the counter and the segment's name.
 """
 
-import http.server
 import multiprocessing as mp
 import sys
 import time
 from multiprocessing import shared_memory
+
+from text_server import serve
 
 
 def child(name: str, lock) -> None:
@@ -31,27 +32,18 @@ def main() -> None:
     lock = mp.get_context("spawn").Lock()
     ctx.Process(target=child, args=(seg.name, lock), daemon=True).start()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
+    def count() -> str:
+        with lock:
+            seg.buf[0] = 1
+        while True:
             with lock:
-                seg.buf[0] = 1
-            while True:
-                with lock:
-                    if seg.buf[0] == 2:
-                        n = int.from_bytes(seg.buf[8:16], "little")
-                        seg.buf[0] = 0
-                        break
-                time.sleep(0.001)
-            body = f"{n} {seg.name}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                if seg.buf[0] == 2:
+                    n = int.from_bytes(seg.buf[8:16], "little")
+                    seg.buf[0] = 0
+                    return f"{n} {seg.name}"
+            time.sleep(0.001)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    serve(int(sys.argv[1]), count)
 
 
 if __name__ == "__main__":
