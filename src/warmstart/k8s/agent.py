@@ -191,7 +191,13 @@ def main(node: str, claim: str, artifacts: Path, metrics_port: int) -> None:
 
         raise EnvironmentProblem(f"the agent needs the kubernetes and prometheus-client packages ({_MISSING})",
                                  "pip install 'warmstart[k8s]'")
-    config.load_incluster_config()
+    try:
+        config.load_incluster_config()
+    except config.ConfigException as e:
+        from warmstart.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(f"not inside a Kubernetes pod with a service account ({e})",
+                                 "run the agent through the Helm chart's DaemonSet") from None
     start_http_server(metrics_port)
     print(f"warmstart agent on node {node}: artifacts in {artifacts} (claim {claim}), metrics on :{metrics_port}",
           flush=True)

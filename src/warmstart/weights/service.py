@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from warmstart.errors import EnvironmentProblem, UsageError
 from warmstart.weights import backing
 from warmstart.weights.layout import Layout, plan
 
@@ -250,13 +251,21 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 def serve(socket_path: str, device: str) -> None:
+    if device != "cpu":
+        try:
+            from warmstart.worker import vmm
+
+            vmm.primary_context(int(device.split(":")[1]))
+        except (ImportError, RuntimeError) as e:
+            raise EnvironmentProblem(f"cannot use {device} for weights: {e}",
+                                     "install cuda-bindings and check the GPU, or serve with --device cpu") from None
     path = Path(socket_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         probe = socket.socket(socket.AF_UNIX)
         try:
             probe.connect(str(path))
-            raise SystemExit(f"a weight service already listens on {path}")
+            raise UsageError(f"a weight service already listens on {path}", "use it, or pass another --socket")
         except ConnectionRefusedError:
             path.unlink()  # a stale socket of a service that died
         finally:
