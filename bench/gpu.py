@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from warmstart import demo, registry
-from warmstart.engine import checkpoint, launch, restore
+from warmstart.engine import checkpoint, criu, launch, restore
 from warmstart.errors import UsageError
 from warmstart.reference import model
 
@@ -55,16 +55,24 @@ def read_bandwidth(paths: list[Path], threads: int) -> float:
     """Bytes/s reading these files (as a restore does), with `threads` readers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def read(p: Path) -> int:
-        n = 0
-        with open(p, "rb", buffering=0) as f:
-            while chunk := f.read(16 << 20):
-                n += len(chunk)
+    piece = 64 << 20  # files are cut into pieces so that one large pages image is read by all the threads
+    pieces = [(p, off) for p in paths for off in range(0, p.stat().st_size, piece)]
+    fds = {p: os.open(p, os.O_RDONLY) for p in paths}
+
+    def read(item: tuple[Path, int]) -> int:
+        buf = bytearray(16 << 20)
+        n, (p, off) = 0, item
+        while n < piece and (got := os.preadv(fds[p], [buf], off + n)):
+            n += got
         return n
 
     t = time.monotonic()
-    with ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(read, paths))
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            total = sum(pool.map(read, pieces))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     return total / (time.monotonic() - t)
 
 
@@ -117,17 +125,27 @@ def cold_start(key: str, model_dir: Path, name: str) -> tuple[dict, int]:
     return {"cold_start_to_first_token_s": round(cold, 2), "cold_page_cache": cold_cache}, port
 
 
-def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str) -> dict:
+def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env: dict[str, str] | None = None) -> dict:
+    """env: the page-read settings (criu.restore_env) for this restore only."""
     dropped = drop_caches() if cold else False
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     t0 = time.monotonic()
-    rr = restore.restore(art, name=name, replicas=replicas, timeout_s=600)
+    try:
+        rr = restore.restore(art, name=name, replicas=replicas, timeout_s=600)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     out = {"cold_page_cache": dropped, "replicas": []}
     for r in rr.replicas:
         ft = time.monotonic()
         demo.complete(r.port, PROMPT, 1, timeout_s=300)
         first = time.monotonic() - t0
         text = demo.complete(r.port, PROMPT, TOKENS, timeout_s=300)
-        out["replicas"].append({"criu_s": round(r.criu_s, 2), "ready_s": round(r.ready_s, 2),
+        out["replicas"].append({"criu_s": round(r.criu_s, 2), "cuda_s": round(r.cuda_s, 2), "ready_s": round(r.ready_s, 2),
                                 "first_token_s": round(first, 2), "one_token_request_s": round(time.monotonic() - ft, 3),
                                 "tokens_match": text == want})
     for r in rr.replicas:
@@ -175,17 +193,27 @@ def bench_shape(key: str, work: Path, bw: dict) -> dict:
     log(f"{key}: restore, cold page cache: {res['restore_cold']}")
     res["restore_3_replicas_warm"] = restore_once(art, f"{name}-x3", cold=False, replicas=3, want=want)
     log(f"{key}: 3 replicas: {res['restore_3_replicas_warm']}")
+    # The same warm restore as CRIU reads without scripts/criu/parallel-page-reads.patch, and with threads only.
+    one = {"WARMSTART_READ_THREADS": "1", "WARMSTART_HUGE_PAGES": "0"}
+    for label, cold, env in (("warm_1_thread_4k", False, one), ("warm_threads_4k", False, {"WARMSTART_HUGE_PAGES": "0"}),
+                             ("cold_1_thread_4k", True, one)):
+        res[f"restore_{label}"] = restore_once(art, f"{name}-{label.replace('_', '-')}", cold=cold, replicas=1,
+                                               want=want, env=env)
+        log(f"{key}: restore, {label}: {res[f'restore_{label}']}")
 
     # Floors: the bytes a restore must move at the bandwidths measured now. CRIU reads one image with one
     # thread, and the driver copies from pageable memory, so those are the bandwidths of today's path.
-    res["bandwidth"] = {"page_cache_1_thread": read_bandwidth(images, 1), **bw}
+    threads = int(criu.restore_env()["CRIU_PAGE_READ_THREADS"])  # as many as the restores read with
+    res["bandwidth"] = {"page_cache_1_thread": read_bandwidth(images, 1),
+                        "page_cache_threads": read_bandwidth(images, threads), **bw}
     if drop_caches():
-        res["bandwidth"]["disk_1_thread"] = read_bandwidth(images, 1)
+        res["bandwidth"]["disk_threads"] = read_bandwidth(images, threads)
     b = res["bandwidth"]
     h2d = b["h2d_pageable"]
-    res["floor_warm_s"] = round(m.image_bytes / b["page_cache_1_thread"] + gpu_bytes / h2d, 2)
-    if "disk_1_thread" in b:
-        res["floor_cold_s"] = round(m.image_bytes / b["disk_1_thread"] + gpu_bytes / h2d, 2)
+    res["criu_threaded_reads"] = criu.find().threaded_reads
+    res["floor_warm_s"] = round(m.image_bytes / b["page_cache_threads"] + gpu_bytes / h2d, 2)
+    if "disk_threads" in b:
+        res["floor_cold_s"] = round(m.image_bytes / b["disk_threads"] + gpu_bytes / h2d, 2)
     shutil.rmtree(art, ignore_errors=True)
     return res
 
@@ -213,16 +241,26 @@ def table(results: list[dict], facts: dict) -> str:
     for label, key in (("warm page cache", "restore_warm"), ("cold page cache", "restore_cold")):
         row(f"restore to ready, {label}", lambda r, k=key: f"{r[k]['replicas'][0]['ready_s']} s (CRIU {r[k]['replicas'][0]['criu_s']} s)")
         row(f"restore to first token, {label}", lambda r, k=key: f"{r[k]['replicas'][0]['first_token_s']} s")
+    row("  CUDA restore, warm / cold", lambda r: f"{r['restore_warm']['replicas'][0]['cuda_s']} s / "
+        f"{r['restore_cold']['replicas'][0]['cuda_s']} s")
     row("floor, warm / cold", lambda r: f"{r['floor_warm_s']} s / {r.get('floor_cold_s', '-')} s")
+    row("warm, CRIU reading with 1 thread, 4 KiB pages: ready (CRIU)", lambda r: f"{r['restore_warm_1_thread_4k']['replicas'][0]['ready_s']} s "
+        f"({r['restore_warm_1_thread_4k']['replicas'][0]['criu_s']} s)")
+    row("warm, threads, 4 KiB pages: ready (CRIU)", lambda r: f"{r['restore_warm_threads_4k']['replicas'][0]['ready_s']} s "
+        f"({r['restore_warm_threads_4k']['replicas'][0]['criu_s']} s)")
+    row("cold, CRIU reading with 1 thread, 4 KiB pages: ready (CRIU)", lambda r: f"{r['restore_cold_1_thread_4k']['replicas'][0]['ready_s']} s "
+        f"({r['restore_cold_1_thread_4k']['replicas'][0]['criu_s']} s)")
     row("3 replicas, each ready", lambda r: ", ".join(f"{x['ready_s']}" for x in r["restore_3_replicas_warm"]["replicas"]) + " s")
     row("speed-up, cold start / warm restore to first token",
         lambda r: f"{r['cold']['cold_start_to_first_token_s'] / r['restore_warm']['replicas'][0]['first_token_s']:.1f}x")
     row("greedy tokens match (all restores)", lambda r: "yes" if all(
-        x["tokens_match"] for k in ("restore_warm", "restore_cold", "restore_3_replicas_warm") for x in r[k]["replicas"])
+        x["tokens_match"] for k in ("restore_warm", "restore_cold", "restore_3_replicas_warm", "restore_warm_1_thread_4k",
+                                    "restore_warm_threads_4k", "restore_cold_1_thread_4k") for x in r[k]["replicas"])
         and r["tokens_match_after_leave_running"] else "NO")
-    row("bandwidth: page cache 1 thread / disk / H2D pageable / H2D pinned", lambda r: " / ".join(
+    row("bandwidth: page cache 1 thread / N threads / disk N threads / H2D pageable / H2D pinned", lambda r: " / ".join(
         f"{r['bandwidth'][k] / 1e9:.1f}" if k in r["bandwidth"] else "-"
-        for k in ("page_cache_1_thread", "disk_1_thread", "h2d_pageable", "h2d_pinned")) + " GB/s")
+        for k in ("page_cache_1_thread", "page_cache_threads", "disk_threads", "h2d_pageable", "h2d_pinned")) + " GB/s")
+    row("CRIU with threaded page reads", lambda r: "yes" if r["criu_threaded_reads"] else "NO")
     return "\n".join(rows)
 
 

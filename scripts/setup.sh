@@ -16,6 +16,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${WARMSTART_PREFIX:-$repo/.deps/criu}
 venv=$repo/.venv
 criu_min=4.2
+patches_id=$(cat "$repo"/scripts/criu/*.patch | sha256sum | cut -c1-16)
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -26,7 +27,7 @@ apt_get() {
 
 build_deps=(build-essential pkg-config libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
     libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
-    python3-protobuf xz-utils iproute2 util-linux)
+    python3-protobuf xz-utils iproute2 util-linux patch)
 
 missing_debs() {
     local p
@@ -91,19 +92,29 @@ build_criu() {
     version=$(basename "$tarball" | sed -E 's/^criu_([0-9.]+)\.orig.*/\1/')
     version_ok "$version" "$criu_min" || { say "Debian sid has criu $version, need >= $criu_min"; exit 1; }
     tar -C "$work" -xf "$tarball"
-    say "building criu $version (about 30 s on 2 cores)"
+    local p applied=""
+    for p in "$repo"/scripts/criu/*.patch; do
+        if patch -d "$work/criu-$version" -p1 --dry-run -s <"$p" >/dev/null 2>&1; then
+            patch -d "$work/criu-$version" -p1 -s <"$p"
+            applied="$applied $(basename "$p" .patch)"
+        else
+            say "warning: $(basename "$p") does not apply to criu $version; building without it"
+        fi
+    done
+    say "building criu $version${applied:+ with$applied} (about 30 s on 2 cores)"
     make -C "$work/criu-$version" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -20 "$work/build.log" >&2; exit 1; }
     mkdir -p "$prefix/bin"
     install -m 0755 "$work/criu-$version/criu/criu" "$prefix/bin/criu"
+    echo "$patches_id" >"$prefix/patches"
     rm -rf "$work"
 }
 
 ensure_criu() {
+    # The checkout's own build is used even where a criu is on PATH: it carries scripts/criu/*.patch
+    # (threaded page reads on restore). It is rebuilt when those patches change.
     local have
-    if command -v criu >/dev/null && have=$(criu_version criu) && version_ok "$have" "$criu_min"; then
-        say "criu $have on PATH"; return 0
-    fi
-    if [ -x "$prefix/bin/criu" ] && have=$(criu_version "$prefix/bin/criu") && version_ok "$have" "$criu_min"; then
+    if [ -x "$prefix/bin/criu" ] && have=$(criu_version "$prefix/bin/criu") && version_ok "$have" "$criu_min" \
+        && [ "$(cat "$prefix/patches" 2>/dev/null)" = "$patches_id" ]; then
         say "criu $have in $prefix"; return 0
     fi
     build_criu
@@ -158,4 +169,4 @@ install_debs iproute2 util-linux
 ensure_criu
 ensure_venv
 [ "$with_vllm" = 1 ] && ensure_vllm
-say "ready: $venv/bin/warmstart (criu: WARMSTART_CRIU or PATH or $prefix/bin/criu)"
+say "ready: $venv/bin/warmstart (criu: WARMSTART_CRIU, else $prefix/bin/criu, else PATH)"

@@ -129,13 +129,15 @@ def restore(
         _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
                "restore_s": round(result.seconds, 3),
                "replicas": [{"name": r.name, "replica": r.replica, "port": r.port, "pid": r.pid,
-                             "criu_s": round(r.criu_s, 3), "ready_s": round(r.ready_s, 3)} for r in result.replicas]})
+                             "criu_s": round(r.criu_s, 3), "cuda_s": round(r.cuda_s, 3),
+                             "ready_s": round(r.ready_s, 3)} for r in result.replicas]})
         return
     t = Table(title=f"restored {result.artifact}")
-    for col in ("replica", "name", "port", "pid", "CRIU s", "ready s"):
+    for col in ("replica", "name", "port", "pid", "CRIU s", "CUDA s", "ready s"):
         t.add_column(col)
     for r in result.replicas:
-        t.add_row(str(r.replica), r.name, str(r.port or "-"), str(r.pid), f"{r.criu_s:.3f}", f"{r.ready_s:.3f}")
+        t.add_row(str(r.replica), r.name, str(r.port or "-"), str(r.pid), f"{r.criu_s:.3f}", f"{r.cuda_s:.3f}",
+                  f"{r.ready_s:.3f}")
     out.print(t)
 
 

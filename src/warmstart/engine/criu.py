@@ -22,17 +22,36 @@ class Criu:
     path: str
     version: str
 
+    @functools.cached_property
+    def threaded_reads(self) -> bool:
+        """Whether this build carries scripts/criu/parallel-page-reads.patch (it reads the variable below)."""
+        try:
+            return _READ_THREADS_VAR.encode() in Path(self.path).read_bytes()
+        except OSError:
+            return False
+
+
+# Read by the patched restore (scripts/criu/parallel-page-reads.patch); an unpatched CRIU ignores both.
+_READ_THREADS_VAR = "CRIU_PAGE_READ_THREADS"
+_HUGE_PAGES_VAR = "CRIU_PAGE_READ_THP"
+
+
+def restore_env() -> dict[str, str]:
+    """How a restore reads its pages: WARMSTART_READ_THREADS (default: one per core, at most 16) and
+    WARMSTART_HUGE_PAGES (default 1: large anonymous areas are read into transparent huge pages)."""
+    threads = os.environ.get("WARMSTART_READ_THREADS") or str(min(os.cpu_count() or 1, 16))
+    return {_READ_THREADS_VAR: threads, _HUGE_PAGES_VAR: os.environ.get("WARMSTART_HUGE_PAGES", "1")}
+
 
 def _candidates() -> list[str]:
     env = os.environ.get("WARMSTART_CRIU")
     if env:
         return [env]
-    out = []
+    # A source checkout set up by scripts/setup.sh keeps its own (patched) build here; it comes first.
+    out = [str(Path(__file__).resolve().parents[3] / ".deps" / "criu" / "bin" / "criu")]
     on_path = shutil.which("criu")
     if on_path:
         out.append(on_path)
-    # A source checkout set up by scripts/setup.sh keeps its own build here.
-    out.append(str(Path(__file__).resolve().parents[3] / ".deps" / "criu" / "bin" / "criu"))
     return out
 
 
@@ -159,6 +178,8 @@ def run(criu: Criu, args: list[str], log: Path, what: str, timeout: float | None
     # enter: run CRIU inside that process's pid and mount namespaces (a container's), where the paths it is
     # given (CRIU itself, images, log) must resolve too.
     prefix = ["nsenter", f"--target={enter}", "--pid", "--mount", "--"] if enter else []
+    if args[0] == "restore":
+        env = {**restore_env(), **(env or {})}
     proc = subprocess.Popen([*prefix, criu.path, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, **env} if env else None)
     try:

@@ -34,6 +34,7 @@ class ReplicaResult:
     pid: int  # host pid of the restored worker
     holder_pid: int
     criu_s: float
+    cuda_s: float  # the driver's restore of its GPU state (0 for a CPU worker)
     ready_s: float  # from the start of `restore` to this replica answering
 
 
@@ -136,8 +137,9 @@ def _prepare(artifact: Path, gpu_device: str | None, replicas: int, verify_cache
 
 
 def _bring_up(p: _Prepared, rec: WorkerRecord, deadline: float,
-              in_net: Callable[[Callable[[], Any]], Any] = lambda fn: fn()) -> None:
+              in_net: Callable[[Callable[[], Any]], Any] = lambda fn: fn()) -> float:
     """After CRIU: CUDA restore, the weights, then the resume (SDK ack, engine adapter, or the port answering).
+    Returns the seconds the CUDA restore took.
 
     in_net runs a call in the network the worker's port is reached from (a placeholder's, for --into)."""
     w = p.manifest.worker
@@ -145,8 +147,10 @@ def _bring_up(p: _Prepared, rec: WorkerRecord, deadline: float,
     def left() -> float:
         return max(1.0, deadline - time.monotonic())
 
+    t = time.monotonic()
     if p.manifest.gpus:
         gpu.resume(gpu.host_pids(rec.pid, [g.pid for g in p.manifest.gpus]), gpu_map=p.gpu_map)
+    cuda_s = time.monotonic() - t
     _weights_ready(p.weights, deadline)
     port, adapter = rec.port, p.adapter
     if w.sdk:
@@ -156,6 +160,7 @@ def _bring_up(p: _Prepared, rec: WorkerRecord, deadline: float,
                         adapter.resume(port, Quiesced(kv_released=w.kv_released), left())))
     elif port:
         in_net(lambda: _wait_port(port, deadline))
+    return cuda_s
 
 
 def restore(
@@ -228,9 +233,9 @@ def restore(
                                artifact=str(artifact), replica=i,
                                port=host_ports[i])
             registry.save(rec)
-            _bring_up(p, rec, deadline)
+            cuda_s = _bring_up(p, rec, deadline)
             return ReplicaResult(name=rname, replica=i, port=rec.port, pid=wpid, holder_pid=sb.holder_pid,
-                                 criu_s=criu_s, ready_s=time.monotonic() - t0)
+                                 criu_s=criu_s, cuda_s=cuda_s, ready_s=time.monotonic() - t0)
 
         # One thread per replica: each one's CUDA restore (seconds for large models) runs alongside the others.
         pool = ThreadPoolExecutor(max_workers=len(started))
@@ -293,13 +298,13 @@ def restore_into(
                            control_dir=str(control_dir or rdir / launch.CONTROL), artifact=str(p.artifact),
                            replica=0, port=p.inner_port)
         registry.save(rec)
-        _bring_up(p, rec, deadline, in_net=lambda fn: joinns.in_network_of(target, fn))
+        cuda_s = _bring_up(p, rec, deadline, in_net=lambda fn: joinns.in_network_of(target, fn))
     except BaseException:
         if wpid:
             procs.terminate(wpid, procs.start_time(wpid), grace_s=1.0)
         registry.forget(rname)
         raise
     result = ReplicaResult(name=rname, replica=0, port=p.inner_port, pid=wpid, holder_pid=target, criu_s=criu_s,
-                           ready_s=time.monotonic() - p.t0)
+                           cuda_s=cuda_s, ready_s=time.monotonic() - p.t0)
     return RestoreResult(artifact=p.artifact, manifest=p.manifest, verify_s=p.verify_s, replicas=[result],
                          seconds=time.monotonic() - p.t0)

@@ -147,7 +147,8 @@ class Agent:
         OPS.labels("restore", "ok").inc()
         SECONDS.labels("restore").observe(seconds)
         rep = res.replicas[0]
-        for step, s in (("verify", res.verify_s), ("criu_restore", rep.criu_s), ("ready", rep.ready_s)):
+        for step, s in (("verify", res.verify_s), ("criu_restore", rep.criu_s), ("cuda_restore", rep.cuda_s),
+                        ("ready", rep.ready_s)):
             STEP_SECONDS.labels("restore", step).observe(s)
         self.pod_condition(pod, True, "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
         self.event(pod, "Pod", "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
