@@ -117,3 +117,13 @@ def get_when_up(port: int, timeout: float = 30) -> str:
 def copy_artifact(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def evict_pages(artifact: Path) -> None:
+    """Drop an artifact's pages images from the page cache, as after a reboot (restore then reads them ahead)."""
+    for img in artifact.rglob("pages-*.img"):
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, cli, free_port, http_get, wait_http
+from conftest import COUNTER, REPO, cli, evict_pages, free_port, http_get, wait_http
 from warmstart import demo
+from warmstart.engine import criu
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -41,6 +43,31 @@ def test_plain_process_keeps_its_state_across_restore(need_criu, home: Path, tmp
     assert int(n_before) <= int(n_after) < n_source  # continued from the checkpoint, not started over
     time.sleep(0.2)
     assert int(http_get(rep["port"]).split()[0]) > int(n_after)  # and its thread still runs
+
+
+@pytest.mark.parametrize("read", [{"WARMSTART_READ_THREADS": "1", "WARMSTART_HUGE_PAGES": "0"},
+                                  {"WARMSTART_READ_THREADS": "4", "WARMSTART_HUGE_PAGES": "1"}],
+                         ids=["one-thread", "threads-huge-pages"])
+def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_path: Path, read: dict) -> None:
+    """CRIU's page reads (threaded and in huge pages with scripts/criu/parallel-page-reads.patch), from an image
+    evicted from the page cache so that restore's readahead runs beside them."""
+    port = free_port()
+    r = cli("run", "--name", "mem", "--", sys.executable, str(REPO / "tests" / "workers" / "memory.py"), str(port), "96")
+    assert r.returncode == 0, r.stderr
+    wait_http(port, timeout=120)
+    want, now = http_get(port).split()
+    assert want == now
+    r = cli("checkpoint", "mem", "-o", str(tmp_path / "art"), "--json")
+    assert r.returncode == 0, r.stderr
+    evict_pages(tmp_path / "art")
+    r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)
+    assert r.returncode == 0, r.stderr
+    (rep,) = json.loads(r.stdout)["replicas"]
+    assert http_get(rep["port"]).split() == [want, want]
+    # CI (WARMSTART_REQUIRE_CRIU=1) runs the CRIU scripts/setup.sh built, which must carry the patch.
+    patched = os.environ.get("WARMSTART_REQUIRE_CRIU") == "1" or criu.find().threaded_reads
+    if read["WARMSTART_READ_THREADS"] != "1" and patched:
+        assert "Read pages with 4 threads" in (home / "workers" / "mem-copy" / "restore.log").read_text()
 
 
 def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WARMSTART, cli, free_port, one_error_line
+from conftest import WARMSTART, cli, evict_pages, free_port, one_error_line
 from warmstart import procs
 from warmstart.reference import model
 from warmstart.reference.model import ModelShape
@@ -89,6 +89,8 @@ def test_weights_stay_out_of_the_image_and_restore_by_hash(need_criu, home: Path
     assert manifest["image_bytes"] < weight_bytes, (manifest["image_bytes"], weight_bytes)
 
     for name in ("a", "b"):  # a replica killed and brought back: the service still holds the weights
+        if name == "b":
+            evict_pages(tmp_path / "art")  # the image is read ahead, then the service is asked for the weights
         r = cli("restore", str(tmp_path / "art"), "--name", name, "--json")
         assert r.returncode == 0, r.stderr
         rport = json.loads(r.stdout)["replicas"][0]["port"]

@@ -36,11 +36,16 @@ _READ_THREADS_VAR = "CRIU_PAGE_READ_THREADS"
 _HUGE_PAGES_VAR = "CRIU_PAGE_READ_THP"
 
 
+def read_threads() -> int:
+    """WARMSTART_READ_THREADS, default one per core, at most 16: the threads a restore reads an image with."""
+    env = os.environ.get("WARMSTART_READ_THREADS", "")
+    return max(1, int(env)) if env.isdigit() else min(os.cpu_count() or 1, 16)
+
+
 def restore_env() -> dict[str, str]:
-    """How a restore reads its pages: WARMSTART_READ_THREADS (default: one per core, at most 16) and
-    WARMSTART_HUGE_PAGES (default 1: large anonymous areas are read into transparent huge pages)."""
-    threads = os.environ.get("WARMSTART_READ_THREADS") or str(min(os.cpu_count() or 1, 16))
-    return {_READ_THREADS_VAR: threads, _HUGE_PAGES_VAR: os.environ.get("WARMSTART_HUGE_PAGES", "1")}
+    """How a restore reads its pages: read_threads(), and WARMSTART_HUGE_PAGES (default 1: large anonymous
+    areas are read into transparent huge pages)."""
+    return {_READ_THREADS_VAR: str(read_threads()), _HUGE_PAGES_VAR: os.environ.get("WARMSTART_HUGE_PAGES", "1")}
 
 
 def _candidates() -> list[str]:

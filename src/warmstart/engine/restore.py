@@ -18,7 +18,8 @@ from typing import Any, Callable
 from warmstart import adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, SHM_DIR, Manifest
-from warmstart.engine import control, criu, gpu, joinns, launch, sandbox
+from warmstart.engine import control, criu, gpu, joinns, launch, readahead, sandbox
+from warmstart.engine.readahead import Readahead
 from warmstart.engine.steps import Progress, quiet
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.errors import IncompatibleArtifact, UsageError, WorkerError
@@ -60,13 +61,18 @@ def _inner_port(m: Manifest) -> int | None:
     return m.worker.listen_ports[0] if m.worker.listen_ports else None
 
 
-def _prefetch_weights(m: Manifest) -> Future | None:
-    """Ask the weight services to load the worker's weights now, while CRIU restores the process."""
+def _prefetch_weights(m: Manifest, after: Readahead | None) -> Future | None:
+    """Ask the weight services to load the worker's weights now, while CRIU restores the process.
+
+    after: the image's readahead, when the image is not cached. The weights and the image are often on one
+    disk; the process restore needs the image first, and the weights are needed only at the end."""
     if not m.worker.weights:
         return None
     from warmstart.worker import weights
 
     def load() -> None:
+        if after:
+            after.wait()
         for ref in m.worker.weights:
             weights.request(ref.socket, {"op": "prefetch", "files": ref.files, "hash": ref.hash})
 
@@ -104,11 +110,22 @@ class _Prepared:
     manifest: Manifest
     binary: criu.Criu
     gpu_map: dict[str, str]
-    weights: Future | None  # the weight services loading the worker's weights, started now
     adapter: Engine | None
     inner_port: int | None
     t0: float
     verify_s: float
+    readahead: Readahead | None = None  # readers of an image that is not in the page cache, while CRIU runs
+    weights: Future | None = None  # the weight services loading the worker's weights
+
+    def start_reading(self) -> None:
+        """Right before CRIU starts: the image's readahead (if it is not cached) and the weights' load."""
+        self.readahead = readahead.start_if_cold(self.artifact / IMAGES_DIR, criu.read_threads())
+        self.weights = _prefetch_weights(self.manifest, self.readahead)
+
+    def stop_reading(self) -> None:
+        """Once CRIU has restored (so has read the image), the readahead has nothing left to do."""
+        if self.readahead:
+            self.readahead.stop()
 
     @property
     def shm_src(self) -> Path | None:
@@ -131,7 +148,7 @@ def _prepare(artifact: Path, gpu_device: str | None, replicas: int, verify_cache
     progress("verifying artifact checksums")
     store.verify(artifact, manifest, use_cache=verify_cache)
     w = manifest.worker
-    return _Prepared(artifact, manifest, binary, gpu_map, _prefetch_weights(manifest),
+    return _Prepared(artifact, manifest, binary, gpu_map,
                      adapters.for_engine(w.engine) if not w.sdk else None, _inner_port(manifest),
                      t0, time.monotonic() - t0)
 
@@ -186,6 +203,7 @@ def restore(
 
     started: list[tuple[str, sandbox.Sandbox]] = []
     try:
+        p.start_reading()
         for i, rname in enumerate(names):
             rdir, rcontrol, rlog = launch.prepare_dirs(rname)
             host_port = host_ports[i]
@@ -222,6 +240,7 @@ def restore(
 
         def finish(i: int, rname: str, sb: sandbox.Sandbox) -> ReplicaResult:
             criu_s = sb.wait_restored(max(1.0, deadline - time.monotonic()))
+            p.stop_reading()
             wpid = sb.worker_pid()
             if wpid is None:
                 raise WorkerError(f"replica {rname} exited right after its restore",
@@ -255,6 +274,7 @@ def restore(
             registry.forget(rname)
         raise
     finally:
+        p.stop_reading()
         for s in listeners:
             s.close()  # init holds its own copy
     return RestoreResult(artifact=artifact, manifest=manifest, verify_s=p.verify_s, replicas=results,
@@ -289,9 +309,13 @@ def restore_into(
     deadline = p.t0 + timeout_s
     wpid = None
     try:
-        wpid, criu_s = joinns.restore(target, p.binary,
-                                      criu.restore_args(p.artifact / IMAGES_DIR, rdir, log, pidfile),
-                                      log, pidfile, timeout_s, w.ids or [w.pid])
+        p.start_reading()
+        try:
+            wpid, criu_s = joinns.restore(target, p.binary,
+                                          criu.restore_args(p.artifact / IMAGES_DIR, rdir, log, pidfile),
+                                          log, pidfile, timeout_s, w.ids or [w.pid])
+        finally:
+            p.stop_reading()
         rec = WorkerRecord(name=rname, kind="replica", pid=wpid, started=procs.start_time(wpid) or 0,
                            command=w.command, engine=w.engine,
                            log=str(joinns.target_path(target, w.log_path)) if w.log_path else str(rdir / launch.LOG),
