@@ -201,8 +201,8 @@ def bench_shape(key: str, work: Path, bw: dict) -> dict:
                                                want=want, env=env)
         log(f"{key}: restore, {label}: {res[f'restore_{label}']}")
 
-    # Floors: the bytes a restore must move at the bandwidths measured now. CRIU reads one image with one
-    # thread, and the driver copies from pageable memory, so those are the bandwidths of today's path.
+    # Floors: the bytes a restore must move at the bandwidths measured now: the image read with as many threads
+    # as the patched CRIU uses, and the driver copying from pageable memory.
     threads = int(criu.restore_env()["CRIU_PAGE_READ_THREADS"])  # as many as the restores read with
     res["bandwidth"] = {"page_cache_1_thread": read_bandwidth(images, 1),
                         "page_cache_threads": read_bandwidth(images, threads), **bw}

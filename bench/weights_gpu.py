@@ -63,8 +63,8 @@ def restore_to_first_token(art: Path, name: str, want: str) -> dict:
     first = time.monotonic() - t0
     text = demo.complete(r.port, PROMPT, TOKENS, timeout_s=300)
     stop(r.name)
-    return {"criu_s": round(r.criu_s, 2), "cuda_s": round(r.cuda_s, 2), "ready_s": round(r.ready_s, 2), "first_token_s": round(first, 2),
-            "tokens_match": text == want}
+    return {"criu_s": round(r.criu_s, 2), "cuda_s": round(r.cuda_s, 2), "ready_s": round(r.ready_s, 2),
+            "first_token_s": round(first, 2), "tokens_match": text == want}
 
 
 def main() -> None:

@@ -109,6 +109,13 @@ def test_busy_port_starts_nothing(counter_artifact: Path) -> None:
     assert json.loads(cli("ps", "--json").stdout)["workers"] == []
 
 
+@pytest.mark.parametrize("env, words", [({"WARMSTART_READ_THREADS": "many"}, "WARMSTART_READ_THREADS"),
+                                        ({"WARMSTART_HUGE_PAGES": "yes"}, "WARMSTART_HUGE_PAGES")])
+def test_bad_read_setting_starts_nothing(counter_artifact: Path, env: dict, words: str) -> None:
+    _one_error_line(cli("restore", str(counter_artifact), env=env), 2, words)
+    assert json.loads(cli("ps", "--json").stdout)["workers"] == []
+
+
 @pytest.fixture()
 def ref_worker(need_criu, home: Path):
     port = free_port()

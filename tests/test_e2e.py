@@ -12,7 +12,7 @@ import pytest
 
 from conftest import COUNTER, REPO, cli, evict_pages, free_port, http_get, wait_http
 from warmstart import demo
-from warmstart.engine import criu
+from warmstart.engine import criu, readahead
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -60,6 +60,7 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     r = cli("checkpoint", "mem", "-o", str(tmp_path / "art"), "--json")
     assert r.returncode == 0, r.stderr
     evict_pages(tmp_path / "art")
+    assert readahead.resident_fraction(readahead.pages_images(tmp_path / "art" / "images")) < 0.5  # so it is read ahead
     r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)
     assert r.returncode == 0, r.stderr
     (rep,) = json.loads(r.stdout)["replicas"]

@@ -6,16 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from conftest import evict_pages
 from warmstart.engine import readahead
-
-
-def _evict(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _image(tmp_path: Path) -> Path:
@@ -30,14 +22,14 @@ def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
     paths = readahead.pages_images(images)
     assert [p.name for p in paths] == ["pages-1.img"]
     assert readahead.resident_fraction(paths) > 0.9
-    _evict(paths[0])
+    evict_pages(images)
     assert readahead.resident_fraction(paths) < 0.1
 
 
 def test_a_cold_image_is_read_in_and_a_warm_one_left_alone(tmp_path: Path) -> None:
     images = _image(tmp_path)
     assert readahead.start_if_cold(images, threads=2) is None
-    _evict(images / "pages-1.img")
+    evict_pages(images)
     r = readahead.start_if_cold(images, threads=2)
     assert r is not None
     for _ in range(200):
@@ -52,7 +44,7 @@ def test_a_cold_image_is_read_in_and_a_warm_one_left_alone(tmp_path: Path) -> No
 
 def test_stop_ends_the_readers_early(tmp_path: Path) -> None:
     images = _image(tmp_path)
-    _evict(images / "pages-1.img")
+    evict_pages(images)
     r = readahead.Readahead(readahead.pages_images(images), threads=1)
     r.stop()
     assert all(f.done() for f in r._done)

@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart.errors import EnvironmentProblem, StepFailed
+from warmstart.errors import EnvironmentProblem, StepFailed, UsageError
 
 MIN_VERSION = (4, 2)
 _SETUP_HINT = "run scripts/setup.sh (it builds CRIU 4.2.1), or point WARMSTART_CRIU at a criu >= 4.2"
@@ -39,13 +39,21 @@ _HUGE_PAGES_VAR = "CRIU_PAGE_READ_THP"
 def read_threads() -> int:
     """WARMSTART_READ_THREADS, default one per core, at most 16: the threads a restore reads an image with."""
     env = os.environ.get("WARMSTART_READ_THREADS", "")
-    return max(1, int(env)) if env.isdigit() else min(os.cpu_count() or 1, 16)
+    if not env:
+        return min(os.cpu_count() or 1, 16)
+    if not env.isdigit() or int(env) < 1:
+        raise UsageError(f"WARMSTART_READ_THREADS must be a whole number >= 1, not {env!r}",
+                         "unset it (one thread per core) or set e.g. WARMSTART_READ_THREADS=8")
+    return int(env)
 
 
 def restore_env() -> dict[str, str]:
     """How a restore reads its pages: read_threads(), and WARMSTART_HUGE_PAGES (default 1: large anonymous
-    areas are read into transparent huge pages)."""
-    return {_READ_THREADS_VAR: str(read_threads()), _HUGE_PAGES_VAR: os.environ.get("WARMSTART_HUGE_PAGES", "1")}
+    areas are read into transparent huge pages; 0: 4 KiB pages)."""
+    huge = os.environ.get("WARMSTART_HUGE_PAGES", "1")
+    if huge not in ("0", "1"):
+        raise UsageError(f"WARMSTART_HUGE_PAGES must be 0 or 1, not {huge!r}", "unset it (1) or set it to 0")
+    return {_READ_THREADS_VAR: str(read_threads()), _HUGE_PAGES_VAR: huge}
 
 
 def _candidates() -> list[str]:

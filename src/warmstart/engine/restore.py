@@ -143,6 +143,7 @@ def _prepare(artifact: Path, gpu_device: str | None, replicas: int, verify_cache
     if problems:
         raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
                                    "restore it on a host like the one it was made on, or checkpoint on this one")
+    criu.restore_env()  # its settings are checked before anything starts
     gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
                             manifest.worker.gpu_bytes_to_remap)
     progress("verifying artifact checksums")
