@@ -27,10 +27,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpu_problem() is not None, re
 
 
 def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Path) -> None:
+    """bf16 weights in a kept region: through host memory (CRIU's image) across the checkpoint, not the driver's."""
+    from warmstart.reference import model
+
+    model_dir = model.ensure(model.TINY, "bfloat16")
+    wbytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     port = free_port()
     t0 = time.monotonic()
     r = cli("run", "--name", "gref", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
-            "--port", str(port), "--device", "cuda", "--kv-cache-mb", "1024")
+            "--port", str(port), "--device", "cuda", "--kv-cache-mb", "1024", "--model", str(model_dir))
     assert r.returncode == 0, r.stderr
     before = demo.complete(port)
     cold = time.monotonic() - t0
@@ -41,6 +46,7 @@ def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Pa
     assert demo.complete(port) == before  # the source got its GPU back
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert any(g["gpu_uuid"].startswith("GPU-") and g["memory_bytes"] > 0 for g in m["gpus"])
+    assert m["worker"]["gpu_bytes_to_remap"] >= (1024 << 20) + wbytes  # the KV pool and the kept weights
 
     r = cli("restore", str(tmp_path / "art"), "--name", "grep", "--json")
     assert r.returncode == 0, r.stderr
@@ -156,7 +162,7 @@ def test_weights_from_the_gpu_weight_service(need_criu, home: Path, tmp_path: Pa
         assert r.returncode == 0, r.stderr
         want = demo.complete(port)
         assert cli("checkpoint", "plainw", "-o", str(tmp_path / "plain")).returncode == 0
-        plain_gpu = sum(g["memory_bytes"] for g in json.loads((tmp_path / "plain" / "manifest.json").read_text())["gpus"])
+        plain_image = json.loads((tmp_path / "plain" / "manifest.json").read_text())["image_bytes"]
 
         port = free_port()
         r = cli("run", "--name", "sharedw", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
@@ -166,9 +172,9 @@ def test_weights_from_the_gpu_weight_service(need_criu, home: Path, tmp_path: Pa
         r = cli("checkpoint", "sharedw", "-o", str(tmp_path / "art"))
         assert r.returncode == 0, r.stderr
         m = json.loads((tmp_path / "art" / "manifest.json").read_text())
-        shared_gpu = sum(g["memory_bytes"] for g in m["gpus"])
         assert m["worker"]["weights"][0]["device"] == "cuda:0"
-        assert shared_gpu < plain_gpu - 0.9 * wbytes, (plain_gpu, shared_gpu, wbytes)  # the weights stayed out
+        # The plain worker's weights travel in its image (host memory, through its kept region); these do not.
+        assert m["image_bytes"] < plain_image - 0.9 * wbytes, (plain_image, m["image_bytes"], wbytes)
         for name in ("r1", "r2"):  # restored twice: the service keeps the weights resident
             r = cli("restore", str(tmp_path / "art"), "--name", name, "--json")
             assert r.returncode == 0, r.stderr
@@ -178,3 +184,33 @@ def test_weights_from_the_gpu_weight_service(need_criu, home: Path, tmp_path: Pa
     finally:
         svc.kill()
         svc.wait()
+
+
+def test_kept_region_and_local_memory_across_a_release() -> None:
+    """A kept region's bytes come back exactly after release/restore; the SDK's local-memory shrink frees
+    GPU memory and is undone."""
+    import torch
+    from cuda.bindings import driver as d
+
+    from warmstart.worker import lmem
+    from warmstart.worker.region import GpuRegion
+
+    region = GpuRegion(300 << 20, 0, keep=True)
+    data = region.tensor(torch)
+    want = torch.randint(0, 256, (data.numel(),), dtype=torch.uint8, device="cuda")
+    data.copy_(want)
+    torch.cuda.synchronize()
+    free = torch.cuda.mem_get_info()[0]
+    region.release()
+    assert not region.mapped and torch.cuda.mem_get_info()[0] >= free + (290 << 20)
+    region.restore()
+    assert region.mapped and torch.equal(region.tensor(torch), want)
+
+    free = torch.cuda.mem_get_info()[0]
+    saved = lmem.shrink()
+    assert len(saved) == 1 and saved[0][2] > lmem.QUIESCED_STACK_BYTES  # the one active context's stack
+    assert d.cuCtxGetLimit(d.CUlimit.CU_LIMIT_STACK_SIZE)[1] == lmem.QUIESCED_STACK_BYTES
+    assert torch.cuda.mem_get_info()[0] >= free + (100 << 20), "no local memory was freed"
+    lmem.regrow(saved)
+    assert d.cuCtxGetLimit(d.CUlimit.CU_LIMIT_STACK_SIZE)[1] == saved[0][2]
+    assert torch.equal(region.tensor(torch), want)  # kernels still run

@@ -150,13 +150,17 @@ def test_decoder_matches_transformers_greedy_generation() -> None:
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from warmstart.reference import decode, model
+    from warmstart.reference import decode, load, model
 
-    d = model.ensure()
+    d = str(model.ensure())
     m = LlamaForCausalLM.from_pretrained(d).eval()
     ids = AutoTokenizer.from_pretrained(d)("Checkpoint me, then restore me").input_ids
+    assert load.tokenizer(d).encode("Checkpoint me, then restore me").ids == ids
     with torch.inference_mode():
         want = m.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                           pad_token_id=257)[0, len(ids) :].tolist()
-    cache = torch.zeros(decode.cache_bytes(m.config, 64, 4), dtype=torch.uint8)
-    assert decode.Decoder(m, cache, 64, use_graph=False).generate(ids, 24) == want
+    config = load.config(d)
+    weights, region = load.weights(d, "cpu", "float32")
+    assert region is None
+    cache = torch.zeros(decode.cache_bytes(config, 64, 4), dtype=torch.uint8)
+    assert decode.Decoder(weights, config, cache, 64, use_graph=False).generate(ids, 24) == want

@@ -1,6 +1,7 @@
 """Greedy decoding of a Llama model with its KV cache in one caller-owned buffer, as serving engines do.
 
-The cache is a fixed-size tensor the worker can release on quiesce and map again on resume (on GPU: a CUDA
+Plain tensors by their checkpoint names, no transformers modules (a smaller process to checkpoint). The
+cache is a fixed-size tensor the worker can release on quiesce and map again on resume (on GPU: a CUDA
 virtual-memory region, see warmstart.worker.region). Every decode step has static shapes (the attention
 runs over the whole cache with a mask), so on GPU the one-token step is captured once as a CUDA graph and replayed; the prompt runs in one pass.
 """
@@ -11,42 +12,41 @@ import math
 from typing import Any
 
 
-def cache_bytes(config: Any, max_len: int, dtype_bytes: int) -> int:
-    """Bytes of K and V for every layer at max_len positions."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * max_len * _head_dim(config) * dtype_bytes
+def cache_bytes(config: dict, max_len: int, dtype_bytes: int) -> int:
+    """Bytes of K and V for every layer at max_len positions (config: the model's config.json)."""
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * max_len * _head_dim(config) * dtype_bytes
 
 
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
-def _rope_theta(config: Any) -> float:
-    theta = getattr(config, "rope_theta", None)
+def _rope_theta(config: dict) -> float:
+    theta = config.get("rope_theta")
     if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return float(theta)
 
 
 class Decoder:
-    def __init__(self, model: Any, cache: Any, max_len: int, use_graph: bool) -> None:
-        """`model`: a transformers LlamaForCausalLM; `cache`: a tensor of >= cache_bytes(...) bytes."""
+    def __init__(self, weights: dict[str, Any], config: dict, cache: Any, max_len: int, use_graph: bool) -> None:
+        """`weights`: a Llama checkpoint's tensors by name; `cache`: a tensor of >= cache_bytes(...) bytes."""
         import torch
 
         self.torch = torch
-        cfg = model.config
-        self.cfg = cfg
-        self.m = model.model
-        self.lm_head = model.lm_head
-        self.dtype = self.lm_head.weight.dtype
-        self.device = self.lm_head.weight.device
+        self.w = weights
+        self.layers = config["num_hidden_layers"]
+        self.lm_head = weights["lm_head.weight"]
+        self.dtype = self.lm_head.dtype
+        self.device = self.lm_head.device
         self.max_len = max_len
-        self.hd = _head_dim(cfg)
-        self.nh, self.kvh = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.eps = cfg.rms_norm_eps
-        n = cache_bytes(cfg, max_len, self.lm_head.weight.element_size())
+        self.hd = _head_dim(config)
+        self.nh, self.kvh = config["num_attention_heads"], config["num_key_value_heads"]
+        self.eps = config["rms_norm_eps"]
+        n = cache_bytes(config, max_len, self.lm_head.element_size())
         flat = cache.view(torch.uint8).reshape(-1)[:n].view(self.dtype)
-        self.cache = flat.view(2, cfg.num_hidden_layers, self.kvh, max_len, self.hd)
-        inv = 1.0 / (_rope_theta(cfg) ** (torch.arange(0, self.hd, 2, dtype=torch.float32, device=self.device) / self.hd))
+        self.cache = flat.view(2, self.layers, self.kvh, max_len, self.hd)
+        inv = 1.0 / (_rope_theta(config) ** (torch.arange(0, self.hd, 2, dtype=torch.float32, device=self.device) / self.hd))
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=self.device), inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
@@ -59,6 +59,7 @@ class Decoder:
         if use_graph:
             self._capture()
 
+
     def _norm(self, x: Any, w: Any) -> Any:
         x32 = x.float()
         return w * (x32 * self.torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype)
@@ -70,18 +71,18 @@ class Decoder:
 
     def _forward(self, tokens: Any, pos: Any) -> Any:
         """Tokens at positions `pos` (n of each): write their K/V into the cache, return the last one's argmax."""
-        torch = self.torch
+        torch, w, linear = self.torch, self.w, self.torch.nn.functional.linear
         n = tokens.shape[0]
-        x = self.m.embed_tokens(tokens)  # (n, H)
+        x = torch.nn.functional.embedding(tokens, w["model.embed_tokens.weight"])  # (n, H)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (n, 1, hd)
         masked = (self.positions.view(1, -1) > pos.view(-1, 1)).view(1, 1, n, -1)  # causal, over the whole cache
         group = self.nh // self.kvh
-        for i, layer in enumerate(self.m.layers):
-            a = layer.self_attn
-            h = self._norm(x, layer.input_layernorm.weight)
-            q = self._rope(a.q_proj(h).view(n, self.nh, self.hd), cos, sin)
-            k = self._rope(a.k_proj(h).view(n, self.kvh, self.hd), cos, sin)
-            v = a.v_proj(h).view(n, self.kvh, self.hd)
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            h = self._norm(x, w[p + "input_layernorm.weight"])
+            q = self._rope(linear(h, w[p + "self_attn.q_proj.weight"]).view(n, self.nh, self.hd), cos, sin)
+            k = self._rope(linear(h, w[p + "self_attn.k_proj.weight"]).view(n, self.kvh, self.hd), cos, sin)
+            v = linear(h, w[p + "self_attn.v_proj.weight"]).view(n, self.kvh, self.hd)
             self.cache[0, i].index_copy_(1, pos, k.transpose(0, 1))
             self.cache[1, i].index_copy_(1, pos, v.transpose(0, 1))
             keys, values = self.cache[0, i].unsqueeze(1), self.cache[1, i].unsqueeze(1)  # (kvh, 1, T, hd)
@@ -89,11 +90,11 @@ class Decoder:
             scores = torch.matmul(q, keys.transpose(2, 3)).float() / math.sqrt(self.hd)
             probs = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1).to(self.dtype)
             attn = torch.matmul(probs, values).permute(2, 0, 1, 3).reshape(n, self.nh * self.hd)
-            x = x + a.o_proj(attn)
-            mlp = layer.mlp
-            h = self._norm(x, layer.post_attention_layernorm.weight)
-            x = x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        logits = self.lm_head(self._norm(x[-1:], self.m.norm.weight)).float()
+            x = x + linear(attn, w[p + "self_attn.o_proj.weight"])
+            h = self._norm(x, w[p + "post_attention_layernorm.weight"])
+            gate = torch.nn.functional.silu(linear(h, w[p + "mlp.gate_proj.weight"]))
+            x = x + linear(gate * linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+        logits = linear(self._norm(x[-1:], w["model.norm.weight"]), self.lm_head).float()
         return logits.argmax(dim=-1)
 
     def _step(self) -> None:

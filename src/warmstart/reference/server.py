@@ -3,7 +3,8 @@
     python -m warmstart.reference.server --port 8000 [--model DIR] [--kv-cache-mb 256] [--weights-socket S]
 
 It decodes greedily with its KV cache in a preallocated pool, as real engines reserve one (on GPU: bf16,
-the pool a CUDA virtual-memory region, the decode step captured once as a CUDA graph). It takes part in
+the pool a CUDA virtual-memory region, the decode step captured once as a CUDA graph; the weights in a kept
+region that goes through host memory across a checkpoint, see warmstart.reference.load). It takes part in
 warmstart's quiesce/resume protocol: in-flight requests finish before it acknowledges a quiesce, new ones
 wait until it resumes, and the pool's memory is released while quiesced (GPU: unmapped and mapped again at
 the same address, so the graph stays valid; CPU: its pages dropped), so the KV cache is not in the image.
@@ -25,20 +26,21 @@ class Engine:
     def __init__(self, model_dir: str, kv_cache_mb: int, device: str, dtype: str, max_len: int, graph: bool,
                  weights_socket: str | None = None) -> None:
         import torch
-        from transformers import AutoTokenizer, LlamaForCausalLM
 
-        from warmstart.reference import decode
+        from warmstart.reference import decode, load
 
         self.torch = torch
         self.device = device
         self.model_dir = model_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.weights = None
+        self.tokenizer = load.tokenizer(model_dir)
+        config = load.config(model_dir)
+        self.weights = None  # SharedWeights, when mapped from a weight service
+        self.weights_region = None  # a kept GpuRegion holding the weights, on GPU without a service
         if weights_socket:
-            model = self._shared_model(model_dir, device, dtype, weights_socket)
+            tensors = self._shared_weights(model_dir, device, dtype, weights_socket)
         else:
-            model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).to(device).eval()
-        need = decode.cache_bytes(model.config, max_len, model.lm_head.weight.element_size())
+            tensors, self.weights_region = load.weights(model_dir, device, dtype)
+        need = decode.cache_bytes(config, max_len, tensors["lm_head.weight"].element_size())
         # The KV pool: engines size it from free memory; here --kv-cache-mb, at least one sequence's worth.
         nbytes = max(kv_cache_mb << 20, need)
         self.region = None
@@ -51,15 +53,13 @@ class Engine:
             pool = torch.zeros(nbytes, dtype=torch.uint8)
         self.cpu_pool = pool if self.region is None else None
         self.kv_cache_bytes = nbytes
-        self.decoder = decode.Decoder(model, pool, max_len, use_graph=graph and self.region is not None)
+        self.decoder = decode.Decoder(tensors, config, pool, max_len, use_graph=graph and self.region is not None)
         self.gate = threading.Lock()  # held by each request, and by the worker while quiesced
         self.replica: int | None = None
 
-    def _shared_model(self, model_dir: str, device: str, dtype: str, socket_path: str):  # -> LlamaForCausalLM
-        """The model with every parameter aliasing the weight service's memory: no load, no copy."""
+    def _shared_weights(self, model_dir: str, device: str, dtype: str, socket_path: str) -> dict:
+        """Every tensor aliasing the weight service's memory: no load, no copy."""
         import glob
-
-        from transformers import LlamaConfig, LlamaForCausalLM
 
         from warmstart.worker.weights import SharedWeights
 
@@ -69,13 +69,10 @@ class Engine:
         wrong = {t.dtype for t in tensors.values()} - {getattr(torch, dtype)}
         if wrong:
             raise SystemExit(f"the weight files hold {sorted(map(str, wrong))}, not {dtype}: pass --dtype to match")
-        with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)))
-        model.load_state_dict(tensors, strict=True, assign=True)
-        return model.eval()
+        return tensors
 
     def complete(self, prompt: str, max_tokens: int) -> tuple[str, int, int]:
-        ids = self.tokenizer(prompt).input_ids
+        ids = self.tokenizer.encode(prompt).ids
         new = self.decoder.generate(ids, max_tokens)
         return self.tokenizer.decode(new, skip_special_tokens=True), len(ids), len(new)
 
@@ -84,6 +81,8 @@ class Engine:
         if self.region is not None:
             self.region.release()  # the KV pool leaves GPU memory, so the CUDA checkpoint does not copy it
             self.torch.cuda.empty_cache()  # and the allocator's idle blocks too
+        if self.weights_region is not None:
+            self.weights_region.release()  # the weights move to host memory: CRIU carries them, not the driver
         if self.cpu_pool is not None:
             _discard(self.cpu_pool)  # on CPU too: the pages go, so CRIU does not dump the KV cache
         if self.weights is not None:
@@ -92,6 +91,8 @@ class Engine:
     def resume(self, settings: ResumeSettings) -> None:
         if self.weights is not None:
             self.weights.restore()
+        if self.weights_region is not None:
+            self.weights_region.restore()
         if self.region is not None:
             self.region.restore()
         if settings.restored:
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights-socket", help="map the weights from this weight service instead of loading them")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.device.startswith("cuda"):
+        # cuBLAS workspaces of 8 MiB instead of torch's 32 MiB on Hopper (one per stream; three here): ample
+        # for decode-sized matrix products, and ~70 MB less GPU memory for the checkpoint to copy.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
     if args.model is None:
         from warmstart.reference import model
 

@@ -11,8 +11,11 @@ import json
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ALIGN = 2 << 20
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class Layout:
     def to_json(self) -> dict:
         return {"files": [asdict(f) for f in self.files], "tensors": [asdict(t) for t in self.tensors],
                 "size": self.size}
+
+    def views(self, blob: Any, torch: Any) -> dict[str, Any]:
+        """Every tensor of the set as a view into blob, a torch uint8 tensor over the whole layout (no copy)."""
+        return {t.name: blob[t.offset : t.offset + t.nbytes].view(getattr(torch, DTYPES[t.dtype])).view(t.shape)
+                for t in self.tensors}
 
     @classmethod
     def from_json(cls, d: dict) -> "Layout":

@@ -5,17 +5,24 @@
     kv.release()                        # on quiesce: unmap + free the memory; the address range stays
     kv.restore()                        # on resume: new memory mapped at the same address, zeroed
 
-Released memory is not in the CUDA checkpoint (so not in the image), and because the address never
-changes, tensors, views and captured CUDA graphs that point into the region stay valid across a
-checkpoint and restore. Needs cuda-bindings; on a CPU worker use an ordinary buffer instead.
+    w = GpuRegion(16 << 30, device=0, keep=True)   # contents survive: weights
+    w.release()                         # copied into the process's host memory first (so into the image)
+    w.restore()                         # copied back at PCIe speed (warmstart.worker.hostcopy), host copy freed
+
+Released memory is not in the CUDA checkpoint, and because the address never changes, tensors, views and
+captured CUDA graphs that point into the region stay valid across a checkpoint and restore. A kept region's
+contents travel in CRIU's part of the image instead, and come back faster than through the driver's
+restore. Needs cuda-bindings; on a CPU worker use an ordinary buffer instead.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
-from warmstart.worker import vmm
+from warmstart.worker import hostcopy, vmm
 
 _regions: "weakref.WeakSet[GpuRegion]" = weakref.WeakSet()
 
@@ -25,10 +32,20 @@ def released_bytes() -> int:
     return sum(r.nbytes for r in list(_regions) if not r.mapped)
 
 
+def _drop(unpin: Callable[[], None], host: int, nbytes: int) -> None:
+    unpin()
+    for off in range(0, nbytes, hostcopy.PIECE):  # a piece at a time: munmap holds the address space's lock
+        hostcopy.free(host + off, min(hostcopy.PIECE, nbytes - off))
+        time.sleep(0.001)
+
+
 class GpuRegion:
-    def __init__(self, nbytes: int, device: int = 0) -> None:
+    def __init__(self, nbytes: int, device: int = 0, keep: bool = False) -> None:
         d = vmm.driver()
         self.device = device
+        self.keep = keep
+        self._host = 0  # a kept region's contents while it is released
+        self._cleanup: threading.Thread | None = None
         self._ctx = vmm.primary_context(device)
         self._prop, gran = vmm.device_memory(device)
         self.nbytes = -(-nbytes // gran) * gran
@@ -46,7 +63,8 @@ class GpuRegion:
         return self._handle is not None
 
     def restore(self) -> None:
-        """Back the reserved range with fresh device memory, zeroed (stale contents must not leak into use)."""
+        """Back the reserved range with device memory: a kept region's contents, else zeros (stale contents
+        must not leak into use)."""
         if self.mapped:
             return
         d = vmm.driver()
@@ -57,14 +75,25 @@ class GpuRegion:
         except BaseException:
             d.cuMemRelease(handle)
             raise
+        unpin = None
         try:
-            vmm.ok(d.cuMemsetD8(self.ptr, 0, self.nbytes), "cuMemsetD8")
-            vmm.ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
+            if self._host:
+                unpin = hostcopy.copy(self._ctx, self.ptr, self._host, self.nbytes, to_device=True, gentle=True)
+            else:
+                vmm.ok(d.cuMemsetD8(self.ptr, 0, self.nbytes), "cuMemsetD8")
+                vmm.ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
         except BaseException:
             d.cuMemUnmap(self.ptr, self.nbytes)
             d.cuMemRelease(handle)
             raise
         self._handle = handle
+        if self._host:
+            host, self._host = self._host, 0
+            # Unpinning takes about as long as the copy: after the resume, in the background, piece by piece
+            # so that the worker's first requests do not wait for it (release() waits for it).
+            self._cleanup = threading.Thread(target=_drop, args=(unpin, host, self.nbytes),
+                                             name="warmstart-region-unpin", daemon=True)
+            self._cleanup.start()
 
     def release(self) -> None:
         """Give the memory back to the driver; the address range stays reserved for restore()."""
@@ -73,9 +102,24 @@ class GpuRegion:
         d = vmm.driver()
         self._current()
         vmm.ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
+        self.join()
+        if self.keep:
+            host = hostcopy.alloc(self.nbytes)
+            try:
+                hostcopy.copy(self._ctx, self.ptr, host, self.nbytes, to_device=False)()
+            except BaseException:
+                hostcopy.free(host, self.nbytes)
+                raise
+            self._host = host
         vmm.ok(d.cuMemUnmap(self.ptr, self.nbytes), "cuMemUnmap")
         vmm.ok(d.cuMemRelease(self._handle), "cuMemRelease")
         self._handle = None
+
+    def join(self) -> None:
+        """Wait until the host copy of the last restore is unpinned and freed."""
+        if self._cleanup is not None:
+            self._cleanup.join()
+            self._cleanup = None
 
     def tensor(self, torch: Any) -> Any:
         """A torch uint8 tensor over the region (no copy); valid whenever the region is mapped."""

@@ -11,12 +11,14 @@ without warmstart (no control directory in its environment) gets None and nothin
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from warmstart.worker import lmem
 from warmstart.worker import protocol as p
 
 # Poll slowly while serving; fast while quiesced, since that wait is on the restore's critical path.
@@ -53,6 +55,7 @@ class Controller:
         self._on_resume = on_resume or (lambda s: None)
         self._seq = 0
         self._quiesced = False
+        self._lmem: list = []
         self.last_resume: ResumeSettings | None = None
 
     def announce(self, port: int | None, engine: str, model: str | None) -> None:
@@ -83,9 +86,12 @@ class Controller:
         try:
             if op == p.QUIESCE and not self._quiesced:
                 self._on_quiesce()
+                self._lmem = _shrink_local_memory()
                 self._quiesced = True
             elif op in (p.RESUME, p.CANCEL) and self._quiesced:
                 settings = ResumeSettings.from_request(req.get("settings") or {})
+                lmem.regrow(self._lmem)
+                self._lmem = []
                 self._on_resume(settings)
                 self._quiesced = False
                 self.last_resume = settings
@@ -110,6 +116,14 @@ class Controller:
             if req and int(req.get("seq", 0)) > self._seq:
                 self._seq = int(req["seq"])
                 self._handle(req)
+
+
+def _shrink_local_memory() -> list:
+    try:
+        return lmem.shrink()
+    except RuntimeError as e:  # only a smaller image is lost: the checkpoint goes on
+        print(f"warmstart: local memory not shrunk before the checkpoint ({e})", file=sys.stderr, flush=True)
+        return []
 
 
 def attach(

@@ -30,8 +30,6 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FIXED, _MAP_NORESERVE, _PROT_NONE = 0x10, 0x4000, 0
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def held() -> list[dict]:
@@ -108,12 +106,7 @@ class SharedWeights:
 
     def tensors(self, torch: Any) -> dict[str, Any]:
         """Every tensor of the set, aliasing the mapped memory (no copy)."""
-        blob = self._blob(torch)
-        out = {}
-        for t in self.layout.tensors:
-            dtype = getattr(torch, _DTYPES[t.dtype])
-            out[t.name] = blob[t.offset : t.offset + t.nbytes].view(dtype).view(t.shape)
-        return out
+        return self.layout.views(self._blob(torch), torch)
 
     def release(self) -> None:
         """Unmap the weights (on quiesce); the address range stays reserved for restore()."""
