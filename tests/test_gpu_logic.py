@@ -164,3 +164,16 @@ def test_decoder_matches_transformers_greedy_generation() -> None:
     assert region is None
     cache = torch.zeros(decode.cache_bytes(config, 64, 4), dtype=torch.uint8)
     assert decode.Decoder(weights, config, cache, 64, use_graph=False).generate(ids, 24) == want
+
+
+def test_the_sdk_never_starts_cuda_in_a_process_that_does_not_use_it() -> None:
+    """lmem.shrink() runs on every quiesce: in a CPU worker (torch imported, CUDA untouched) it must do nothing,
+    not even load the driver, or CRIU would find GPU device files in the process."""
+    code = ("import sys\ntry:\n    import torch\nexcept ImportError:\n    torch = None\n"
+            "from warmstart.worker import lmem\n"
+            "assert lmem.shrink() == []\n"
+            "assert 'cuda.bindings.driver' not in sys.modules\n"
+            "assert torch is None or not torch.cuda.is_initialized()\n"
+            "lmem.regrow([])\nprint('untouched')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "untouched", r.stderr
