@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from warmstart import demo, registry
+from warmstart import demo, paths, registry
 from warmstart.engine import checkpoint, criu, launch, restore
 from warmstart.errors import UsageError
 from warmstart.reference import model
@@ -149,7 +149,9 @@ def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env
                                 "after_cuda_s": round(r.ready_s - r.criu_s - r.cuda_s, 2),
                                 "first_token_s": round(first, 2), "one_token_request_s": round(time.monotonic() - ft, 3),
                                 "tokens_match": text == want})
-    for r in rr.replicas:
+    for r, rep in zip(rr.replicas, out["replicas"]):
+        log_lines = (paths.worker_dir(r.name) / launch.LOG).read_text(errors="replace").splitlines()
+        rep["worker_resume"] = next((ln for ln in reversed(log_lines) if ln.startswith("resume:")), None)
         stop(r.name)
     return out
 

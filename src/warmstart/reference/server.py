@@ -91,10 +91,16 @@ class Engine:
     def resume(self, settings: ResumeSettings) -> None:
         if self.weights is not None:
             self.weights.restore()
+        t0 = time.monotonic()
         if self.weights_region is not None:
             self.weights_region.restore()
+        t1 = time.monotonic()
         if self.region is not None:
             self.region.restore()
+        if self.weights_region is not None:
+            gb = self.weights_region.nbytes / 1e9
+            print(f"resume: {gb:.2f} GB of weights back in {t1 - t0:.3f} s ({gb / max(t1 - t0, 1e-9):.1f} GB/s), "
+                  f"KV pool mapped in {time.monotonic() - t1:.3f} s", flush=True)
         if settings.restored:
             self.replica = settings.replica
         self.gate.release()
