@@ -177,3 +177,21 @@ def test_the_sdk_never_starts_cuda_in_a_process_that_does_not_use_it() -> None:
             "lmem.regrow([])\nprint('untouched')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "untouched", r.stderr
+
+
+def test_a_failed_quiesce_leaves_the_reference_worker_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from warmstart.reference import model, server
+
+    engine = server.Engine(str(model.ensure()), 1, "cpu", "float32", 64, graph=False)
+    want = engine.complete("still here", 4)
+
+    def broken(_t: object) -> None:
+        raise OSError("madvise failed")
+
+    monkeypatch.setattr(server, "_discard", broken)
+    with pytest.raises(OSError, match="madvise failed"):
+        engine.quiesce()
+    assert engine.gate.acquire(blocking=False), "the request gate stayed closed after the failed quiesce"
+    engine.gate.release()
+    assert engine.complete("still here", 4) == want

@@ -78,6 +78,22 @@ class Engine:
 
     def quiesce(self) -> None:
         self.gate.acquire()  # waits for in-flight requests; new ones block until resume
+        try:
+            self._release()
+        except BaseException:  # the checkpoint is off: serve again with everything mapped
+            try:
+                self._bring_back()
+            finally:
+                self.gate.release()
+            raise
+
+    def resume(self, settings: ResumeSettings) -> None:
+        self._bring_back()
+        if settings.restored:
+            self.replica = settings.replica
+        self.gate.release()
+
+    def _release(self) -> None:
         if self.region is not None:
             self.region.release()  # the KV pool leaves GPU memory, so the CUDA checkpoint does not copy it
             self.torch.cuda.empty_cache()  # and the allocator's idle blocks too
@@ -88,22 +104,21 @@ class Engine:
         if self.weights is not None:
             self.weights.release()  # the weights stay in the service: neither checkpoint carries them
 
-    def resume(self, settings: ResumeSettings) -> None:
+    def _bring_back(self) -> None:
+        """Map whatever _release() unmapped (each restore() does nothing for what is still mapped)."""
         if self.weights is not None:
             self.weights.restore()
+        kept = self.weights_region is not None and not self.weights_region.mapped
         t0 = time.monotonic()
         if self.weights_region is not None:
             self.weights_region.restore()
         t1 = time.monotonic()
         if self.region is not None:
             self.region.restore()
-        if self.weights_region is not None:
+        if kept:
             gb = self.weights_region.nbytes / 1e9
             print(f"resume: {gb:.2f} GB of weights back in {t1 - t0:.3f} s ({gb / max(t1 - t0, 1e-9):.1f} GB/s), "
                   f"KV pool mapped in {time.monotonic() - t1:.3f} s", flush=True)
-        if settings.restored:
-            self.replica = settings.replica
-        self.gate.release()
 
 
 def _discard(t) -> None:  # t: a contiguous CPU torch tensor
