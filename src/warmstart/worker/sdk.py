@@ -90,7 +90,7 @@ class Controller:
                 self._quiesced = True
             elif op in (p.RESUME, p.CANCEL) and self._quiesced:
                 settings = ResumeSettings.from_request(req.get("settings") or {})
-                lmem.regrow(self._lmem)
+                _regrow_local_memory(self._lmem)
                 self._lmem = []
                 self._on_resume(settings)
                 self._quiesced = False
@@ -124,6 +124,13 @@ def _shrink_local_memory() -> list:
     except RuntimeError as e:  # only a smaller image is lost: the checkpoint goes on
         print(f"warmstart: local memory not shrunk before the checkpoint ({e})", file=sys.stderr, flush=True)
         return []
+
+
+def _regrow_local_memory(saved: list) -> None:
+    try:
+        lmem.regrow(saved)
+    except RuntimeError as e:  # the driver grows it again by itself for any kernel that needs more
+        print(f"warmstart: stack limit not set back after the restore ({e})", file=sys.stderr, flush=True)
 
 
 def attach(
