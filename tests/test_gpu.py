@@ -44,6 +44,11 @@ def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Pa
     ck = json.loads(r.stdout)
     assert "cuda_checkpoint" in ck["steps"]
     assert demo.complete(port) == before  # the source got its GPU back
+    # Again: the first resume's host copy must be unpinned and gone before this quiesce copies out again.
+    r = cli("checkpoint", "gref", "-o", str(tmp_path / "art2"), "--leave-running", "--json")
+    assert r.returncode == 0, r.stderr
+    assert demo.complete(port) == before
+    assert "could not be unpinned" not in (home / "workers" / "gref" / "worker.log").read_text()
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert any(g["gpu_uuid"].startswith("GPU-") and g["memory_bytes"] > 0 for g in m["gpus"])
     assert m["worker"]["gpu_bytes_to_remap"] >= (1024 << 20) + wbytes  # the KV pool and the kept weights
@@ -205,6 +210,8 @@ def test_kept_region_and_local_memory_across_a_release() -> None:
     assert not region.mapped and torch.cuda.mem_get_info()[0] >= free + (290 << 20)
     region.restore()
     assert region.mapped and torch.equal(region.tensor(torch), want)
+    region.join()  # the host copy, unpinned and freed on a thread of its own
+    assert region.unpin_error is None
 
     free = torch.cuda.mem_get_info()[0]
     saved = lmem.shrink()

@@ -45,7 +45,8 @@ def copy(ctx: Any, device_ptr: int, host: int, nbytes: int, to_device: bool, pie
 
     Pinning is serialised in the kernel and the driver, so one thread pins piece after piece while the DMA of
     the pieces before runs on a few streams; the copy is done when this returns. Unpinning costs about as
-    much as pinning: a caller on a critical path may run it later, and must before the next checkpoint."""
+    much as pinning: a caller on a critical path may run it later (from any thread), and must before the next
+    checkpoint."""
     d = vmm.driver()
     vmm.ok(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
     streams = [vmm.ok(d.cuStreamCreate(d.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
@@ -53,8 +54,10 @@ def copy(ctx: Any, device_ptr: int, host: int, nbytes: int, to_device: bool, pie
     pinned: list[int] = []
 
     def unpin() -> None:
+        vmm.ok(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")  # registrations belong to the context
         while pinned:
-            d.cuMemHostUnregister(pinned.pop())
+            vmm.ok(d.cuMemHostUnregister(pinned[-1]), "cuMemHostUnregister")
+            pinned.pop()
             if gentle:
                 time.sleep(0.002)  # let the worker's own threads at the driver and the GIL in between
 
@@ -72,7 +75,10 @@ def copy(ctx: Any, device_ptr: int, host: int, nbytes: int, to_device: bool, pie
     except BaseException:
         for s in streams:
             d.cuStreamSynchronize(s)
-        unpin()
+        try:
+            unpin()
+        except RuntimeError:
+            pass  # the copy's own error is the one to report
         raise
     finally:
         for s in streams:

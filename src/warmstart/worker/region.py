@@ -17,6 +17,7 @@ restore. Needs cuda-bindings; on a CPU worker use an ordinary buffer instead.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import weakref
@@ -32,8 +33,13 @@ def released_bytes() -> int:
     return sum(r.nbytes for r in list(_regions) if not r.mapped)
 
 
-def _drop(unpin: Callable[[], None], host: int, nbytes: int) -> None:
-    unpin()
+def _drop(region: "GpuRegion", unpin: Callable[[], None], host: int, nbytes: int) -> None:
+    try:
+        unpin()
+    except RuntimeError as e:  # a background thread: say it where the worker's log will show it
+        region.unpin_error = str(e)
+        print(f"warmstart: the host copy of a restored GPU region could not be unpinned ({e}); "
+              f"{nbytes >> 20} MiB of host memory stay pinned until the process exits", file=sys.stderr, flush=True)
     for off in range(0, nbytes, hostcopy.PIECE):  # a piece at a time: munmap holds the address space's lock
         hostcopy.free(host + off, min(hostcopy.PIECE, nbytes - off))
         time.sleep(0.001)
@@ -46,6 +52,7 @@ class GpuRegion:
         self.keep = keep
         self._host = 0  # a kept region's contents while it is released
         self._cleanup: threading.Thread | None = None
+        self.unpin_error: str | None = None  # set if the background unpin after a restore failed
         self._ctx = vmm.primary_context(device)
         self._prop, gran = vmm.device_memory(device)
         self.nbytes = -(-nbytes // gran) * gran
@@ -91,7 +98,7 @@ class GpuRegion:
             host, self._host = self._host, 0
             # Unpinning takes about as long as the copy: after the resume, in the background, piece by piece
             # so that the worker's first requests do not wait for it (release() waits for it).
-            self._cleanup = threading.Thread(target=_drop, args=(unpin, host, self.nbytes),
+            self._cleanup = threading.Thread(target=_drop, args=(self, unpin, host, self.nbytes),
                                              name="warmstart-region-unpin", daemon=True)
             self._cleanup.start()
 
