@@ -150,7 +150,8 @@ def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env
                                 "first_token_s": round(first, 2), "one_token_request_s": round(time.monotonic() - ft, 3),
                                 "tokens_match": text == want})
     for r, rep in zip(rr.replicas, out["replicas"]):
-        log_lines = (paths.worker_dir(r.name) / launch.LOG).read_text(errors="replace").splitlines()
+        log = paths.worker_dir(r.name) / launch.LOG
+        log_lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         rep["worker_resume"] = next((ln for ln in reversed(log_lines) if ln.startswith("resume:")), None)
         stop(r.name)
     return out

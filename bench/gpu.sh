@@ -27,6 +27,6 @@ mode=${1:-tests}; shift || true
              python3 bench/weights_gpu.py --shape "${1:-8b}" --out "$out" 2>&1 ;;
     probe) model=$(python3 -c 'from warmstart.reference import model as m; print(m.ensure(getattr(m, "LLAMA_" + "'"${1:-1b}"'".upper()), "bfloat16", "cuda"))')
            python3 bench/probes/checkpoint_size.py "$model" --out "$out" ${2:+--stage "${@:2}"} 2>&1 ;;
-    *) echo "usage: bench/gpu.sh tests | bench SHAPE... | weights SHAPE" ;;
+    *) echo "usage: bench/gpu.sh tests | bench SHAPE... | probe SHAPE [STAGE...] | weights SHAPE" ;;
   esac
 } | tee "$out/gpu-$mode.log"

@@ -59,7 +59,6 @@ class Decoder:
         if use_graph:
             self._capture()
 
-
     def _norm(self, x: Any, w: Any) -> Any:
         x32 = x.float()
         return w * (x32 * self.torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype)
