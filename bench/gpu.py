@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from warmstart import demo, paths, registry
+from warmstart.artifact.manifest import SAVED_DIR
 from warmstart.engine import checkpoint, criu, launch, restore
 from warmstart.errors import UsageError
 from warmstart.reference import model
@@ -186,8 +187,10 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool) -> dict:
     ck = checkpoint.checkpoint(rec.pid, art, record=rec, leave_running=False)
     m = ck.manifest
     gpu_bytes = sum(g.memory_bytes for g in m.gpus)
+    # CRIU's part and the files the worker saved outside it (its kept weights region, read back on resume).
+    saved_bytes = sum(f.size for f in m.files if f.path.startswith(SAVED_DIR + "/"))
     res["checkpoint"] = {"seconds": round(ck.seconds, 2), "image_bytes": m.image_bytes, "gpu_bytes": gpu_bytes,
-                         "steps": m.step_seconds()}
+                         "saved_bytes": saved_bytes, "steps": m.step_seconds()}
     log(f"{key}: checkpoint with KV release: {ck.seconds:.2f} s, {m.image_bytes / 1e9:.2f} GB ({m.step_seconds()})")
 
     images = [art / f.path for f in m.files]
@@ -205,9 +208,11 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool) -> dict:
                                                want=want, env=env)
         log(f"{key}: restore, {label}: {res[f'restore_{label}']}")
 
-    # Floors: the bytes a restore must move at the bandwidths measured now: the image read with as many threads
-    # as the patched CRIU uses, the driver copying the checkpointed GPU memory from pageable memory, and the
-    # worker's kept weights region copied back from pinned pieces (warmstart.worker.hostcopy).
+    # Floors: the bytes a restore must move at the bandwidths measured now: the artifact read with as many
+    # threads as the patched CRIU uses, the driver copying the checkpointed GPU memory from pageable memory, and
+    # the worker's kept weights region: read from its saved file by pinned staging buffers, whose DMA overlaps
+    # the reads (warmstart.worker.filecopy), or, with no saved file, copied back from host memory in pinned
+    # pieces (warmstart.worker.hostcopy).
     threads = int(criu.restore_env()["CRIU_PAGE_READ_THREADS"])  # as many as the restores read with
     res["bandwidth"] = {"page_cache_1_thread": read_bandwidth(images, 1),
                         "page_cache_threads": read_bandwidth(images, threads), **bw}
@@ -216,7 +221,7 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool) -> dict:
     b = res["bandwidth"]
     h2d = b["h2d_pageable"]
     res["criu_threaded_reads"] = criu.find().threaded_reads
-    kept = weights / b["h2d_pinned"]
+    kept = 0.0 if saved_bytes else weights / b["h2d_pinned"]
     res["floor_warm_s"] = round(m.image_bytes / b["page_cache_threads"] + gpu_bytes / h2d + kept, 2)
     if "disk_threads" in b:
         res["floor_cold_s"] = round(m.image_bytes / b["disk_threads"] + gpu_bytes / h2d + kept, 2)
@@ -243,7 +248,8 @@ def table(results: list[dict], facts: dict) -> str:
     row("checkpoint, KV kept: time / image", lambda r: f"{r['checkpoint_without_kv_release']['seconds']} s / "
         f"{gb(r['checkpoint_without_kv_release']['image_bytes'])}")
     row("checkpoint, KV released: time / image", lambda r: f"{r['checkpoint']['seconds']} s / {gb(r['checkpoint']['image_bytes'])}")
-    row("  of which GPU memory", lambda r: gb(r["checkpoint"]["gpu_bytes"]))
+    row("  of which GPU memory (the CUDA checkpoint) / saved by the worker (kept weights)",
+        lambda r: f"{gb(r['checkpoint']['gpu_bytes'])} / {gb(r['checkpoint'].get('saved_bytes', 0))}")
     for label, key in (("warm page cache", "restore_warm"), ("cold page cache", "restore_cold")):
         row(f"restore to ready, {label} (CRIU / CUDA / rest)", lambda r, k=key: f"{r[k]['replicas'][0]['ready_s']} s "
             f"({r[k]['replicas'][0]['criu_s']} / {r[k]['replicas'][0]['cuda_s']} / {r[k]['replicas'][0]['after_cuda_s']})")

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 WARMSTART = [sys.executable, "-m", "warmstart"]
 COUNTER = REPO / "tests" / "workers" / "counter.py"
 SLOW_QUIESCE = REPO / "tests" / "workers" / "slow_quiesce.py"
+SAVED_STATE = REPO / "tests" / "workers" / "saved_state.py"
 
 
 def _criu_problem() -> str | None:

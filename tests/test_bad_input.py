@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, wait_http
+from conftest import COUNTER, SAVED_STATE, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, wait_http
 from conftest import one_error_line as _one_error_line
 from warmstart import demo, procs
 
@@ -138,6 +138,25 @@ def test_interrupted_checkpoint_leaves_no_artifact_and_worker_serving(ref_worker
     assert "interrupted by SIGTERM" in rest and "Traceback" not in rest
     assert not out.exists() and not list(tmp_path.glob(".art*"))
     assert demo.complete(port) == before  # resumed, serving, same state
+
+
+def test_interrupted_checkpoint_gives_a_worker_back_what_it_saved(need_criu, home: Path, tmp_path: Path) -> None:
+    """The worker reads its saved state back from the staging directory before that directory is removed."""
+    port = free_port()
+    r = cli("run", "--name", "st", "--wait", "--", sys.executable, str(SAVED_STATE), str(port))
+    assert r.returncode == 0, r.stderr
+    digest = http_get(port).split()[0]
+    out = tmp_path / "art"
+    proc = subprocess.Popen([*WARMSTART, "checkpoint", "st", "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "dumping" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert not out.exists() and not list(tmp_path.glob(".art*"))
+    got, _, where = http_get(port).split()
+    assert got == digest and where.startswith(str(tmp_path / ".art.partial-"))
 
 
 def test_dump_dying_midway_leaves_no_artifact(ref_worker, tmp_path: Path) -> None:

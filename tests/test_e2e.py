@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, REPO, cli, evict_pages, free_port, http_get, wait_http
+from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, wait_http
 from warmstart import demo
 from warmstart.engine import criu, readahead
 
@@ -108,3 +108,34 @@ def test_demo_json(need_criu, home: Path) -> None:
         assert key in d
     assert d["identical"] is True and d["image_bytes"] > 0
     assert _ps(home) == []  # the demo cleans up after itself
+
+
+def test_state_saved_outside_the_image_comes_back(need_criu, home: Path, tmp_path: Path) -> None:
+    """What an SDK worker saves in the checkpoint's directory (as kept GPU regions do) is in the artifact,
+    checksummed and not in CRIU's image; the source reads it back after --leave-running, every replica on restore."""
+    port = free_port()
+    r = cli("run", "--name", "st", "--wait", "--", sys.executable, str(SAVED_STATE), str(port))
+    assert r.returncode == 0, r.stderr
+    digest, head, where = http_get(port).split()
+    assert where == "memory"
+    art = tmp_path / "art"
+    r = cli("checkpoint", "st", "-o", str(art), "--leave-running", "--json")
+    assert r.returncode == 0, r.stderr
+    saved = art / "saved" / "state.bin"
+    assert saved.stat().st_size == 8 << 20
+    assert "saved/state.bin" in [f["path"] for f in json.loads((art / "manifest.json").read_text())["files"]]
+    assert not any(bytes.fromhex(head) in p.read_bytes() for p in readahead.pages_images(art / "images"))
+    assert http_get(port).split() == [digest, head, str(saved.parent)]  # the source, from the finished artifact
+
+    r = cli("restore", str(art), "--replicas", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    for rep in json.loads(r.stdout)["replicas"]:
+        assert http_get(rep["port"]).split() == [digest, head, str(saved.parent)]
+
+    with open(saved, "r+b") as f:  # same size, one byte different
+        f.seek(4 << 20)
+        b = f.read(1)
+        f.seek(4 << 20)
+        f.write(bytes([b[0] ^ 1]))
+    r = cli("restore", str(art), "--name", "st-bad")
+    assert r.returncode != 0 and "does not match its checksum" in r.stderr, r.stderr

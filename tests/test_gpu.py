@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpu_problem() is not None, re
 
 
 def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Path) -> None:
-    """bf16 weights in a kept region: through host memory (CRIU's image) across the checkpoint, not the driver's."""
+    """bf16 weights in a kept region: saved into the artifact on quiesce, read back by the source and the
+    replica, never in the CUDA checkpoint or CRIU's image."""
     from warmstart.reference import model
 
     model_dir = model.ensure(model.TINY, "bfloat16")
@@ -44,11 +46,18 @@ def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Pa
     ck = json.loads(r.stdout)
     assert "cuda_checkpoint" in ck["steps"]
     assert demo.complete(port) == before  # the source got its GPU back
-    # Again: the first resume's host copy must be unpinned and gone before this quiesce copies out again.
+    # Again: the source read its weights back from the first artifact and saves them into the second.
     r = cli("checkpoint", "gref", "-o", str(tmp_path / "art2"), "--leave-running", "--json")
     assert r.returncode == 0, r.stderr
     assert demo.complete(port) == before
     assert "could not be unpinned" not in (home / "workers" / "gref" / "worker.log").read_text()
+    saved = sorted((tmp_path / "art" / "saved").iterdir())
+    assert sum(p.stat().st_size for p in saved) >= wbytes, saved  # the weights
+    with open(sorted(model_dir.glob("*.safetensors"))[-1], "rb") as f:
+        f.seek(-(1 << 20), os.SEEK_END)
+        sample = f.read(64)  # random bf16 weights: these 64 bytes are nowhere else
+    assert any(sample in p.read_bytes() for p in saved)
+    assert not any(sample in p.read_bytes() for p in (tmp_path / "art" / "images").glob("pages-*.img"))
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert any(g["gpu_uuid"].startswith("GPU-") and g["memory_bytes"] > 0 for g in m["gpus"])
     assert m["worker"]["gpu_bytes_to_remap"] >= (1024 << 20) + wbytes  # the KV pool and the kept weights
@@ -178,7 +187,7 @@ def test_weights_from_the_gpu_weight_service(need_criu, home: Path, tmp_path: Pa
         assert r.returncode == 0, r.stderr
         m = json.loads((tmp_path / "art" / "manifest.json").read_text())
         assert m["worker"]["weights"][0]["device"] == "cuda:0"
-        # The plain worker's weights travel in its image (host memory, through its kept region); these do not.
+        # The plain worker's weights travel in its artifact (saved from its kept region); these do not.
         assert m["image_bytes"] < plain_image - 0.9 * wbytes, (plain_image, m["image_bytes"], wbytes)
         for name in ("r1", "r2"):  # restored twice: the service keeps the weights resident
             r = cli("restore", str(tmp_path / "art"), "--name", name, "--json")
@@ -191,13 +200,14 @@ def test_weights_from_the_gpu_weight_service(need_criu, home: Path, tmp_path: Pa
         svc.wait()
 
 
-def test_kept_region_and_local_memory_across_a_release() -> None:
-    """A kept region's bytes come back exactly after release/restore; the SDK's local-memory shrink frees
-    GPU memory and is undone."""
+def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
+    """A kept region's bytes come back exactly after release/restore, through host memory and through a file;
+    a damaged file fails the restore and leaves the region unmapped; the SDK's local-memory shrink frees GPU
+    memory and is undone."""
     import torch
     from cuda.bindings import driver as d
 
-    from warmstart.worker import lmem
+    from warmstart.worker import lmem, savedir
     from warmstart.worker.region import GpuRegion
 
     region = GpuRegion(300 << 20, 0, keep=True)
@@ -212,6 +222,26 @@ def test_kept_region_and_local_memory_across_a_release() -> None:
     assert region.mapped and torch.equal(region.tensor(torch), want)
     region.join()  # the host copy, unpinned and freed on a thread of its own
     assert region.unpin_error is None
+
+    savedir.use(str(tmp_path))
+    try:
+        region.release()
+        saved = tmp_path / region.file_name
+        assert saved.stat().st_size == region.nbytes and torch.cuda.mem_get_info()[0] >= free + (290 << 20)
+        region.restore()
+        assert torch.equal(region.tensor(torch), want)
+        region.release()
+        os.truncate(saved, region.nbytes - 4096)
+        with pytest.raises(OSError, match="truncated"):
+            region.restore()
+        assert not region.mapped and torch.cuda.mem_get_info()[0] >= free + (290 << 20)
+        savedir.use(None)
+        with pytest.raises(RuntimeError, match="did not say where"):
+            region.restore()
+    finally:
+        savedir.use(None)
+    region._saved = None  # start over with zeros
+    region.restore()
 
     free = torch.cuda.mem_get_info()[0]
     saved = lmem.shrink()

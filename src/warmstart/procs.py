@@ -36,6 +36,12 @@ def alive(pid: int, started: int | None = None) -> bool:
     return started is None or start_time(pid) == started
 
 
+def owner(pid: int) -> tuple[int, int]:
+    """The (uid, gid) the process runs as (effective ids: the owner of /proc/PID)."""
+    st = os.stat(f"/proc/{pid}")
+    return st.st_uid, st.st_gid
+
+
 def require_alive(pid: int) -> None:
     if pid <= 1 or not alive(pid):
         raise WorkerError(f"no running process with pid {pid}", "check the pid with `warmstart ps` or `ps -p PID`")

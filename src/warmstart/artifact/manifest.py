@@ -12,6 +12,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IMAGES_DIR = "images"
 SHM_DIR = "shm"  # the worker's /dev/shm segments, placed in each replica's own /dev/shm
+SAVED_DIR = "saved"  # what the worker saved outside its image (kept GPU regions), read back by each replica
 
 
 class FileEntry(BaseModel):

@@ -19,7 +19,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from warmstart import paths, procs
-from warmstart.artifact.manifest import IMAGES_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHM_DIR, FileEntry, Manifest
+from warmstart.artifact.manifest import (IMAGES_DIR, MANIFEST_NAME, SAVED_DIR, SCHEMA_VERSION, SHM_DIR, FileEntry,
+                                        Manifest)
 from warmstart.errors import ArtifactError, UsageError
 
 _CHUNK = 8 << 20
@@ -108,7 +109,7 @@ def _hash_all(root: Path, files: list[tuple[str, int, int]]) -> dict[str, str]:
 
 def _image_files(root: Path) -> list[str]:
     out = []
-    for top in (IMAGES_DIR, SHM_DIR):
+    for top in (IMAGES_DIR, SHM_DIR, SAVED_DIR):
         for dirpath, _, names in os.walk(root / top):
             for n in names:
                 out.append(str((Path(dirpath) / n).relative_to(root)))

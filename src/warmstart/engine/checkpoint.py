@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
-from warmstart.artifact.manifest import SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
+from warmstart.artifact.manifest import SAVED_DIR, SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
 from warmstart.engine import control, criu, gpu, joinns, shm
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
@@ -106,6 +106,7 @@ def checkpoint(
     log = paths.home() / "logs" / f"dump-{pid}-{int(time.time())}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     quiesced_seq = 0
+    saved: Path | None = None
     engine_paused: Quiesced | None = None
     gpu_states: list = []
     hook_env: dict[str, str] = {}
@@ -114,9 +115,10 @@ def checkpoint(
             if info and control_dir and not quiesce:
                 identity.control_seq = control.last_seq(control_dir)  # the restore's resume must come after it
             elif info and control_dir:
+                saved = _saved_dir(staging, pid)
                 quiesced_seq = control.last_seq(control_dir) + 1
                 with timer.step("quiesce", "quiescing worker"):
-                    control.send(control_dir, quiesced_seq, protocol.QUIESCE)
+                    control.send(control_dir, quiesced_seq, protocol.QUIESCE, _saved_settings(saved))
                     ack = control.wait_ack(control_dir, quiesced_seq, quiesce_timeout_s, pid, "quiesce")
                 identity.control_seq = quiesced_seq
                 identity.gpu_bytes_to_remap = int(ack.get("gpu_bytes_to_remap") or 0)
@@ -140,6 +142,8 @@ def checkpoint(
                 criu.run(binary, criu.dump_args(inner, staging.images, log, str(script) if script else None), log,
                          "dump", env=hook_env, enter=enter)
             os.replace(log, staging.tmp / "dump.log")
+            if saved and not any(saved.iterdir()):
+                saved.rmdir()  # the worker saved nothing there
             if script:
                 script.unlink()
             check_interrupted(got, "checkpoint")
@@ -158,11 +162,12 @@ def checkpoint(
             store.commit(staging, manifest)
             store.remember_verified(staging.final, manifest)
     except BaseException:
-        store.discard(staging)
         if cuda_pids and _gpu_state_is(cuda_pids[0], "checkpointed"):
             gpu.resume(cuda_pids)
         if quiesced_seq and control_dir:
-            _resume_quietly(control_dir, quiesced_seq + 1)
+            # Before the staging directory goes: the worker reads what it saved back from it.
+            _resume_quietly(control_dir, quiesced_seq + 1, saved, pid, quiesce_timeout_s)
+        store.discard(staging)
         if adapter and engine_paused and identity.port:
             _resume_engine_quietly(pid, adapter, identity.port, engine_paused, quiesce_timeout_s)
         raise
@@ -174,7 +179,9 @@ def checkpoint(
             gpu.resume(cuda_pids)
     if quiesced_seq and control_dir and leave_running:
         with timer.step("resume", "resuming worker"):
-            control.send(control_dir, quiesced_seq + 1, protocol.RESUME, {"restored": False})
+            kept = staging.final / SAVED_DIR
+            control.send(control_dir, quiesced_seq + 1, protocol.RESUME,
+                         {"restored": False, **_saved_settings(kept if kept.is_dir() else None)})
             control.wait_ack(control_dir, quiesced_seq + 1, quiesce_timeout_s, pid, "resume")
     if adapter and engine_paused and identity.port and leave_running:
         with timer.step("resume", f"resuming {adapter.name}"):
@@ -216,9 +223,28 @@ def _resume_engine_quietly(pid: int, adapter: Engine, port: int, paused: Quiesce
         pass  # the engine died; the checkpoint's own error says what went wrong first
 
 
-def _resume_quietly(control_dir: Path, seq: int) -> None:
+def _saved_dir(staging: store.Staging, pid: int) -> Path | None:
+    """A directory in the artifact for what the worker saves outside its image (kept GPU regions), if the worker
+    sees the same files we do (not a container's worker: it keeps everything in memory, so in CRIU's image)."""
+    if os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
+        return None
+    d = staging.tmp / SAVED_DIR
+    d.mkdir()
+    uid, gid = procs.owner(pid)
+    if (uid, gid) != (os.getuid(), os.getgid()):
+        os.chown(d, uid, gid)  # the worker writes the files
+    return d
+
+
+def _saved_settings(saved: Path | None) -> dict[str, str]:
+    return {protocol.SAVED_DIR: str(saved)} if saved else {}
+
+
+def _resume_quietly(control_dir: Path, seq: int, saved: Path | None, pid: int, timeout_s: float) -> None:
     try:
-        control.send(control_dir, seq, protocol.CANCEL)
-    except OSError:
-        pass  # the worker's control dir is gone; nothing to resume
+        control.send(control_dir, seq, protocol.CANCEL, _saved_settings(saved))
+        if saved and any(saved.iterdir()):
+            control.wait_ack(control_dir, seq, timeout_s, pid, "resume")
+    except (OSError, WorkerError):
+        pass  # the worker is gone or failed to resume; the checkpoint's own error says what went wrong first
 

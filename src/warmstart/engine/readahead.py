@@ -3,6 +3,7 @@
 CRIU reads its pages images as it restores; from a cold page cache its reads keep the disk only partly
 busy. When most of an image is not cached, restore starts these readers first: large reads in several
 threads, so that CRIU finds the pages cached or already on their way (the page cache never reads a page twice).
+The files of kept GPU regions, which the worker reads once it runs again, are read after the pages.
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ class Readahead:
                 os.close(fd)
 
 
-def start_if_cold(images: Path, threads: int, below: float = 0.5) -> Readahead | None:
-    """Readers for the image's pages when less than `below` of them are cached; None when they are."""
-    paths = pages_images(images)
+def start_if_cold(images: Path, threads: int, below: float = 0.5, then: list[Path] | None = None) -> Readahead | None:
+    """Readers for the image's pages, then the files in `then`, when less than `below` of them are cached;
+    None when they are."""
+    paths = pages_images(images) + (then or [])
     if not paths or resident_fraction(paths) >= below:
         return None
     return Readahead(paths, threads)

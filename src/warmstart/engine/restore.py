@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from warmstart import adapters, host, paths, procs, registry
 from warmstart.artifact import store
-from warmstart.artifact.manifest import IMAGES_DIR, SHM_DIR, Manifest
+from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, SHM_DIR, Manifest
 from warmstart.engine import control, criu, gpu, joinns, launch, readahead, sandbox
 from warmstart.engine.readahead import Readahead
 from warmstart.engine.steps import Progress, quiet
@@ -118,14 +118,29 @@ class _Prepared:
     weights: Future | None = None  # the weight services loading the worker's weights
 
     def start_reading(self) -> None:
-        """Right before CRIU starts: the image's readahead (if it is not cached) and the weights' load."""
-        self.readahead = readahead.start_if_cold(self.artifact / IMAGES_DIR, criu.read_threads())
+        """Right before CRIU starts: the readahead of the image and the worker's saved files (if they are not
+        cached), and the weights' load."""
+        saved = sorted(self.saved.iterdir()) if self.saved else []
+        self.readahead = readahead.start_if_cold(self.artifact / IMAGES_DIR, criu.read_threads(), then=saved)
         self.weights = _prefetch_weights(self.manifest, self.readahead)
 
+    def restored_by_criu(self) -> None:
+        """CRIU has read the image: the readahead has nothing left to do, unless the worker has saved files."""
+        if not self.saved:
+            self.stop_reading()
+
     def stop_reading(self) -> None:
-        """Once CRIU has restored (so has read the image), the readahead has nothing left to do."""
         if self.readahead:
             self.readahead.stop()
+
+    @property
+    def saved(self) -> Path | None:
+        """What the worker saved outside its image (kept GPU regions), read by each replica as it resumes."""
+        return self.artifact / SAVED_DIR if (self.artifact / SAVED_DIR).is_dir() else None
+
+    def resume_settings(self, replica: int, name: str, port: int | None) -> dict[str, Any]:
+        saved = {protocol.SAVED_DIR: str(self.saved)} if self.saved else {}
+        return {"restored": True, "replica": replica, "name": name, "port": port, **saved}
 
     @property
     def shm_src(self) -> Path | None:
@@ -211,8 +226,7 @@ def restore(
             if w.sdk:
                 # Waiting in the replica's control directory before the process exists, so the worker
                 # finds it on its first poll after the restore.
-                control.send(rcontrol, w.control_seq + 1, protocol.RESUME,
-                             {"restored": True, "replica": i, "name": rname, "port": host_port})
+                control.send(rcontrol, w.control_seq + 1, protocol.RESUME, p.resume_settings(i, rname, host_port))
             binds = []
             if w.control_dir:
                 binds.append((str(rcontrol), w.control_dir))
@@ -241,7 +255,7 @@ def restore(
 
         def finish(i: int, rname: str, sb: sandbox.Sandbox) -> ReplicaResult:
             criu_s = sb.wait_restored(max(1.0, deadline - time.monotonic()))
-            p.stop_reading()
+            p.restored_by_criu()
             wpid = sb.worker_pid()
             if wpid is None:
                 raise WorkerError(f"replica {rname} exited right after its restore",
@@ -296,6 +310,11 @@ def restore_into(
     joinns.check_target(target)
     p = _prepare(artifact, gpu_device, 1, verify_cache, progress)
     w = p.manifest.worker
+    if p.saved:
+        raise IncompatibleArtifact(
+            f"artifact {p.artifact} holds files the worker saved outside its image ({SAVED_DIR}/), which a worker "
+            f"in process {target}'s namespaces cannot read",
+            "restore it with `warmstart restore`, or checkpoint the worker inside the pod")
     rname = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-in-{target}")
     registry.claim(rname)
     rdir, _, _ = launch.prepare_dirs(rname)
@@ -304,8 +323,7 @@ def restore_into(
     joinns.prepare_files(target, w.log_path, [*w.private_dirs, *([w.control_dir] if w.control_dir else [])],
                          p.shm_src)
     if w.sdk and control_dir:
-        control.send(control_dir, w.control_seq + 1, protocol.RESUME,
-                     {"restored": True, "replica": 0, "name": rname, "port": p.inner_port})
+        control.send(control_dir, w.control_seq + 1, protocol.RESUME, p.resume_settings(0, rname, p.inner_port))
     pidfile, log = rdir / "restored.pid", rdir / "restore.log"
     deadline = p.t0 + timeout_s
     wpid = None

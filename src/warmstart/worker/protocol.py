@@ -20,6 +20,10 @@ ACK = "ack.json"
 WORKER = "worker.json"
 SDK_VERSION = 1
 
+# In quiesce, resume and cancel settings: a directory of the artifact for what the worker saves outside its
+# image (warmstart.worker.savedir), offered when the worker can see the artifact's path.
+SAVED_DIR = "saved_dir"
+
 QUIESCE = "quiesce"
 RESUME = "resume"  # after a restore, or after a checkpoint that left the worker running
 CANCEL = "cancel"  # the checkpoint gave up: resume if quiesced, else ignore

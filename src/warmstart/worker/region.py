@@ -6,13 +6,16 @@
     kv.restore()                        # on resume: new memory mapped at the same address, zeroed
 
     w = GpuRegion(16 << 30, device=0, keep=True)   # contents survive: weights
-    w.release()                         # copied into the process's host memory first (so into the image)
-    w.restore()                         # copied back at PCIe speed (warmstart.worker.hostcopy), host copy freed
+    w.release()                         # saved first: into a file of the artifact, else into host memory
+    w.restore()                         # read back at PCIe speed
 
 Released memory is not in the CUDA checkpoint, and because the address never changes, tensors, views and
 captured CUDA graphs that point into the region stay valid across a checkpoint and restore. A kept region's
-contents travel in CRIU's part of the image instead, and come back faster than through the driver's
-restore. Needs cuda-bindings; on a CPU worker use an ordinary buffer instead.
+contents go, when the checkpoint offers a directory for them (warmstart.worker.savedir), into a file of the
+artifact that every restored replica reads straight into GPU memory (warmstart.worker.filecopy).
+Otherwise they go into the process's own memory, so into CRIU's image, and are copied back from there
+(warmstart.worker.hostcopy). Either way they come back faster than through the driver's restore.
+Needs cuda-bindings; on a CPU worker use an ordinary buffer instead.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Any, Callable
 
-from warmstart.worker import hostcopy, vmm
+from warmstart.worker import filecopy, hostcopy, savedir, vmm
 
 _regions: "weakref.WeakSet[GpuRegion]" = weakref.WeakSet()
+_serial = 0
 
 
 def released_bytes() -> int:
@@ -50,7 +55,8 @@ class GpuRegion:
         d = vmm.driver()
         self.device = device
         self.keep = keep
-        self._host = 0  # a kept region's contents while it is released
+        self._host = 0  # a kept region's contents while it is released (in host memory)
+        self._saved: str | None = None  # ... or the name of the file they were saved into
         self._cleanup: threading.Thread | None = None
         self.unpin_error: str | None = None  # set if the background unpin after a restore failed
         self._ctx = vmm.primary_context(device)
@@ -58,6 +64,9 @@ class GpuRegion:
         self.nbytes = -(-nbytes // gran) * gran
         self.ptr = int(vmm.ok(d.cuMemAddressReserve(self.nbytes, gran, 0, 0), "cuMemAddressReserve"))
         self._handle: Any = None
+        global _serial
+        self.file_name = f"region-{_serial}.bin"
+        _serial += 1
         self.restore()
         _regions.add(self)
 
@@ -84,7 +93,9 @@ class GpuRegion:
             raise
         unpin = None
         try:
-            if self._host:
+            if self._saved:
+                filecopy.load(self._ctx, self.ptr, self.nbytes, self._saved_path())
+            elif self._host:
                 unpin = hostcopy.copy(self._ctx, self.ptr, self._host, self.nbytes, to_device=True, gentle=True)
             else:
                 vmm.ok(d.cuMemsetD8(self.ptr, 0, self.nbytes), "cuMemsetD8")
@@ -94,6 +105,7 @@ class GpuRegion:
             d.cuMemRelease(handle)
             raise
         self._handle = handle
+        self._saved = None
         if self._host:
             host, self._host = self._host, 0
             # Unpinning takes about as long as the copy: after the resume, in the background, piece by piece
@@ -110,7 +122,10 @@ class GpuRegion:
         self._current()
         vmm.ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
         self.join()
-        if self.keep:
+        if self.keep and savedir.get():
+            filecopy.save(self._ctx, self.ptr, self.nbytes, str(Path(str(savedir.get())) / self.file_name))
+            self._saved = self.file_name
+        elif self.keep:
             host = hostcopy.alloc(self.nbytes)
             try:
                 hostcopy.copy(self._ctx, self.ptr, host, self.nbytes, to_device=False)()
@@ -121,6 +136,13 @@ class GpuRegion:
         vmm.ok(d.cuMemUnmap(self.ptr, self.nbytes), "cuMemUnmap")
         vmm.ok(d.cuMemRelease(self._handle), "cuMemRelease")
         self._handle = None
+
+    def _saved_path(self) -> str:
+        where = savedir.get()
+        if not where:
+            raise RuntimeError(f"this GPU region's contents were saved into {self._saved} of a checkpoint, but the "
+                               "resume did not say where that checkpoint is")
+        return str(Path(where) / self.file_name)
 
     def join(self) -> None:
         """Wait until the host copy of the last restore is unpinned and freed."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from warmstart.worker import lmem
+from warmstart.worker import lmem, savedir
 from warmstart.worker import protocol as p
 
 # Poll slowly while serving; fast while quiesced, since that wait is on the restore's critical path.
@@ -83,18 +83,21 @@ class Controller:
 
     def _handle(self, req: dict) -> None:
         seq, op = int(req["seq"]), req.get("op")
+        settings = req.get("settings") or {}
         try:
             if op == p.QUIESCE and not self._quiesced:
+                savedir.use(settings.get(p.SAVED_DIR))
                 self._on_quiesce()
                 self._lmem = _shrink_local_memory()
                 self._quiesced = True
             elif op in (p.RESUME, p.CANCEL) and self._quiesced:
-                settings = ResumeSettings.from_request(req.get("settings") or {})
+                savedir.use(settings.get(p.SAVED_DIR))
                 _regrow_local_memory(self._lmem)
                 self._lmem = []
-                self._on_resume(settings)
+                resume = ResumeSettings.from_request(settings)
+                self._on_resume(resume)
                 self._quiesced = False
-                self.last_resume = settings
+                self.last_resume = resume
         except Exception as e:  # the host must hear about any failure, whatever its type
             self._ack(seq, op or "?", f"{type(e).__name__}: {e}")
             return
