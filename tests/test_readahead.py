@@ -48,3 +48,23 @@ def test_stop_ends_the_readers_early(tmp_path: Path) -> None:
     r = readahead.Readahead(readahead.pages_images(images), threads=1)
     r.stop()
     assert all(f.done() for f in r._done)
+
+
+def test_files_after_the_image_are_read_once_all_of_it_is_in(tmp_path: Path) -> None:
+    images = _image(tmp_path)
+    later = tmp_path / "saved.bin"
+    later.write_bytes(os.urandom(16 << 20))
+    events: list[tuple[str, str]] = []
+
+    class Logged(readahead.Readahead):
+        def _read(self, path: Path, off: int) -> None:
+            events.append(("start", path.name))
+            super()._read(path, off)
+            events.append(("end", path.name))
+
+    evict_pages(images)
+    r = Logged(readahead.pages_images(images), threads=4, then=(later,))
+    r.wait()
+    r.stop()
+    assert events.index(("start", "saved.bin")) > events.index(("end", "pages-1.img")), events
+    assert readahead.resident_fraction([images / "pages-1.img", later]) > 0.99

@@ -54,16 +54,22 @@ def resident_fraction(paths: list[Path]) -> float:
 
 
 class Readahead:
-    """Reads the files into the page cache with `threads` readers until done or stopped."""
+    """Reads the files into the page cache with `threads` readers until done or stopped: `paths` first, then,
+    once all of them are in, the files in `then`."""
 
-    def __init__(self, paths: list[Path], threads: int) -> None:
+    def __init__(self, paths: list[Path], threads: int, then: tuple[Path, ...] = ()) -> None:
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._fds = {p: os.open(p, os.O_RDONLY) for p in paths}
-        pieces = [(p, off) for p in paths for off in range(0, p.stat().st_size, _PIECE)]
+        self._fds = {p: os.open(p, os.O_RDONLY) for p in [*paths, *then]}
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="readahead")
-        self._done = [self._pool.submit(self._read, p, off) for p, off in pieces]
+        first = [self._pool.submit(self._read, p, off) for p, off in _pieces(paths)]
+        later = [self._pool.submit(self._read_after, first, p, off) for p, off in _pieces(list(then))]
+        self._done = first + later
         self._pool.shutdown(wait=False)
+
+    def _read_after(self, first: list[futures.Future], path: Path, off: int) -> None:
+        futures.wait(first)  # the disk's whole bandwidth goes to what is needed first
+        self._read(path, off)
 
     def _read(self, path: Path, off: int) -> None:
         buf = bytearray(_BUF)
@@ -91,10 +97,15 @@ class Readahead:
                 os.close(fd)
 
 
-def start_if_cold(images: Path, threads: int, below: float = 0.5, then: list[Path] | None = None) -> Readahead | None:
-    """Readers for the image's pages, then the files in `then`, when less than `below` of them are cached;
-    None when they are."""
-    paths = pages_images(images) + (then or [])
-    if not paths or resident_fraction(paths) >= below:
+def _pieces(paths: list[Path]) -> list[tuple[Path, int]]:
+    return [(p, off) for p in paths for off in range(0, p.stat().st_size, _PIECE)]
+
+
+def start_if_cold(images: Path, threads: int, below: float = 0.5, then: tuple[Path, ...] = ()) -> Readahead | None:
+    """Readers for the image's pages, then for the files in `then`, when less than `below` of all of them is
+    cached; None when it is."""
+    paths = pages_images(images)
+    everything = paths + list(then)
+    if not everything or resident_fraction(everything) >= below:
         return None
-    return Readahead(paths, threads)
+    return Readahead(paths, threads, then)

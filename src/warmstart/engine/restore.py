@@ -120,7 +120,7 @@ class _Prepared:
     def start_reading(self) -> None:
         """Right before CRIU starts: the readahead of the image and the worker's saved files (if they are not
         cached), and the weights' load."""
-        saved = sorted(self.saved.iterdir()) if self.saved else []
+        saved = tuple(sorted(self.saved.iterdir())) if self.saved else ()
         self.readahead = readahead.start_if_cold(self.artifact / IMAGES_DIR, criu.read_threads(), then=saved)
         self.weights = _prefetch_weights(self.manifest, self.readahead)
 

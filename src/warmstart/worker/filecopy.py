@@ -5,6 +5,7 @@ so they are neither in the CUDA checkpoint (restored from pageable memory at ~5-
 (restored into anonymous memory, then copied again). Each thread reads a piece of the file into one of its two
 pinned buffers while the other one goes by DMA; the reads overlap, which is what the page cache and the disk
 need to deliver their bandwidth. Only the staging buffers are ever pinned, and only during the copy.
+Defaults from bench/probes/filecopy.py on the H100 VMs (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import os
 import threading
 from typing import Any, Callable
 
-from warmstart.worker import vmm
+from warmstart.worker import hostcopy, vmm
 
-PIECE = 32 << 20
-READ_THREADS = 16
+PIECE = 16 << 20
+READ_THREADS = 8
 WRITE_THREADS = 8
+_BUFFERS = 2  # per thread
 
 
 def save(ctx: Any, device_ptr: int, nbytes: int, path: str, threads: int = WRITE_THREADS,
@@ -54,33 +56,48 @@ def _run(ctx: Any, device_ptr: int, nbytes: int, fd: int, to_device: bool, threa
     threads = max(1, min(threads, len(offsets)))
     failed: list[BaseException] = []
     stop = threading.Event()
+    # All staging buffers in one block pinned with one call: cuMemHostAlloc of many buffers cost more than the
+    # copy itself on the H100 VMs (~0.5 s per GiB), pinning huge pages of our own ~35 GB/s.
+    d = vmm.driver()
+    vmm.ok(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    block_bytes = threads * _BUFFERS * piece
+    block = hostcopy.alloc(block_bytes)
+    try:
+        vmm.ok(d.cuMemHostRegister(block, block_bytes, 0), "cuMemHostRegister (pinned staging buffers)")
+    except BaseException:
+        hostcopy.free(block, block_bytes)
+        raise
 
-    def work(first: int) -> None:
+    def work(i: int) -> None:
+        bufs = [block + (i * _BUFFERS + b) * piece for b in range(_BUFFERS)]
         try:
-            _worker(ctx, device_ptr, nbytes, fd, to_device, piece, offsets[first::threads], stop)
+            _worker(ctx, device_ptr, nbytes, fd, to_device, piece, offsets[i::threads], bufs, stop)
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             failed.append(e)
             stop.set()
 
-    pool = [threading.Thread(target=work, args=(i,), name=f"warmstart-filecopy-{i}") for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    try:
+        pool = [threading.Thread(target=work, args=(i,), name=f"warmstart-filecopy-{i}") for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        d.cuMemHostUnregister(block)
+        hostcopy.free(block, block_bytes)
     if failed:
         raise failed[0]
 
 
 def _worker(ctx: Any, device_ptr: int, nbytes: int, fd: int, to_device: bool, piece: int, offsets: list[int],
-            stop: threading.Event) -> None:
+            bufs: list[int], stop: threading.Event) -> None:
+    """Reads go through both buffers in turn (one fills while the other's DMA runs); writes wait for each DMA."""
     d = vmm.driver()
     vmm.ok(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
     stream = vmm.ok(d.cuStreamCreate(d.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
-    bufs: list[int] = []
     events: list[Any] = []
     try:
-        for _ in range(2 if to_device else 1):
-            bufs.append(int(vmm.ok(d.cuMemHostAlloc(piece, 0), "cuMemHostAlloc (pinned staging buffer)")))
+        for _ in bufs:
             events.append(vmm.ok(d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate"))
         for k, off in enumerate(offsets):
             if stop.is_set():
@@ -105,8 +122,6 @@ def _worker(ctx: Any, device_ptr: int, nbytes: int, fd: int, to_device: bool, pi
         d.cuStreamSynchronize(stream)
         for e in events:
             d.cuEventDestroy(e)
-        for b in bufs:
-            d.cuMemFreeHost(b)
         d.cuStreamDestroy(stream)
 
 
