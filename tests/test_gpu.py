@@ -232,7 +232,13 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
         assert saved.stat().st_size == region.nbytes and torch.cuda.mem_get_info()[0] >= free + (290 << 20)
         region.restore()
         assert torch.equal(region.tensor(torch), want)
+        with pytest.raises(FileExistsError):  # never over a file it may have been restored from
+            region.release()
+        assert region.mapped
+        savedir.use(str(tmp_path / "next"))  # the next checkpoint's directory
+        (tmp_path / "next").mkdir()
         region.release()
+        saved = tmp_path / "next" / region.file_name
         os.truncate(saved, region.nbytes - 4096)
         with pytest.raises(OSError, match="truncated"):
             region.restore()

@@ -57,9 +57,9 @@ def test_files_after_the_image_are_read_once_all_of_it_is_in(tmp_path: Path) -> 
     events: list[tuple[str, str]] = []
 
     class Logged(readahead.Readahead):
-        def _read(self, path: Path, off: int) -> None:
+        def _read(self, path: Path, off: int, length: int) -> None:
             events.append(("start", path.name))
-            super()._read(path, off)
+            super()._read(path, off, length)
             events.append(("end", path.name))
 
     evict_pages(images)
@@ -68,3 +68,36 @@ def test_files_after_the_image_are_read_once_all_of_it_is_in(tmp_path: Path) -> 
     r.stop()
     assert events.index(("start", "saved.bin")) > events.index(("end", "pages-1.img")), events
     assert readahead.resident_fraction([images / "pages-1.img", later]) > 0.99
+
+
+def test_working_set_is_the_touched_pages_of_mapped_files(tmp_path: Path) -> None:
+    import mmap
+
+    from warmstart.engine import workingset
+
+    f = tmp_path / "lib.so"
+    f.write_bytes(os.urandom(64 << 20))
+    with open(f, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            m[8 << 20]  # touch one page 8 MiB in, and 1 MiB from 40 MiB on
+            m[(40 << 20) : (41 << 20)]
+            (entry,) = [w for w in workingset.capture([os.getpid()]) if w.path == str(f)]
+        finally:
+            m.close()
+    assert entry.size == 64 << 20
+    covered = lambda off: any(a <= off < a + n for a, n in entry.ranges)  # noqa: E731
+    assert covered(8 << 20) and covered(40 << 20) and covered((41 << 20) - 1)
+    assert not covered(0) and not covered(20 << 20) and not covered(60 << 20)
+    assert workingset.total_bytes([entry]) <= 8 << 20  # pages map in folios of up to 2 MiB
+
+    fd = os.open(f, os.O_RDONLY)  # drop the file from the page cache (written pages first)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    r = readahead.Readahead([], threads=2, ranges=workingset.pieces([entry]))
+    r.wait()
+    r.stop()
+    assert readahead.resident_fraction([f]) < 0.2  # the ranges, not the whole file
+    f.write_bytes(b"x")  # another file now: not read
+    assert workingset.pieces([entry]) == ()

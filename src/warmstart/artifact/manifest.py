@@ -77,6 +77,14 @@ class GpuState(BaseModel):
     memory_bytes: int = 0
 
 
+class FileRanges(BaseModel):
+    """Parts of a file the worker had mapped and touched (its working set), read ahead on a cold restore."""
+
+    path: str  # as the worker sees it
+    size: int  # at checkpoint: a file of another size now is not read
+    ranges: list[tuple[int, int]]  # (offset, length) in bytes
+
+
 class CriuSettings(BaseModel):
     version: str
     dump_args: list[str]
@@ -95,6 +103,7 @@ class Manifest(BaseModel):
     steps: list[StepTiming] = Field(default_factory=list)
     image_bytes: int = 0
     files: list[FileEntry] = Field(default_factory=list)
+    working_set: list[FileRanges] = Field(default_factory=list)
 
     def step_seconds(self) -> dict[str, float]:
         return {s.step: s.seconds for s in self.steps}

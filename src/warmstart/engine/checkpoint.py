@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import SAVED_DIR, SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
-from warmstart.engine import control, criu, gpu, joinns, shm
+from warmstart.engine import control, criu, gpu, joinns, shm, workingset
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
 from warmstart.errors import WorkerError
@@ -135,6 +135,8 @@ def checkpoint(
                 gpu_states = gpu.describe(cuda_pids)
                 with timer.step("cuda_checkpoint", f"checkpointing GPU state of {len(cuda_pids)} CUDA process(es)"):
                     gpu.suspend(cuda_pids, int(quiesce_timeout_s * 1000))
+            with timer.step("working_set", "recording the pages of mapped files the worker uses"):
+                working_set = workingset.capture(procs.tree(pid))
             script = staging.tmp / "shm-hook.sh" if shm_use else None
             if script:
                 hook_env = shm.hook(shm_use, staging.tmp / SHM_DIR, script, shm_root)
@@ -153,6 +155,7 @@ def checkpoint(
                 host=host.current(binary.version),
                 criu=CriuSettings(version=binary.version, dump_args=criu.dump_args(pid, Path("IMAGES"), Path("LOG"))),
                 gpus=gpu_states,
+                working_set=working_set,
                 **_gpu_versions(cuda_pids),
             )
             with timer.step("checksum", "checksumming images"):

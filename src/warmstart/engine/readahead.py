@@ -3,7 +3,9 @@
 CRIU reads its pages images as it restores; from a cold page cache its reads keep the disk only partly
 busy. When most of an image is not cached, restore starts these readers first: large reads in several
 threads, so that CRIU finds the pages cached or already on their way (the page cache never reads a page twice).
-The files of kept GPU regions, which the worker reads once it runs again, are read after the pages.
+Ahead of the pages or beside them: the parts of the libraries the worker had touched (engine/workingset.py),
+which CRIU and the resumed worker would otherwise read a page at a time. After the pages: the files the worker
+saved outside its image (kept GPU regions), which it reads once it runs again.
 """
 
 from __future__ import annotations
@@ -53,29 +55,38 @@ def resident_fraction(paths: list[Path]) -> float:
     return resident / total if total else 1.0
 
 
-class Readahead:
-    """Reads the files into the page cache with `threads` readers until done or stopped: `paths` first, then,
-    once all of them are in, the files in `then`."""
+Piece = tuple[Path, int, int]  # (file, offset, length)
 
-    def __init__(self, paths: list[Path], threads: int, then: tuple[Path, ...] = ()) -> None:
+
+class Readahead:
+    """Reads files into the page cache with `threads` readers until done or stopped: the `ranges` and the
+    `paths` first, then, once all of those are in, the files in `then`."""
+
+    def __init__(self, paths: list[Path], threads: int, then: tuple[Path, ...] = (),
+                 ranges: tuple[Piece, ...] = ()) -> None:
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._fds = {p: os.open(p, os.O_RDONLY) for p in [*paths, *then]}
+        self._fds: dict[Path, int] = {}
+        for p in {*paths, *then, *(r[0] for r in ranges)}:
+            try:
+                self._fds[p] = os.open(p, os.O_RDONLY)
+            except OSError:
+                pass  # only a readahead: whoever needs the file says what is wrong with it
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="readahead")
-        first = [self._pool.submit(self._read, p, off) for p, off in _pieces(paths)]
-        later = [self._pool.submit(self._read_after, first, p, off) for p, off in _pieces(list(then))]
+        first = [self._pool.submit(self._read, *r) for r in [*_split(ranges), *_pieces(paths)] if r[0] in self._fds]
+        later = [self._pool.submit(self._read_after, first, *r) for r in _pieces(list(then)) if r[0] in self._fds]
         self._done = first + later
         self._pool.shutdown(wait=False)
 
-    def _read_after(self, first: list[futures.Future], path: Path, off: int) -> None:
+    def _read_after(self, first: list[futures.Future], path: Path, off: int, length: int) -> None:
         futures.wait(first)  # the disk's whole bandwidth goes to what is needed first
-        self._read(path, off)
+        self._read(path, off, length)
 
-    def _read(self, path: Path, off: int) -> None:
-        buf = bytearray(_BUF)
-        end = off + _PIECE
+    def _read(self, path: Path, off: int, length: int) -> None:
+        buf = bytearray(min(_BUF, length))
+        end = off + length
         while off < end and not self._stop.is_set():
-            got = os.preadv(self._fds[path], [buf], off)
+            got = os.preadv(self._fds[path], [memoryview(buf)[: end - off]], off)
             if got <= 0:
                 return
             off += got
@@ -97,15 +108,20 @@ class Readahead:
                 os.close(fd)
 
 
-def _pieces(paths: list[Path]) -> list[tuple[Path, int]]:
-    return [(p, off) for p in paths for off in range(0, p.stat().st_size, _PIECE)]
+def _pieces(paths: list[Path]) -> list[Piece]:
+    return [(p, off, _PIECE) for p in paths for off in range(0, p.stat().st_size, _PIECE)]
 
 
-def start_if_cold(images: Path, threads: int, below: float = 0.5, then: tuple[Path, ...] = ()) -> Readahead | None:
-    """Readers for the image's pages, then for the files in `then`, when less than `below` of all of them is
-    cached; None when it is."""
+def _split(ranges: tuple[Piece, ...]) -> list[Piece]:
+    return [(p, o, min(_PIECE, off + n - o)) for p, off, n in ranges for o in range(off, off + n, _PIECE)]
+
+
+def start_if_cold(images: Path, threads: int, below: float = 0.5, then: tuple[Path, ...] = (),
+                  ranges: tuple[Piece, ...] = ()) -> Readahead | None:
+    """Readers for the `ranges` (the worker's libraries) and the image's pages, then for the files in `then`,
+    when less than `below` of the image and those files is cached; None when it is."""
     paths = pages_images(images)
     everything = paths + list(then)
     if not everything or resident_fraction(everything) >= below:
         return None
-    return Readahead(paths, threads, then)
+    return Readahead(paths, threads, then, ranges)

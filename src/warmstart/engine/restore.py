@@ -18,7 +18,7 @@ from typing import Any, Callable
 from warmstart import adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, SHM_DIR, Manifest
-from warmstart.engine import control, criu, gpu, joinns, launch, readahead, sandbox
+from warmstart.engine import control, criu, gpu, joinns, launch, readahead, sandbox, workingset
 from warmstart.engine.readahead import Readahead
 from warmstart.engine.steps import Progress, quiet
 from warmstart.adapters.base import Engine, Quiesced
@@ -117,11 +117,13 @@ class _Prepared:
     readahead: Readahead | None = None  # readers of an image that is not in the page cache, while CRIU runs
     weights: Future | None = None  # the weight services loading the worker's weights
 
-    def start_reading(self) -> None:
-        """Right before CRIU starts: the readahead of the image and the worker's saved files (if they are not
-        cached), and the weights' load."""
+    def start_reading(self, root: str = "") -> None:
+        """Right before CRIU starts: the readahead of the worker's libraries, the image and the worker's saved
+        files (if the image and those files are not cached), and the weights' load. root: where the worker's
+        files are seen from here."""
         saved = tuple(sorted(self.saved.iterdir())) if self.saved else ()
-        self.readahead = readahead.start_if_cold(self.artifact / IMAGES_DIR, criu.read_threads(), then=saved)
+        self.readahead = readahead.start_if_cold(self.artifact / IMAGES_DIR, criu.read_threads(), then=saved,
+                                                 ranges=workingset.pieces(self.manifest.working_set, root))
         self.weights = _prefetch_weights(self.manifest, self.readahead)
 
     def restored_by_criu(self) -> None:
@@ -328,7 +330,7 @@ def restore_into(
     deadline = p.t0 + timeout_s
     wpid = None
     try:
-        p.start_reading()
+        p.start_reading(root=f"/proc/{target}/root")
         try:
             wpid, criu_s = joinns.restore(target, p.binary,
                                           criu.restore_args(p.artifact / IMAGES_DIR, rdir, log, pidfile),
