@@ -223,13 +223,16 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
     region.join()  # the host copy, unpinned and freed on a thread of its own
     assert region.unpin_error is None
 
+    def free_now() -> int:
+        torch.cuda.empty_cache()  # torch.equal's 300 MiB of temporaries stay in torch's cache otherwise
+        return torch.cuda.mem_get_info()[0]
+
     savedir.use(str(tmp_path))
-    torch.cuda.empty_cache()  # torch.equal's 300 MiB of temporaries stay in torch's cache otherwise
-    free = torch.cuda.mem_get_info()[0]
+    free = free_now()
     try:
         region.release()
         saved = tmp_path / region.file_name
-        assert saved.stat().st_size == region.nbytes and torch.cuda.mem_get_info()[0] >= free + (290 << 20)
+        assert saved.stat().st_size == region.nbytes and free_now() >= free + (290 << 20)
         region.restore()
         assert torch.equal(region.tensor(torch), want)
         with pytest.raises(FileExistsError):  # never over a file it may have been restored from
@@ -242,7 +245,7 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
         os.truncate(saved, region.nbytes - 4096)
         with pytest.raises(OSError, match="truncated"):
             region.restore()
-        assert not region.mapped and torch.cuda.mem_get_info()[0] >= free + (290 << 20)
+        assert not region.mapped and free_now() >= free + (290 << 20)
         savedir.use(None)
         with pytest.raises(RuntimeError, match="did not say where"):
             region.restore()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from warmstart.worker import hostcopy, vmm
 
-PIECE = 16 << 20
+PIECE = 8 << 20
 READ_THREADS = 8
 WRITE_THREADS = 8
 _BUFFERS = 2  # per thread
