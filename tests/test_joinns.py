@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, WARMSTART, cli, free_port, get_when_up, http_get, one_error_line, wait_http
+from conftest import COUNTER, SAVED_STATE, WARMSTART, cli, free_port, get_when_up, http_get, one_error_line, wait_http
 from warmstart import procs
 from warmstart.engine import joinns
 
@@ -88,6 +88,16 @@ def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path,
     finally:
         src.kill()
         src.wait()
+
+
+def test_saved_files_are_refused_into_a_placeholder(need_criu, home: Path, tmp_path: Path, placeholder: int) -> None:
+    """A worker inside the pod could not read the artifact's saved/ files: refused before anything starts."""
+    port = free_port()
+    assert cli("run", "--name", "st", "--wait", "--", sys.executable, str(SAVED_STATE), str(port)).returncode == 0
+    assert cli("checkpoint", "st", "-o", str(tmp_path / "art")).returncode == 0
+    assert (tmp_path / "art" / "saved" / "state.bin").is_file()
+    one_error_line(cli("restore", str(tmp_path / "art"), "--into", str(placeholder)), 4, "cannot read")
+    assert procs.children(placeholder) == []
 
 
 def test_restore_into_a_process_that_is_no_namespace_init(need_criu, home: Path, tmp_path: Path) -> None:
