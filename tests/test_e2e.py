@@ -126,6 +126,8 @@ def test_state_saved_outside_the_image_comes_back(need_criu, home: Path, tmp_pat
     assert "saved/state.bin" in [f["path"] for f in json.loads((art / "manifest.json").read_text())["files"]]
     assert not any(bytes.fromhex(head) in p.read_bytes() for p in readahead.pages_images(art / "images"))
     assert http_get(port).split() == [digest, head, str(saved.parent)]  # the source, from the finished artifact
+    shown = cli("inspect", str(art)).stdout
+    assert "saved     8.4 MB" in shown and "read ahead on a cold restore" in shown, shown
 
     r = cli("restore", str(art), "--replicas", "2", "--json")
     assert r.returncode == 0, r.stderr

@@ -209,6 +209,8 @@ def inspect(
 ) -> None:
     """Show what an artifact holds and where it came from."""
     from warmstart.artifact import store
+    from warmstart.artifact.manifest import SAVED_DIR
+    from warmstart.engine import workingset
 
     m = store.load(artifact)
     if verify:
@@ -229,6 +231,12 @@ def inspect(
         out.print(f"  GPU       {g.gpu_name} {g.gpu_uuid} (pid {g.pid}, {g.memory_bytes / 1e6:.0f} MB)")
     out.print(f"  image     {m.image_bytes / 1e6:.1f} MB in {len(m.files)} files"
               + (" (checksums verified)" if verify else ""))
+    saved = sum(f.size for f in m.files if f.path.startswith(SAVED_DIR + "/"))
+    if saved:
+        out.print(f"  saved     {saved / 1e6:.1f} MB of it saved by the worker outside CRIU's image ({SAVED_DIR}/)")
+    if m.working_set:
+        ws = workingset.total_bytes(m.working_set)
+        out.print(f"  libraries {ws / 1e6:.1f} MB of {len(m.working_set)} mapped files, read ahead on a cold restore")
     out.print("  steps     " + ", ".join(f"{k} {v:.3f}s" for k, v in m.step_seconds().items()))
 
 
