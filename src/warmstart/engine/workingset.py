@@ -32,8 +32,8 @@ def capture(pids: list[int]) -> list[FileRanges]:
             with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
                 for line in maps:
                     _add_mapping(line, f"/proc/{pid}/root", pagemap, pages, sizes)
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the process exited
+        except OSError:
+            continue  # the process exited, or its pagemap is not ours to read: only a readahead is lost
     return [FileRanges(path=p, size=sizes[p], ranges=_merge(sorted(idx), sizes[p]))
             for p, idx in sorted(pages.items()) if idx]
 
