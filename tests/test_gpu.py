@@ -251,7 +251,7 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
             region.restore()
     finally:
         savedir.use(None)
-    region._saved = None  # start over: mapped again, zeroed
+    region._saved = False  # start over: mapped again, zeroed
     region.restore()
     assert not region.tensor(torch).any()
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 import stat
 from array import array
-from typing import BinaryIO
-
 from pathlib import Path
+from typing import BinaryIO
 
 from warmstart.artifact.manifest import FileRanges
 

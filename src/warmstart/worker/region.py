@@ -56,7 +56,7 @@ class GpuRegion:
         self.device = device
         self.keep = keep
         self._host = 0  # a kept region's contents while it is released (in host memory)
-        self._saved: str | None = None  # ... or the name of the file they were saved into
+        self._saved = False  # ... or in the file `file_name` of the directory savedir names
         self._cleanup: threading.Thread | None = None
         self.unpin_error: str | None = None  # set if the background unpin after a restore failed
         self._ctx = vmm.primary_context(device)
@@ -105,7 +105,7 @@ class GpuRegion:
             d.cuMemRelease(handle)
             raise
         self._handle = handle
-        self._saved = None
+        self._saved = False
         if self._host:
             host, self._host = self._host, 0
             # Unpinning takes about as long as the copy: after the resume, in the background, piece by piece
@@ -122,9 +122,10 @@ class GpuRegion:
         self._current()
         vmm.ok(d.cuCtxSynchronize(), "cuCtxSynchronize")
         self.join()
-        if self.keep and savedir.get():
-            filecopy.save(self._ctx, self.ptr, self.nbytes, str(Path(str(savedir.get())) / self.file_name))
-            self._saved = self.file_name
+        where = savedir.get()
+        if self.keep and where:
+            filecopy.save(self._ctx, self.ptr, self.nbytes, str(Path(where) / self.file_name))
+            self._saved = True
         elif self.keep:
             host = hostcopy.alloc(self.nbytes)
             try:
@@ -140,7 +141,7 @@ class GpuRegion:
     def _saved_path(self) -> str:
         where = savedir.get()
         if not where:
-            raise RuntimeError(f"this GPU region's contents were saved into {self._saved} of a checkpoint, but the "
+            raise RuntimeError(f"this GPU region's contents were saved into {self.file_name} of a checkpoint, but the "
                                "resume did not say where that checkpoint is")
         return str(Path(where) / self.file_name)
 
