@@ -113,13 +113,13 @@ def first_token(port: int) -> float:
     return time.monotonic() - t
 
 
-def cold_start(key: str, model_dir: Path, name: str) -> tuple[dict, int]:
+def cold_start(key: str, model_dir: Path, name: str, pack: bool) -> tuple[dict, int]:
     port = free_port()
     cold_cache = drop_caches()
     t0 = time.monotonic()
     rec = launch.launch(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port), "--model",
                                str(model_dir), "--device", "cuda", "--kv-cache-mb", str(KV_MB[key]),
-                               "--max-len", "256"], engine="reference")
+                               "--max-len", "256", *([] if pack else ["--no-pack"])], engine="reference")
     launch.wait_ready(rec, 600)
     demo.complete(port, PROMPT, 1, timeout_s=300)
     cold = time.monotonic() - t0
@@ -158,16 +158,16 @@ def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env
     return out
 
 
-def bench_shape(key: str, work: Path, bw: dict, ab: bool) -> dict:
+def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool) -> dict:
     shape = SHAPES[key]
     t = time.monotonic()
     model_dir = model.ensure(shape, "bfloat16", device="cuda")
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     log(f"{key}: model ready ({weights / 1e9:.2f} GB of bf16 weights, {time.monotonic() - t:.0f} s)")
-    res: dict = {"shape": key, "weights_bytes": weights}
+    res: dict = {"shape": key, "weights_bytes": weights, "weights_packed": pack}
     name = f"bench-{key}"
     stop(name)
-    cold, port = cold_start(key, model_dir, name)
+    cold, port = cold_start(key, model_dir, name, pack)
     res["cold"] = cold
     want = demo.complete(port, PROMPT, TOKENS, timeout_s=300)
     log(f"{key}: cold start {cold['cold_start_to_first_token_s']} s")
@@ -247,6 +247,7 @@ def table(results: list[dict], facts: dict) -> str:
 
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     row("weights (bf16)", lambda r: gb(r["weights_bytes"]))
+    row("weights saved packed (bf16pack)", lambda r: "yes" if r.get("weights_packed", False) else "no")
     row("cold start to first token", lambda r: f"{r['cold']['cold_start_to_first_token_s']} s")
     row("checkpoint, KV kept: time / image", lambda r: f"{r['checkpoint_without_kv_release']['seconds']} s / "
         f"{gb(r['checkpoint_without_kv_release']['image_bytes'])}")
@@ -287,6 +288,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/warmstart-bench"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     ap.add_argument("--ab", action="store_true", help="also restore as CRIU without the page-read patch does")
+    ap.add_argument("--no-pack", action="store_true", help="the worker saves its bf16 weights unpacked")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -295,16 +297,17 @@ def main() -> None:
     bw = {"h2d_pageable": hb["pageable"], "h2d_pinned": hb["pinned"]}
     log(f"{facts}; H2D pageable {bw['h2d_pageable'] / 1e9:.1f} GB/s, pinned {bw['h2d_pinned'] / 1e9:.1f} GB/s")
     results = []
+    tag = "-".join(args.shape) + ("-unpacked" if args.no_pack else "")
     for key in args.shape:
         try:
-            results.append(bench_shape(key, args.work, bw, args.ab))
+            results.append(bench_shape(key, args.work, bw, args.ab, not args.no_pack))
         finally:
             for n in [r.name for r in registry.all_records()]:
                 stop(n)
-        (args.out / f"results-{'-'.join(args.shape)}.json").write_text(json.dumps({"facts": facts, "results": results},
+        (args.out / f"results-{tag}.json").write_text(json.dumps({"facts": facts, "results": results},
                                                                                   indent=2, default=str))
     text = table(results, facts)
-    (args.out / f"table-{'-'.join(args.shape)}.md").write_text(text + "\n")
+    (args.out / f"table-{tag}.md").write_text(text + "\n")
     print(text)
 
 

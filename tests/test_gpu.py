@@ -264,3 +264,51 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
     assert d.cuCtxGetLimit(d.CUlimit.CU_LIMIT_STACK_SIZE)[1] == saved[0][2]
     region.tensor(torch).copy_(want)  # kernels still run
     assert torch.equal(region.tensor(torch), want)
+
+
+def test_a_packed_region_comes_back_bit_for_bit_from_a_smaller_file(tmp_path: Path, monkeypatch) -> None:
+    """bf16 weights saved packed (warmstart.worker.bf16pack) take ~3/4 of the bytes and come back exactly, a
+    piece that is not bf16 included; no scratch memory stays behind; a damaged file fails the restore cleanly."""
+    import torch
+
+    from warmstart.worker import bf16kernel, savedir
+    from warmstart.worker.region import GpuRegion
+
+    region = GpuRegion(100 << 20, 0, keep=True, pack_bf16=True)
+    data = region.tensor(torch)
+    raw = 8 << 20  # the last piece: random bytes, saved as they are
+    w = (torch.randn((data.numel() - raw) // 2, device="cuda") * 0.02).to(torch.bfloat16)
+    w[:8] = torch.tensor([0.0, float("nan"), float("inf"), -1.0, 3e38, 1e-30, 65504.0, -0.0])
+    data[: data.numel() - raw] = w.view(torch.uint8)
+    data[data.numel() - raw:] = torch.randint(0, 256, (raw,), dtype=torch.uint8, device="cuda")
+    want = data.clone()
+    torch.cuda.synchronize()
+    savedir.use(str(tmp_path))
+    try:
+        reserved = torch.cuda.memory_reserved()
+        region.release()
+        saved = tmp_path / region.file_name
+        assert saved.suffix == ".bf16p" and saved.stat().st_size < 0.78 * (region.nbytes - raw) + raw
+        region.restore()
+        assert bf16kernel.get(0) is not None  # unpacked by the kernel, not torch's fallback
+        assert torch.cuda.memory_reserved() <= reserved  # the (un)packing's scratch went back to the driver
+        assert torch.equal(region.tensor(torch), want)
+        for where, kernels in (("torch", {0: None}), ("next", bf16kernel._kernels)):  # the fallback, then again
+            monkeypatch.setattr(bf16kernel, "_kernels", kernels)
+            savedir.use(str(tmp_path / where))
+            (tmp_path / where).mkdir()
+            region.release()
+            region.restore()
+            assert torch.equal(region.tensor(torch), want), where
+        monkeypatch.undo()
+        savedir.use(str(tmp_path / "damaged"))
+        (tmp_path / "damaged").mkdir()
+        region.release()
+        saved = tmp_path / "damaged" / region.file_name
+        with open(saved, "r+b") as f:
+            f.write(b"NOTPACKD")
+        with pytest.raises(OSError, match="truncated or foreign"):
+            region.restore()
+        assert not region.mapped
+    finally:
+        savedir.use(None)

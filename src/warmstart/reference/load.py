@@ -1,8 +1,8 @@
 """The reference worker's weights and tokenizer, loaded without transformers (a smaller process to dump).
 
 On GPU every tensor lives in one kept GpuRegion laid out as warmstart.weights.layout places the files, so on
-quiesce the weights leave the CUDA checkpoint for CRIU's part of the image and come back at PCIe speed on
-resume (warmstart.worker.region). On CPU they are ordinary tensors.
+quiesce the weights leave the CUDA checkpoint for a file of the artifact (bf16 packed into 3/4 of the bytes)
+and come back at PCIe speed on resume (warmstart.worker.region). On CPU they are ordinary tensors.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def tokenizer(model_dir: str) -> Any:  # -> tokenizers.Tokenizer
     return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
 
-def weights(model_dir: str, device: str, dtype: str) -> tuple[dict[str, Any], Any]:
-    """(name -> tensor, the GpuRegion holding them or None)."""
+def weights(model_dir: str, device: str, dtype: str, pack: bool = True) -> tuple[dict[str, Any], Any]:
+    """(name -> tensor, the GpuRegion holding them or None). pack: bf16 weights are saved packed
+    (warmstart.worker.bf16pack)."""
     import torch
 
     files = sorted(glob.glob(f"{model_dir}/*.safetensors"))
@@ -40,7 +41,7 @@ def weights(model_dir: str, device: str, dtype: str) -> tuple[dict[str, Any], An
     layout = plan([Path(f) for f in files])
     stored = {DTYPES.get(t.dtype) for t in layout.tensors}
     if device.startswith("cuda") and stored == {dtype}:
-        return _into_region(layout, torch.device(device).index or 0, torch)
+        return _into_region(layout, torch.device(device).index or 0, torch, pack and dtype == "bfloat16")
     if device.startswith("cuda"):
         print(f"reference worker: converting {sorted(map(str, stored))} weights to {dtype}: they stay in the "
               "CUDA checkpoint (build the model in that dtype to keep them out of it)", file=sys.stderr)
@@ -52,11 +53,11 @@ def weights(model_dir: str, device: str, dtype: str) -> tuple[dict[str, Any], An
     return out, None
 
 
-def _into_region(layout: Any, index: int, torch: Any) -> tuple[dict[str, Any], Any]:
+def _into_region(layout: Any, index: int, torch: Any, pack: bool) -> tuple[dict[str, Any], Any]:
     from warmstart.worker import hostcopy, vmm
     from warmstart.worker.region import GpuRegion
 
-    region = GpuRegion(layout.size, index, keep=True)
+    region = GpuRegion(layout.size, index, keep=True, pack_bf16=pack)
     d = vmm.driver()
     buf = hostcopy.alloc(_PIECE)
     view = memoryview((ctypes.c_char * _PIECE).from_address(buf)).cast("B")

@@ -24,7 +24,7 @@ from warmstart.worker import ResumeSettings, attach
 
 class Engine:
     def __init__(self, model_dir: str, kv_cache_mb: int, device: str, dtype: str, max_len: int, graph: bool,
-                 weights_socket: str | None = None) -> None:
+                 weights_socket: str | None = None, pack: bool = True) -> None:
         import torch
 
         from warmstart.reference import decode, load
@@ -39,7 +39,7 @@ class Engine:
         if weights_socket:
             tensors = self._shared_weights(model_dir, device, dtype, weights_socket)
         else:
-            tensors, self.weights_region = load.weights(model_dir, device, dtype)
+            tensors, self.weights_region = load.weights(model_dir, device, dtype, pack)
         need = decode.cache_bytes(config, max_len, tensors["lm_head.weight"].element_size())
         # The KV pool: engines size it from free memory; here --kv-cache-mb, at least one sequence's worth.
         nbytes = max(kv_cache_mb << 20, need)
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-len", type=int, default=256, help="longest sequence (prompt + completion)")
     ap.add_argument("--no-graph", action="store_true", help="do not capture the decode step as a CUDA graph")
     ap.add_argument("--weights-socket", help="map the weights from this weight service instead of loading them")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="save bf16 weights into the checkpoint as they are, not packed losslessly into 3/4 of the bytes")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.device.startswith("cuda"):
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = str(model.ensure())
     engine = Engine(args.model, args.kv_cache_mb, args.device, dtype, args.max_len, not args.no_graph,
-                    args.weights_socket)
+                    args.weights_socket, not args.no_pack)
     engine.complete("warm-up", 2)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(engine, "warmstart-reference"))
     server.daemon_threads = True
