@@ -50,15 +50,19 @@ def test_plain_process_keeps_its_state_across_restore(need_criu, home: Path, tmp
                          ids=["one-thread", "threads-huge-pages"])
 def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_path: Path, read: dict) -> None:
     """CRIU's page reads (threaded and in huge pages with scripts/criu/parallel-page-reads.patch), from an image
-    evicted from the page cache so that restore's readahead runs beside them."""
+    evicted from the page cache so that restore's readahead runs beside them. Runs of written zeros are taken
+    out of the image and come back as zeros; zeros written over a private file mapping stay in it."""
     port = free_port()
-    r = cli("run", "--name", "mem", "--", sys.executable, str(REPO / "tests" / "workers" / "memory.py"), str(port), "96")
+    r = cli("run", "--name", "mem", "--", sys.executable, str(REPO / "tests" / "workers" / "memory.py"), str(port), "96",
+            str(tmp_path / "mapped.bin"))
     assert r.returncode == 0, r.stderr
     wait_http(port, timeout=120)
     want, now = http_get(port).split()
     assert want == now
     r = cli("checkpoint", "mem", "-o", str(tmp_path / "art"), "--json")
     assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["zero_bytes_dropped"] >= 20 * (512 << 10)  # the worker's runs of zeros, at least
     evict_pages(tmp_path / "art")
     assert readahead.resident_fraction(readahead.pages_images(tmp_path / "art" / "images")) < 0.5  # so it is read ahead
     r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)

@@ -104,6 +104,7 @@ class Manifest(BaseModel):
     image_bytes: int = 0
     files: list[FileEntry] = Field(default_factory=list)
     working_set: list[FileRanges] = Field(default_factory=list)
+    zero_bytes_dropped: int = 0  # pages of zeros taken out of CRIU's image (engine/zeropages.py)
 
     def step_seconds(self) -> dict[str, float]:
         return {s.step: s.seconds for s in self.steps}

@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import SAVED_DIR, SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
-from warmstart.engine import control, criu, gpu, joinns, shm, workingset
+from warmstart.engine import control, criu, gpu, joinns, shm, workingset, zeropages
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
 from warmstart.errors import WorkerError
@@ -144,6 +144,13 @@ def checkpoint(
                 criu.run(binary, criu.dump_args(inner, staging.images, log, str(script) if script else None), log,
                          "dump", env=hook_env, enter=enter)
             os.replace(log, staging.tmp / "dump.log")
+            zero_bytes = 0
+            if os.environ.get("WARMSTART_ZERO_PAGES", "1") != "0":
+                with timer.step("zero_pages", "taking pages of zeros out of the image"):
+                    try:
+                        zero_bytes = zeropages.drop(staging.images)
+                    except zeropages.ImageError as e:
+                        progress(f"warning: pages of zeros stay in the image ({e})")
             if saved and not any(saved.iterdir()):
                 saved.rmdir()  # the worker saved nothing there
             if script:
@@ -156,6 +163,7 @@ def checkpoint(
                 criu=CriuSettings(version=binary.version, dump_args=criu.dump_args(pid, Path("IMAGES"), Path("LOG"))),
                 gpus=gpu_states,
                 working_set=working_set,
+                zero_bytes_dropped=zero_bytes,
                 **_gpu_versions(cuda_pids),
             )
             with timer.step("checksum", "checksumming images"):
