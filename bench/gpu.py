@@ -191,6 +191,7 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool) -> dict:
     saved_bytes = sum(f.size for f in m.files if f.path.startswith(SAVED_DIR + "/"))
     res["checkpoint"] = {"seconds": round(ck.seconds, 2), "image_bytes": m.image_bytes, "gpu_bytes": gpu_bytes,
                          "saved_bytes": saved_bytes, "working_set_bytes": workingset.total_bytes(m.working_set),
+                         "zero_bytes_dropped": m.zero_bytes_dropped,
                          "steps": m.step_seconds()}
     log(f"{key}: checkpoint with KV release: {ck.seconds:.2f} s, {m.image_bytes / 1e9:.2f} GB ({m.step_seconds()})")
 
@@ -255,6 +256,7 @@ def table(results: list[dict], facts: dict) -> str:
     row("  of which GPU memory (the CUDA checkpoint) / saved by the worker (kept weights)",
         lambda r: f"{gb(r['checkpoint']['gpu_bytes'])} / {gb(r['checkpoint'].get('saved_bytes', 0))}")
     row("  libraries' working set, read ahead when cold", lambda r: gb(r["checkpoint"]["working_set_bytes"]))
+    row("  pages of zeros taken out of CRIU's image", lambda r: gb(r["checkpoint"]["zero_bytes_dropped"]))
     for label, key in (("warm page cache", "restore_warm"), ("cold page cache", "restore_cold")):
         row(f"restore to ready, {label} (CRIU / CUDA / rest)", lambda r, k=key: f"{r[k]['replicas'][0]['ready_s']} s "
             f"({r[k]['replicas'][0]['criu_s']} / {r[k]['replicas'][0]['cuda_s']} / {r[k]['replicas'][0]['after_cuda_s']})")
