@@ -14,6 +14,8 @@ images' data in order; mm-PID.img holds the mappings. Only the fields needed are
 
 from __future__ import annotations
 
+import bisect
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -21,7 +23,6 @@ from typing import Iterator
 
 PAGE = 4096
 MIN_RUN = 8  # pages: shorter runs are kept, so that the pagemap does not fragment into many small reads
-_CHUNK = 64 << 20
 _ZERO = bytes(PAGE)
 _COMMON_MAGIC, _PAGEMAP_MAGIC, _MM_MAGIC = 0x54564319, 0x56084025, 0x57492820
 _PE_PRESENT = 1 << 2
@@ -53,8 +54,11 @@ def _drop_one(pagemap: Path, mm: Path, images: Path) -> int:
     kept_data: list[tuple[int, int]] = []  # (offset in the pages image, bytes)
     offset = removed = 0
     fd = os.open(pages, os.O_RDONLY)
+    data = None
     try:
         size = os.fstat(fd).st_size
+        if size:
+            data = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         for entry in entries:
             fields = _fields(entry)
             if not fields.get(4, [0])[-1] & _PE_PRESENT:
@@ -63,7 +67,11 @@ def _drop_one(pagemap: Path, mm: Path, images: Path) -> int:
             vaddr, n = fields[1][-1], fields.get(5, fields.get(2, [0]))[-1]
             if offset + n * PAGE > size:
                 raise ImageError(f"{pages.name} ends before {pagemap.name} does")
-            for first, count, zero in _runs(fd, offset, vaddr, n, areas):
+            if not n:
+                kept_entries.append(entry)
+                continue
+            assert data is not None  # size > 0
+            for first, count, zero in _runs(data, offset, vaddr, n, areas):
                 if zero:
                     removed += count * PAGE
                 else:
@@ -83,47 +91,37 @@ def _drop_one(pagemap: Path, mm: Path, images: Path) -> int:
                 raise
             os.replace(tmp, pagemap)
     finally:
+        if data is not None:
+            data.close()
         os.close(fd)
     return removed
 
 
-def _runs(fd: int, offset: int, vaddr: int, n: int, areas: list[tuple[int, int]]
+def _runs(data: mmap.mmap, offset: int, vaddr: int, n: int, areas: list[tuple[int, int]]
           ) -> Iterator[tuple[int, int, bool]]:
     """(first page, pages, dropped) of one entry, in order: zero runs of MIN_RUN pages or more inside the
     zero-fill areas are dropped, everything between them kept."""
-    zero = bytearray(n)
-    for first in range(0, n, _CHUNK // PAGE):
-        count = min(_CHUNK // PAGE, n - first)
-        data = os.pread(fd, count * PAGE, offset + first * PAGE)
-        for i in range(count):
-            if data[i * PAGE:(i + 1) * PAGE] == _ZERO and _inside(areas, vaddr + (first + i) * PAGE):
-                zero[first + i] = 1
+    # find() within one page's bounds is one compare in place: nothing is copied out of the page cache
+    end = offset + n * PAGE
+    zero = bytearray(data.find(_ZERO, o, o + PAGE) == o for o in range(offset, end, PAGE))  # 1: a page of zeros
+    ends = [e for _, e in areas]
     start = i = 0
-    while i < n:
-        if not zero[i]:
-            i += 1
-            continue
-        end = zero.find(0, i)
-        end = n if end < 0 else end
-        if end - i >= MIN_RUN:
-            if i > start:
-                yield start, i - start, False
-            yield i, end - i, True
-            start = end
-        i = end
+    while (a := zero.find(1, i)) >= 0:
+        b = zero.find(0, a)
+        b = n if b < 0 else b
+        k = bisect.bisect_right(ends, vaddr + a * PAGE)  # the first area that ends after the run starts
+        while k < len(areas) and areas[k][0] < vaddr + b * PAGE:
+            lo = max(a, -(-(areas[k][0] - vaddr) // PAGE))
+            hi = min(b, (areas[k][1] - vaddr) // PAGE)
+            if hi - lo >= MIN_RUN:
+                if lo > start:
+                    yield start, lo - start, False
+                yield lo, hi - lo, True
+                start = hi
+            k += 1
+        i = b
     if n > start:
         yield start, n - start, False
-
-
-def _inside(areas: list[tuple[int, int]], addr: int) -> bool:
-    lo, hi = 0, len(areas)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if areas[mid][1] <= addr:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < len(areas) and areas[lo][0] <= addr
 
 
 def _rewrite(fd: int, pages: Path, kept: list[tuple[int, int]]) -> None:
