@@ -63,6 +63,7 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert manifest["zero_bytes_dropped"] >= 20 * (512 << 10)  # the worker's runs of zeros, at least
+    assert "of zero pages left out" in cli("inspect", str(tmp_path / "art")).stdout
     evict_pages(tmp_path / "art")
     assert readahead.resident_fraction(readahead.pages_images(tmp_path / "art" / "images")) < 0.5  # so it is read ahead
     r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)

@@ -234,6 +234,8 @@ def inspect(
     saved = sum(f.size for f in m.files if f.path.startswith(SAVED_DIR + "/"))
     if saved:
         out.print(f"  saved     {saved / 1e6:.1f} MB of it saved by the worker outside CRIU's image ({SAVED_DIR}/)")
+    if m.zero_bytes_dropped:
+        out.print(f"  zeros     {m.zero_bytes_dropped / 1e6:.1f} MB of zero pages left out of it (restored as zeros)")
     if m.working_set:
         ws = workingset.total_bytes(m.working_set)
         out.print(f"  libraries {ws / 1e6:.1f} MB of {len(m.working_set)} mapped files, read ahead on a cold restore")
