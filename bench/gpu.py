@@ -126,21 +126,36 @@ def cold_start(key: str, model_dir: Path, name: str, pack: bool) -> tuple[dict, 
     return {"cold_start_to_first_token_s": round(cold, 2), "cold_page_cache": cold_cache}, port
 
 
+def disk_bytes_read() -> int:
+    """Bytes read from the block devices so far (/proc/diskstats; whole disks, not their partitions)."""
+    total = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if len(f) > 5 and not f[2].startswith(("loop", "ram")) and Path(f"/sys/block/{f[2]}").exists():
+            total += int(f[5]) * 512
+    return total
+
+
 def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env: dict[str, str] | None = None) -> dict:
     """env: the page-read settings (criu.restore_env) for this restore only."""
     dropped = drop_caches() if cold else False
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
+    read0 = disk_bytes_read()
     t0 = time.monotonic()
     try:
         rr = restore.restore(art, name=name, replicas=replicas, timeout_s=600)
+        # Bytes off the disk over the restore's whole time: near the disk bandwidth measured later, the restore
+        # kept the disk busy; well below it, the disk sat idle part of the time, or was slower then.
+        read_s, read_bytes = time.monotonic() - t0, disk_bytes_read() - read0
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    out = {"cold_page_cache": dropped, "replicas": []}
+    out = {"cold_page_cache": dropped, "replicas": [], "disk_read_bytes": read_bytes,
+           "disk_read_rate": round(read_bytes / read_s) if read_s > 0 else 0}
     for r in rr.replicas:
         ft = time.monotonic()
         demo.complete(r.port, PROMPT, 1, timeout_s=300)
@@ -255,6 +270,8 @@ def table(results: list[dict], facts: dict) -> str:
     row("checkpoint, KV released: time / image", lambda r: f"{r['checkpoint']['seconds']} s / {gb(r['checkpoint']['image_bytes'])}")
     row("  of which GPU memory (the CUDA checkpoint) / saved by the worker (kept weights)",
         lambda r: f"{gb(r['checkpoint']['gpu_bytes'])} / {gb(r['checkpoint'].get('saved_bytes', 0))}")
+    row("cold restore: bytes read from disk / rate while it ran",
+        lambda r: f"{gb(r['restore_cold']['disk_read_bytes'])} / {r['restore_cold']['disk_read_rate'] / 1e9:.1f} GB/s")
     row("  libraries' working set, read ahead when cold", lambda r: gb(r["checkpoint"]["working_set_bytes"]))
     row("  pages of zeros taken out of CRIU's image", lambda r: gb(r["checkpoint"]["zero_bytes_dropped"]))
     for label, key in (("warm page cache", "restore_warm"), ("cold page cache", "restore_cold")):
