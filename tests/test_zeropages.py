@@ -75,3 +75,16 @@ def test_an_image_it_does_not_understand_is_left_as_it_is(images: tuple[Path, by
     with pytest.raises(zp.ImageError):
         zp.drop(d)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_a_rewrite_that_fails_leaves_the_image_whole(images: tuple[Path, bytes], monkeypatch) -> None:
+    d, _ = images
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def disk_full(*_a: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zp.os, "copy_file_range", disk_full)
+    with pytest.raises(zp.ImageError, match="No space left"):
+        zp.drop(d)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # and no .tmp files beside them

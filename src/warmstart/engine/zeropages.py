@@ -32,7 +32,7 @@ _MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_HUGETLB, _MAP_LOCKED = 0x02, 0x20, 0x40000, 0
 
 
 class ImageError(ValueError):
-    """An image this module does not understand: it was left as it is."""
+    """An image this module does not understand, or could not rewrite: it was left as it is."""
 
 
 def drop(images: Path) -> int:
@@ -81,15 +81,17 @@ def _drop_one(pagemap: Path, mm: Path, images: Path) -> int:
         if offset != size:
             raise ImageError(f"{pages.name} holds {size - offset} bytes more than {pagemap.name} lists")
         if removed:
-            tmp = pagemap.with_suffix(".tmp")
-            tmp.write_bytes(struct.pack("<II", _COMMON_MAGIC, _PAGEMAP_MAGIC)
-                            + b"".join(struct.pack("<I", len(e)) + e for e in [head, *kept_entries]))
+            new_map, new_pages = pagemap.with_suffix(".tmp"), pages.with_suffix(".tmp")
             try:
-                _rewrite(fd, pages, kept_data)
-            except BaseException:
-                tmp.unlink()
-                raise
-            os.replace(tmp, pagemap)
+                new_map.write_bytes(struct.pack("<II", _COMMON_MAGIC, _PAGEMAP_MAGIC)
+                                    + b"".join(struct.pack("<I", len(e)) + e for e in [head, *kept_entries]))
+                _copy(fd, new_pages, kept_data)
+            except OSError as e:  # the originals are still whole: a checkpoint can go on with them
+                new_map.unlink(missing_ok=True)
+                new_pages.unlink(missing_ok=True)
+                raise ImageError(f"could not write the smaller {pages.name}: {e}") from e
+            os.replace(new_pages, pages)
+            os.replace(new_map, pagemap)
     finally:
         if data is not None:
             data.close()
@@ -124,23 +126,19 @@ def _runs(data: mmap.mmap, offset: int, vaddr: int, n: int, areas: list[tuple[in
         yield start, n - start, False
 
 
-def _rewrite(fd: int, pages: Path, kept: list[tuple[int, int]]) -> None:
-    tmp = pages.with_suffix(".tmp")
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _copy(fd: int, to: Path, kept: list[tuple[int, int]]) -> None:
+    """Write the kept (offset, length) ranges of fd, one after another, into a new file."""
+    out = os.open(to, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         for off, length in kept:
             done = 0
             while done < length:
                 got = os.copy_file_range(fd, out, length - done, off + done)
                 if got <= 0:
-                    raise ImageError(f"could not copy {pages.name}")
+                    raise OSError(f"copy_file_range ended at byte {off + done}")
                 done += got
-    except BaseException:
+    finally:
         os.close(out)
-        tmp.unlink()
-        raise
-    os.close(out)
-    os.replace(tmp, pages)
 
 
 def _zero_fill_areas(mm: bytes, name: str) -> list[tuple[int, int]]:

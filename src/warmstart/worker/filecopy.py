@@ -46,8 +46,7 @@ def save(ctx: Any, device_ptr: int, nbytes: int, path: str, *, packed_on: int | 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         if packed_on is None:
-            pieces = [Piece(at, min(piece, nbytes - at), at, min(piece, nbytes - at), None)
-                      for at in range(0, nbytes, piece)]
+            pieces = _raw_pieces(nbytes, piece)
             os.ftruncate(fd, nbytes)  # each thread writes its own pieces in place
         else:
             pieces = packed_pieces(nbytes, piece, _plans(device_ptr, nbytes, packed_on, piece))
@@ -71,14 +70,18 @@ def load(ctx: Any, device_ptr: int, nbytes: int, path: str, *, packed_on: int | 
         if packed_on is None:
             if size != nbytes:
                 raise OSError(f"{path} holds {size} bytes, the GPU region {nbytes} (a truncated or foreign file)")
-            pieces = [Piece(at, min(piece, nbytes - at), at, min(piece, nbytes - at), None)
-                      for at in range(0, nbytes, piece)]
+            pieces = _raw_pieces(nbytes, piece)
         else:
             pieces = read_layout(fd, size, nbytes, path)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         _run(ctx, device_ptr, fd, True, threads, pieces, packed_on)
     finally:
         os.close(fd)
+
+
+def _raw_pieces(nbytes: int, piece: int) -> list[Piece]:
+    """The pieces of a file that holds the region's bytes as they are, at the same offsets."""
+    return [Piece(at, min(piece, nbytes - at), at, min(piece, nbytes - at), None) for at in range(0, nbytes, piece)]
 
 
 def _plans(device_ptr: int, nbytes: int, device: int, piece: int) -> list[bf16pack.Plan | None]:
