@@ -270,8 +270,6 @@ def table(results: list[dict], facts: dict) -> str:
     row("checkpoint, KV released: time / image", lambda r: f"{r['checkpoint']['seconds']} s / {gb(r['checkpoint']['image_bytes'])}")
     row("  of which GPU memory (the CUDA checkpoint) / saved by the worker (kept weights)",
         lambda r: f"{gb(r['checkpoint']['gpu_bytes'])} / {gb(r['checkpoint'].get('saved_bytes', 0))}")
-    row("cold restore: bytes read from disk / rate while it ran",
-        lambda r: f"{gb(r['restore_cold']['disk_read_bytes'])} / {r['restore_cold']['disk_read_rate'] / 1e9:.1f} GB/s")
     row("  libraries' working set, read ahead when cold", lambda r: gb(r["checkpoint"]["working_set_bytes"]))
     row("  pages of zeros taken out of CRIU's image", lambda r: gb(r["checkpoint"]["zero_bytes_dropped"]))
     for label, key in (("warm page cache", "restore_warm"), ("cold page cache", "restore_cold")):
@@ -281,6 +279,8 @@ def table(results: list[dict], facts: dict) -> str:
     row("  CUDA restore, warm / cold", lambda r: f"{r['restore_warm']['replicas'][0]['cuda_s']} s / "
         f"{r['restore_cold']['replicas'][0]['cuda_s']} s")
     row("floor, warm / cold", lambda r: f"{r['floor_warm_s']} s / {r.get('floor_cold_s', '-')} s")
+    row("cold restore: bytes read from disk / rate while it ran",
+        lambda r: f"{gb(r['restore_cold']['disk_read_bytes'])} / {r['restore_cold']['disk_read_rate'] / 1e9:.1f} GB/s")
     row("warm, CRIU reading with 1 thread, 4 KiB pages: ready (CRIU)", lambda r: f"{r['restore_warm_1_thread_4k']['replicas'][0]['ready_s']} s "
         f"({r['restore_warm_1_thread_4k']['replicas'][0]['criu_s']} s)")
     row("warm, threads, 4 KiB pages: ready (CRIU)", lambda r: f"{r['restore_warm_threads_4k']['replicas'][0]['ready_s']} s "
