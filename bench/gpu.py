@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def log(msg: str) -> None:
 
 
 def drop_caches() -> bool:
+    if "torch" in sys.modules:
+        raise RuntimeError("this process has torch loaded: the libraries it maps would stay cached")
     subprocess.run(["sync"], check=False)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -100,6 +103,17 @@ def gpu_facts() -> dict[str, str]:
     return {"gpu": name, "driver": driver, "memory": mem}
 
 
+def ensure_model(key: str) -> Path:
+    """The model directory for a shape, built in a child if missing. This process never imports torch: the
+    library pages a process maps stay in the page cache when it is dropped, and would make "cold" runs warm."""
+    code = (f"from warmstart.reference import model; "
+            f"print(model.ensure(model.LLAMA_{key.upper()}, 'bfloat16', device='cuda'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building the {key} model failed: {r.stderr.strip()[-2000:]}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
 def stop(name: str) -> None:
     try:
         registry.stop(name)
@@ -136,12 +150,44 @@ def disk_bytes_read() -> int:
     return total
 
 
-def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env: dict[str, str] | None = None) -> dict:
-    """env: the page-read settings (criu.restore_env) for this restore only."""
+class DiskTimeline:
+    """Bytes read from disk, sampled every 50 ms while a restore runs: shows when the disk was busy and how fast."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._t0, self._b0 = time.monotonic(), disk_bytes_read()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append((round(time.monotonic() - self._t0, 3), disk_bytes_read() - self._b0))
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
+def rates(samples: list[tuple[float, int]], step: float = 0.25) -> list[float]:
+    """GB/s in each `step` seconds of the timeline."""
+    out, last_t, last_b = [], 0.0, 0
+    for t, b in samples:
+        if t - last_t >= step - 1e-6:
+            out.append(round((b - last_b) / (t - last_t) / 1e9, 2))
+            last_t, last_b = t, b
+    return out
+
+
+def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env: dict[str, str] | None = None,
+                 logs: Path | None = None) -> dict:
+    """env: the page-read settings (criu.restore_env) for this restore only. logs: where to copy CRIU's log."""
     dropped = drop_caches() if cold else False
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     read0 = disk_bytes_read()
+    timeline = DiskTimeline()
     t0 = time.monotonic()
     try:
         rr = restore.restore(art, name=name, replicas=replicas, timeout_s=600)
@@ -149,13 +195,16 @@ def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env
         # kept the disk busy; well below it, the disk sat idle part of the time, or was slower then.
         read_s, read_bytes = time.monotonic() - t0, disk_bytes_read() - read0
     finally:
+        timeline.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    out = {"cold_page_cache": dropped, "replicas": [], "disk_read_bytes": read_bytes,
-           "disk_read_rate": round(read_bytes / read_s) if read_s > 0 else 0}
+    out = {"cold_page_cache": dropped, "replicas": [], "disk_read_bytes": read_bytes, "verify_s": round(rr.verify_s, 3),
+           "inflate_s": round(rr.inflate_s, 3),
+           "disk_read_rate": round(read_bytes / read_s) if read_s > 0 else 0,
+           "disk_gbps_per_250ms": rates(timeline.samples)}
     for r in rr.replicas:
         ft = time.monotonic()
         demo.complete(r.port, PROMPT, 1, timeout_s=300)
@@ -169,14 +218,15 @@ def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env
         log = paths.worker_dir(r.name) / launch.LOG
         log_lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         rep["worker_resume"] = next((ln for ln in reversed(log_lines) if ln.startswith("resume:")), None)
+        if logs and (paths.worker_dir(r.name) / "restore.log").exists():
+            shutil.copy(paths.worker_dir(r.name) / "restore.log", logs / f"criu-{r.name}.log")
         stop(r.name)
     return out
 
 
-def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool) -> dict:
-    shape = SHAPES[key]
+def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool, out: Path, colds: int) -> dict:
     t = time.monotonic()
-    model_dir = model.ensure(shape, "bfloat16", device="cuda")
+    model_dir = ensure_model(key)
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     log(f"{key}: model ready ({weights / 1e9:.2f} GB of bf16 weights, {time.monotonic() - t:.0f} s)")
     res: dict = {"shape": key, "weights_bytes": weights, "weights_packed": pack}
@@ -207,14 +257,19 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool) -> dict:
     res["checkpoint"] = {"seconds": round(ck.seconds, 2), "image_bytes": m.image_bytes, "gpu_bytes": gpu_bytes,
                          "saved_bytes": saved_bytes, "working_set_bytes": workingset.total_bytes(m.working_set),
                          "zero_bytes_dropped": m.zero_bytes_dropped,
+                         "compressed_raw_bytes": m.compressed_raw_bytes, "compressed_bytes": m.compressed_bytes,
                          "steps": m.step_seconds()}
     log(f"{key}: checkpoint with KV release: {ck.seconds:.2f} s, {m.image_bytes / 1e9:.2f} GB ({m.step_seconds()})")
 
     images = [art / f.path for f in m.files]
     res["restore_warm"] = restore_once(art, f"{name}-warm", cold=False, replicas=1, want=want)
     log(f"{key}: restore, warm page cache: {res['restore_warm']}")
-    res["restore_cold"] = restore_once(art, f"{name}-cold", cold=True, replicas=1, want=want)
+    res["restore_cold"] = restore_once(art, f"{name}-cold", cold=True, replicas=1, want=want, logs=out)
     log(f"{key}: restore, cold page cache: {res['restore_cold']}")
+    res["restore_cold_again"] = [restore_once(art, f"{name}-cold{i}", cold=True, replicas=1, want=want, logs=out)
+                                 for i in range(1, colds)]
+    for again in res["restore_cold_again"]:
+        log(f"{key}: restore, cold page cache, again: {again}")
     res["restore_3_replicas_warm"] = restore_once(art, f"{name}-x3", cold=False, replicas=3, want=want)
     log(f"{key}: 3 replicas: {res['restore_3_replicas_warm']}")
     # The same warm restore as CRIU reads without scripts/criu/parallel-page-reads.patch, and with threads only.
@@ -272,10 +327,17 @@ def table(results: list[dict], facts: dict) -> str:
         lambda r: f"{gb(r['checkpoint']['gpu_bytes'])} / {gb(r['checkpoint'].get('saved_bytes', 0))}")
     row("  libraries' working set, read ahead when cold", lambda r: gb(r["checkpoint"]["working_set_bytes"]))
     row("  pages of zeros taken out of CRIU's image", lambda r: gb(r["checkpoint"]["zero_bytes_dropped"]))
+    row("  pages images stored compressed: raw / stored", lambda r: f"{gb(r['checkpoint']['compressed_raw_bytes'])} / "
+        f"{gb(r['checkpoint']['compressed_bytes'])}")
+    row("  inflating them before CRIU, warm / cold", lambda r: f"{r['restore_warm']['inflate_s']} s / "
+        f"{r['restore_cold']['inflate_s']} s")
     for label, key in (("warm page cache", "restore_warm"), ("cold page cache", "restore_cold")):
         row(f"restore to ready, {label} (CRIU / CUDA / rest)", lambda r, k=key: f"{r[k]['replicas'][0]['ready_s']} s "
             f"({r[k]['replicas'][0]['criu_s']} / {r[k]['replicas'][0]['cuda_s']} / {r[k]['replicas'][0]['after_cuda_s']})")
         row(f"restore to first token, {label}", lambda r, k=key: f"{r[k]['replicas'][0]['first_token_s']} s")
+    row("  cold again: ready (CRIU / CUDA / rest)", lambda r: ", ".join(
+        f"{a['replicas'][0]['ready_s']} s ({a['replicas'][0]['criu_s']} / {a['replicas'][0]['cuda_s']} / "
+        f"{a['replicas'][0]['after_cuda_s']})" for a in r["restore_cold_again"]) or "-")
     row("  CUDA restore, warm / cold", lambda r: f"{r['restore_warm']['replicas'][0]['cuda_s']} s / "
         f"{r['restore_cold']['replicas'][0]['cuda_s']} s")
     row("floor, warm / cold", lambda r: f"{r['floor_warm_s']} s / {r.get('floor_cold_s', '-')} s")
@@ -308,6 +370,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     ap.add_argument("--ab", action="store_true", help="also restore as CRIU without the page-read patch does")
     ap.add_argument("--no-pack", action="store_true", help="the worker saves its bf16 weights unpacked")
+    ap.add_argument("--cold", type=int, default=1, metavar="N", help="restores from a cold page cache (default 1)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +382,7 @@ def main() -> None:
     tag = "-".join(args.shape) + ("-unpacked" if args.no_pack else "")
     for key in args.shape:
         try:
-            results.append(bench_shape(key, args.work, bw, args.ab, not args.no_pack))
+            results.append(bench_shape(key, args.work, bw, args.ab, not args.no_pack, args.out, args.cold))
         finally:
             for n in [r.name for r in registry.all_records()]:
                 stop(n)

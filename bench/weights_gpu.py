@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu import KV_MB, PROMPT, SHAPES, TOKENS, drop_caches, free_port, gpu_facts, log, read_bandwidth, stop  # noqa: E402
+from gpu import KV_MB, PROMPT, SHAPES, TOKENS, drop_caches, ensure_model, free_port, gpu_facts, log, read_bandwidth, stop  # noqa: E402
 from warmstart import demo, registry  # noqa: E402
 from warmstart.engine import checkpoint, launch, restore  # noqa: E402
-from warmstart.reference import model  # noqa: E402
 from warmstart.worker import weights  # noqa: E402
 
 
@@ -76,7 +75,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     key = args.shape
-    model_dir = model.ensure(SHAPES[key], "bfloat16", device="cuda")
+    model_dir = ensure_model(key)
     files = sorted(model_dir.glob("*.safetensors"))
     wbytes = sum(f.stat().st_size for f in files)
     svc = Service(work / "weights.sock", work / "weights-service.log")

@@ -18,7 +18,6 @@ import gpu  # noqa: E402  bench/gpu.py
 from warmstart import registry  # noqa: E402
 from warmstart.artifact.manifest import IMAGES_DIR  # noqa: E402
 from warmstart.engine import checkpoint, readahead  # noqa: E402
-from warmstart.reference import model  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +25,7 @@ def main() -> None:
     ap.add_argument("--shape", default="1b", choices=sorted(gpu.SHAPES))
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/warmstart-probe"))
     args = ap.parse_args()
-    model_dir = model.ensure(gpu.SHAPES[args.shape], "bfloat16", device="cuda")
+    model_dir = gpu.ensure_model(args.shape)
     name = f"probe-{args.shape}"
     gpu.stop(name)
     gpu.cold_start(args.shape, model_dir, name, True)
