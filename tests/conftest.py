@@ -123,7 +123,7 @@ def copy_artifact(src: Path, dst: Path) -> Path:
 def evict_pages(artifact: Path) -> None:
     """Drop an artifact's pages images from the page cache, as after a reboot (restore then reads them ahead).
     Written pages are flushed first: the kernel does not drop dirty ones, and CRIU's images are not fsync'd."""
-    for img in artifact.rglob("pages-*.img"):
+    for img in artifact.rglob("pages-*.img*"):
         fd = os.open(img, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, wait_http
 from warmstart import demo
-from warmstart.engine import criu, readahead
+from warmstart.engine import criu, imagezip, readahead
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -76,6 +76,15 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
         assert "Read pages with 4 threads" in (home / "workers" / "mem-copy" / "restore.log").read_text()
 
 
+def _raw_pages(images: Path) -> list[bytes]:
+    """The pages images' bytes as CRIU reads them (compressed ones inflated)."""
+    inflated = imagezip.Inflated(images, threads=2)
+    try:
+        return [p.read_bytes() for p in readahead.pages_images(inflated.path)]
+    finally:
+        inflated.remove()
+
+
 def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tmp_path: Path) -> None:
     port = free_port()
     r = cli("run", "--name", "ref", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
@@ -86,6 +95,11 @@ def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tm
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["image_bytes"] > 0
     assert all(w["name"] != "ref" for w in _ps(home))  # without --leave-running the source is gone
+    # The worker's heap is stored compressed; each restore below inflates it.
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert 0 < manifest["compressed_bytes"] < manifest["compressed_raw_bytes"]
+    assert imagezip.compressed(tmp_path / "art" / "images")
+    assert "stored compressed" in cli("inspect", str(tmp_path / "art")).stdout
 
     r = cli("restore", str(tmp_path / "art"), "--replicas", "3", "--name", "rep", "--json")
     assert r.returncode == 0, r.stderr
@@ -129,7 +143,7 @@ def test_state_saved_outside_the_image_comes_back(need_criu, home: Path, tmp_pat
     saved = art / "saved" / "state.bin"
     assert saved.stat().st_size == 8 << 20
     assert "saved/state.bin" in [f["path"] for f in json.loads((art / "manifest.json").read_text())["files"]]
-    assert not any(bytes.fromhex(head) in p.read_bytes() for p in readahead.pages_images(art / "images"))
+    assert not any(bytes.fromhex(head) in data for data in _raw_pages(art / "images"))
     assert http_get(port).split() == [digest, head, str(saved.parent)]  # the source, from the finished artifact
     shown = cli("inspect", str(art)).stdout
     assert "saved     8.4 MB" in shown and "read ahead on a cold restore" in shown, shown

@@ -11,6 +11,7 @@ from warmstart.engine import readahead
 
 
 def _image(tmp_path: Path) -> Path:
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "pages-1.img").write_bytes(os.urandom(24 << 20))
     (tmp_path / "pages-2.img").write_bytes(b"")  # empty images are skipped
     (tmp_path / "core-1.img").write_bytes(b"x" * 4096)  # not a pages image
@@ -45,7 +46,7 @@ def test_a_cold_image_is_read_in_and_a_warm_one_left_alone(tmp_path: Path) -> No
 def test_stop_ends_the_readers_early(tmp_path: Path) -> None:
     images = _image(tmp_path)
     evict_pages(images)
-    r = readahead.Readahead(readahead.pages_images(images), threads=1)
+    r = readahead.Readahead(readahead.whole(readahead.pages_images(images)), threads=1)
     r.stop()
     assert all(f.done() for f in r._done)
 
@@ -63,11 +64,25 @@ def test_files_after_the_image_are_read_once_all_of_it_is_in(tmp_path: Path) -> 
             events.append(("end", path.name))
 
     evict_pages(images)
-    r = Logged(readahead.pages_images(images), threads=4, then=(later,))
+    r = Logged(readahead.whole(readahead.pages_images(images)), threads=4, then=readahead.whole([later]))
     r.wait()
     r.stop()
     assert events.index(("start", "saved.bin")) > events.index(("end", "pages-1.img")), events
     assert readahead.resident_fraction([images / "pages-1.img", later]) > 0.99
+
+
+def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
+    images = _image(tmp_path / "images")
+    (images / "pages-3.img").write_bytes(b"y" * 8192)  # a memfd's pages: restored before the process's memory
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"z" * (4 << 20))
+    plan = readahead.order(images, ((lib, 1 << 20, 4096), (lib, 3 << 20, 8192)))
+    assert [(p.name, off) for p, off, _ in plan] == [
+        ("core-1.img", 0),  # CRIU's small images
+        ("lib.so", 0),  # the head of each library, where CRIU checks its build id
+        ("pages-3.img", 0), ("pages-1.img", 0),  # pages images, smallest first
+        ("lib.so", 1 << 20), ("lib.so", 3 << 20),  # the libraries' working set
+    ]
 
 
 def test_working_set_is_the_touched_pages_of_mapped_files(tmp_path: Path) -> None:
@@ -95,7 +110,7 @@ def test_working_set_is_the_touched_pages_of_mapped_files(tmp_path: Path) -> Non
     os.fsync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
-    r = readahead.Readahead([], threads=2, ranges=workingset.pieces([entry]))
+    r = readahead.Readahead(list(workingset.pieces([entry])), threads=2)
     r.wait()
     r.stop()
     assert readahead.resident_fraction([f]) < 0.2  # the ranges, not the whole file

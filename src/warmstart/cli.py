@@ -127,6 +127,7 @@ def restore(
                                   gpu_device=gpu, progress=_progress(json_out))
     if json_out:
         _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
+               "inflate_s": round(result.inflate_s, 3),
                "restore_s": round(result.seconds, 3),
                "replicas": [{"name": r.name, "replica": r.replica, "port": r.port, "pid": r.pid,
                              "criu_s": round(r.criu_s, 3), "cuda_s": round(r.cuda_s, 3),
@@ -236,6 +237,9 @@ def inspect(
         out.print(f"  saved     {saved / 1e6:.1f} MB of it saved by the worker outside CRIU's image ({SAVED_DIR}/)")
     if m.zero_bytes_dropped:
         out.print(f"  zeros     {m.zero_bytes_dropped / 1e6:.1f} MB of zero pages left out of it (restored as zeros)")
+    if m.compressed_raw_bytes:
+        out.print(f"  packed    {m.compressed_raw_bytes / 1e6:.1f} MB of pages stored compressed in "
+                  f"{m.compressed_bytes / 1e6:.1f} MB (inflated into memory for each restore)")
     if m.working_set:
         ws = workingset.total_bytes(m.working_set)
         out.print(f"  libraries {ws / 1e6:.1f} MB of {len(m.working_set)} mapped files, read ahead on a cold restore")

@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import SAVED_DIR, SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
-from warmstart.engine import control, criu, gpu, joinns, shm, workingset, zeropages
+from warmstart.engine import control, criu, gpu, imagezip, joinns, shm, workingset, zeropages
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
 from warmstart.errors import WorkerError
@@ -151,6 +151,10 @@ def checkpoint(
                         zero_bytes = zeropages.drop(staging.images)
                     except zeropages.ImageError as e:
                         progress(f"warning: pages of zeros stay in the image ({e})")
+            packed = (0, 0)
+            if os.environ.get("WARMSTART_COMPRESS", "1") != "0":
+                with timer.step("compress", "compressing the pages images"):
+                    packed = imagezip.compress(staging.images, os.cpu_count() or 1, progress)
             if saved and not any(saved.iterdir()):
                 saved.rmdir()  # the worker saved nothing there
             if script:
@@ -164,6 +168,8 @@ def checkpoint(
                 gpus=gpu_states,
                 working_set=working_set,
                 zero_bytes_dropped=zero_bytes,
+                compressed_raw_bytes=packed[0],
+                compressed_bytes=packed[1],
                 **_gpu_versions(cuda_pids),
             )
             with timer.step("checksum", "checksumming images"):

@@ -1,11 +1,12 @@
 """Reading an image that is not in the page cache at the disk's speed, alongside CRIU's restore of it.
 
-CRIU reads its pages images as it restores; from a cold page cache its reads keep the disk only partly
-busy. When most of an image is not cached, restore starts these readers first: large reads in several
-threads, so that CRIU finds the pages cached or already on their way (the page cache never reads a page twice).
-Ahead of the pages or beside them: the parts of the libraries the worker had touched (engine/workingset.py),
-which CRIU and the resumed worker would otherwise read a page at a time. After the pages: the files the worker
-saved outside its image (kept GPU regions), which it reads once it runs again.
+CRIU reads its images as it restores; from a cold page cache its reads keep the disk only partly busy, and
+each small read it makes waits behind whatever else the disk has queued. When most of an image is not
+cached, restore starts these readers first: large reads in several threads, in the order the restore needs
+the bytes (`order`), so that CRIU finds them cached or already on their way (the page cache never reads a page
+twice). With the image: the parts of the libraries the worker had touched (engine/workingset.py), which CRIU
+and the resumed worker would otherwise read a page at a time. After all that: the files the worker saved
+outside its image (kept GPU regions), which it reads once it runs again.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from warmstart.engine import imagezip
+
 _PIECE = 64 << 20
 _BUF = 8 << 20
 
 
 def pages_images(images: Path) -> list[Path]:
-    """CRIU's pages images: all but a few kilobytes of an image's bytes."""
-    return sorted(p for p in images.glob("pages-*.img") if p.stat().st_size > 0)
+    """CRIU's pages images, compressed or not (engine/imagezip.py): all but a few kilobytes of an image's bytes."""
+    return sorted(p for p in images.glob("pages-*.img*") if _is_pages(p) and p.stat().st_size > 0)
+
+
+def _is_pages(p: Path) -> bool:
+    return p.match("pages-*.img") or p.match("pages-*.img" + imagezip.SUFFIX)
 
 
 def resident_fraction(paths: list[Path]) -> float:
@@ -56,26 +63,26 @@ def resident_fraction(paths: list[Path]) -> float:
 
 
 Piece = tuple[Path, int, int]  # (file, offset, length)
+_HEAD = 128 << 10  # of each library: CRIU checks its build id in the ELF notes near the start
 
 
 class Readahead:
-    """Reads files into the page cache with `threads` readers until done or stopped: the `ranges` and the
-    `paths` first, then, once all of those are in, the files in `then`."""
+    """Reads pieces of files into the page cache with `threads` readers until done or stopped, in order: the
+    `first` pieces, then, once all of those are in, the `then` pieces."""
 
-    def __init__(self, paths: list[Path], threads: int, then: tuple[Path, ...] = (),
-                 ranges: tuple[Piece, ...] = ()) -> None:
+    def __init__(self, first: list[Piece], threads: int, then: list[Piece] | None = None) -> None:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._fds: dict[Path, int] = {}
-        for p in {*paths, *then, *(r[0] for r in ranges)}:
+        for p in {r[0] for r in [*first, *(then or [])]}:
             try:
                 self._fds[p] = os.open(p, os.O_RDONLY)
             except OSError:
                 pass  # only a readahead: whoever needs the file says what is wrong with it
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="readahead")
-        first = [self._pool.submit(self._read, *r) for r in [*_split(ranges), *_pieces(paths)] if r[0] in self._fds]
-        later = [self._pool.submit(self._read_after, first, *r) for r in _pieces(list(then)) if r[0] in self._fds]
-        self._done = first + later
+        started = [self._pool.submit(self._read, *r) for r in _split(first) if r[0] in self._fds]
+        later = [self._pool.submit(self._read_after, started, *r) for r in _split(then or []) if r[0] in self._fds]
+        self._done = started + later
         self._pool.shutdown(wait=False)
 
     def _read_after(self, first: list[futures.Future], path: Path, off: int, length: int) -> None:
@@ -108,20 +115,36 @@ class Readahead:
                 os.close(fd)
 
 
-def _pieces(paths: list[Path]) -> list[Piece]:
-    return [(p, off, _PIECE) for p in paths for off in range(0, p.stat().st_size, _PIECE)]
+def whole(paths: list[Path]) -> list[Piece]:
+    """Each of these files, from start to end."""
+    out = []
+    for p in paths:
+        try:
+            out.append((p, 0, p.stat().st_size))
+        except OSError:
+            continue
+    return out
 
 
-def _split(ranges: tuple[Piece, ...]) -> list[Piece]:
-    return [(p, o, min(_PIECE, off + n - o)) for p, off, n in ranges for o in range(off, off + n, _PIECE)]
+def _split(pieces: list[Piece]) -> list[Piece]:
+    return [(p, o, min(_PIECE, off + n - o)) for p, off, n in pieces for o in range(off, off + n, _PIECE)]
+
+
+def order(images: Path, ranges: tuple[Piece, ...]) -> list[Piece]:
+    """What a cold restore needs, in the order it needs it. CRIU reads its small images and checks each
+    library's build id first, then restores the memfds (small pages images) and the process's memory (the
+    large one). The libraries' other pages are used once the process runs again."""
+    pages = sorted(pages_images(images), key=lambda p: p.stat().st_size)
+    small = [p for p in sorted(images.iterdir()) if p.is_file() and not _is_pages(p)]
+    heads = [(p, 0, _HEAD) for p in dict.fromkeys(r[0] for r in ranges)]  # a read past the end stops there
+    return [*whole(small), *heads, *whole(pages), *ranges]
 
 
 def start_if_cold(images: Path, threads: int, below: float = 0.5, then: tuple[Path, ...] = (),
                   ranges: tuple[Piece, ...] = ()) -> Readahead | None:
-    """Readers for the `ranges` (the worker's libraries) and the image's pages, then for the files in `then`,
-    when less than `below` of the image and those files is cached; None when it is."""
-    paths = pages_images(images)
-    everything = paths + list(then)
+    """Readers for the image and the `ranges` (the worker's libraries), then for the files in `then`, when
+    less than `below` of the image's pages and those files is cached; None when it is."""
+    everything = pages_images(images) + list(then)
     if not everything or resident_fraction(everything) >= below:
         return None
-    return Readahead(paths, threads, then, ranges)
+    return Readahead(order(images, ranges), threads, whole(list(then)))

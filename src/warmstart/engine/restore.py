@@ -9,20 +9,21 @@ host port. If any replica fails, every replica started by this call is killed an
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from warmstart import adapters, host, paths, procs, registry
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, SHM_DIR, Manifest
-from warmstart.engine import control, criu, gpu, joinns, launch, readahead, sandbox, workingset
+from warmstart.engine import control, criu, gpu, imagezip, joinns, launch, readahead, sandbox, workingset
 from warmstart.engine.readahead import Readahead
 from warmstart.engine.steps import Progress, quiet
 from warmstart.adapters.base import Engine, Quiesced
-from warmstart.errors import IncompatibleArtifact, UsageError, WorkerError
+from warmstart.errors import ArtifactError, IncompatibleArtifact, StepFailed, UsageError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
 
@@ -46,6 +47,7 @@ class RestoreResult:
     verify_s: float
     replicas: list[ReplicaResult]
     seconds: float
+    inflate_s: float = 0.0  # inflating compressed pages images before CRIU (engine/imagezip.py)
 
 
 def _replica_names(base: str, count: int) -> list[str]:
@@ -116,24 +118,60 @@ class _Prepared:
     verify_s: float
     readahead: Readahead | None = None  # readers of an image that is not in the page cache, while CRIU runs
     weights: Future | None = None  # the weight services loading the worker's weights
+    inflated: imagezip.Inflated | None = None  # the image as CRIU reads it, where some of it is stored compressed
+    inflate_s: float = 0.0
+    replicas: int = 1
+    criu_done: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start_reading(self, root: str = "") -> None:
-        """Right before CRIU starts: the readahead of the worker's libraries, the image and the worker's saved
-        files (if the image and those files are not cached), and the weights' load. root: where the worker's
-        files are seen from here."""
-        saved = tuple(sorted(self.saved.iterdir())) if self.saved else ()
-        self.readahead = readahead.start_if_cold(self.artifact / IMAGES_DIR, criu.read_threads(), then=saved,
-                                                 ranges=workingset.pieces(self.manifest.working_set, root))
+    def start_reading(self, progress: Progress) -> None:
+        """Right before CRIU starts: the weights' load (after the image's readahead, if the image is read), and
+        the compressed pages images inflated."""
         self.weights = _prefetch_weights(self.manifest, self.readahead)
+        if imagezip.compressed(self.artifact / IMAGES_DIR):
+            progress("inflating the compressed pages images")
+            t = time.monotonic()
+            try:
+                self.inflated = imagezip.Inflated(self.artifact / IMAGES_DIR, criu.read_threads())
+            except imagezip.ImageError as e:
+                raise ArtifactError(f"artifact {self.artifact}: {e}", "copy the artifact again or checkpoint again")
+            except OSError as e:
+                raise StepFailed(f"cannot inflate the artifact's compressed pages images: {e}",
+                                 "make room in /dev/shm, or set TMPDIR to a directory with room") from None
+            self.inflate_s = time.monotonic() - t
+
+    @property
+    def criu_images(self) -> Path:
+        """The images directory CRIU reads."""
+        return self.inflated.path if self.inflated else self.artifact / IMAGES_DIR
+
+    def sandbox_images(self, work: Path) -> tuple[Path, tuple[str, str] | None]:
+        """The same, for CRIU in a sandbox whose work directory is `work`, with the bind it needs to see
+        inflated images (sandbox.SandboxSpec.images)."""
+        if not self.inflated:
+            return self.criu_images, None
+        (work / "images").mkdir(exist_ok=True)
+        return work / "images", (str(self.inflated.path), str(work / "images"))
 
     def restored_by_criu(self) -> None:
-        """CRIU has read the image: the readahead has nothing left to do, unless the worker has saved files."""
+        """One replica's CRIU has read the image. Once all have, the inflated images go, and the readahead
+        has nothing left to do unless the worker has saved files."""
+        with self.lock:
+            self.criu_done += 1
+            if self.criu_done < self.replicas:
+                return
+        self.drop_inflated()
         if not self.saved:
             self.stop_reading()
 
     def stop_reading(self) -> None:
         if self.readahead:
             self.readahead.stop()
+
+    def drop_inflated(self) -> None:
+        """Once every CRIU has read the image: the memory the inflated images hold goes back."""
+        if self.inflated:
+            self.inflated.remove()
 
     @property
     def saved(self) -> Path | None:
@@ -150,8 +188,10 @@ class _Prepared:
 
 
 def _prepare(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool,
-             progress: Progress) -> _Prepared:
-    """Everything that can refuse the restore, before any process starts: host, GPU plan, checksums."""
+             progress: Progress, root: str = "") -> _Prepared:
+    """Everything that can refuse the restore, before any process starts: host, GPU plan, checksums. Once the
+    host is known to fit, the readahead of a cold image starts, beside the rest of the checks (root: where the
+    worker's files are seen from here)."""
     t0 = time.monotonic()
     artifact = artifact.absolute()
     manifest = store.load(artifact)
@@ -161,14 +201,23 @@ def _prepare(artifact: Path, gpu_device: str | None, replicas: int, verify_cache
         raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
                                    "restore it on a host like the one it was made on, or checkpoint on this one")
     criu.restore_env()  # its settings are checked before anything starts
-    gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
-                            manifest.worker.gpu_bytes_to_remap)
-    progress("verifying artifact checksums")
-    store.verify(artifact, manifest, use_cache=verify_cache)
+    saved = artifact / SAVED_DIR
+    ahead = readahead.start_if_cold(artifact / IMAGES_DIR, criu.read_threads(),
+                                    then=tuple(sorted(saved.iterdir())) if saved.is_dir() else (),
+                                    ranges=workingset.pieces(manifest.working_set, root))
+    try:
+        gpu_map = gpu.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
+                                manifest.worker.gpu_bytes_to_remap)
+        progress("verifying artifact checksums")
+        store.verify(artifact, manifest, use_cache=verify_cache)
+    except BaseException:
+        if ahead:
+            ahead.stop()
+        raise
     w = manifest.worker
     return _Prepared(artifact, manifest, binary, gpu_map,
                      adapters.for_engine(w.engine) if not w.sdk else None, _inner_port(manifest),
-                     t0, time.monotonic() - t0)
+                     t0, time.monotonic() - t0, readahead=ahead, replicas=replicas)
 
 
 def _bring_up(p: _Prepared, rec: WorkerRecord, deadline: float,
@@ -214,14 +263,18 @@ def restore(
     p = _prepare(artifact, gpu_device, replicas, verify_cache, progress)
     artifact, manifest, inner, t0 = p.artifact, p.manifest, p.inner_port, p.t0
     w = manifest.worker
-    base = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-restored")
-    names = _replica_names(base, replicas)
-    listeners = [sandbox.bind_host_port(port + i if port else 0) for i in range(replicas)] if inner else []
+    try:
+        base = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-restored")
+        names = _replica_names(base, replicas)
+        listeners = [sandbox.bind_host_port(port + i if port else 0) for i in range(replicas)] if inner else []
+    except BaseException:
+        p.stop_reading()
+        raise
     host_ports: list[int | None] = [s.getsockname()[1] for s in listeners] or [None] * replicas
 
     started: list[tuple[str, sandbox.Sandbox]] = []
     try:
-        p.start_reading()
+        p.start_reading(progress)
         for i, rname in enumerate(names):
             rdir, rcontrol, rlog = launch.prepare_dirs(rname)
             host_port = host_ports[i]
@@ -240,9 +293,11 @@ def restore(
                 binds.append((str(own), private))
             pidfile = rdir / "restored.pid"
             log = rdir / "restore.log"
+            images, images_bind = p.sandbox_images(rdir)
             spec = sandbox.SandboxSpec(
                 criu_bin=p.binary,
-                restore_args=criu.restore_args(artifact / IMAGES_DIR, rdir, log, pidfile),
+                restore_args=criu.restore_args(images, rdir, log, pidfile),
+                images=images_bind,
                 log=log,
                 pidfile=pidfile,
                 binds=binds,
@@ -292,10 +347,11 @@ def restore(
         raise
     finally:
         p.stop_reading()
+        p.drop_inflated()
         for s in listeners:
             s.close()  # init holds its own copy
     return RestoreResult(artifact=artifact, manifest=manifest, verify_s=p.verify_s, replicas=results,
-                         seconds=time.monotonic() - t0)
+                         seconds=time.monotonic() - t0, inflate_s=p.inflate_s)
 
 
 def restore_into(
@@ -310,33 +366,37 @@ def restore_into(
 ) -> RestoreResult:
     """Restore one replica into the namespaces of a running process (a pod's placeholder) instead of new ones."""
     joinns.check_target(target)
-    p = _prepare(artifact, gpu_device, 1, verify_cache, progress)
+    p = _prepare(artifact, gpu_device, 1, verify_cache, progress, root=f"/proc/{target}/root")
     w = p.manifest.worker
-    if p.saved:
-        raise IncompatibleArtifact(
-            f"artifact {p.artifact} holds files the worker saved outside its image ({SAVED_DIR}/), which a worker "
-            f"in process {target}'s namespaces cannot read",
-            "restore it with `warmstart restore`, or checkpoint the worker inside the pod")
-    rname = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-in-{target}")
-    registry.claim(rname)
-    rdir, _, _ = launch.prepare_dirs(rname)
-    control_dir = joinns.target_path(target, w.control_dir) if w.control_dir else None
-    progress(f"restoring into the namespaces of process {target}")
-    joinns.prepare_files(target, w.log_path, [*w.private_dirs, *([w.control_dir] if w.control_dir else [])],
-                         p.shm_src)
-    if w.sdk and control_dir:
-        control.send(control_dir, w.control_seq + 1, protocol.RESUME, p.resume_settings(0, rname, p.inner_port))
+    try:
+        if p.saved:
+            raise IncompatibleArtifact(
+                f"artifact {p.artifact} holds files the worker saved outside its image ({SAVED_DIR}/), which a worker "
+                f"in process {target}'s namespaces cannot read",
+                "restore it with `warmstart restore`, or checkpoint the worker inside the pod")
+        rname = paths.check_name(name) if name else registry.free_name(f"{w.name or 'worker'}-in-{target}")
+        registry.claim(rname)
+        rdir, _, _ = launch.prepare_dirs(rname)
+        control_dir = joinns.target_path(target, w.control_dir) if w.control_dir else None
+        progress(f"restoring into the namespaces of process {target}")
+        joinns.prepare_files(target, w.log_path, [*w.private_dirs, *([w.control_dir] if w.control_dir else [])],
+                             p.shm_src)
+        if w.sdk and control_dir:
+            control.send(control_dir, w.control_seq + 1, protocol.RESUME, p.resume_settings(0, rname, p.inner_port))
+    except BaseException:
+        p.stop_reading()
+        raise
     pidfile, log = rdir / "restored.pid", rdir / "restore.log"
     deadline = p.t0 + timeout_s
     wpid = None
     try:
-        p.start_reading(root=f"/proc/{target}/root")
+        p.start_reading(progress)
         try:
-            wpid, criu_s = joinns.restore(target, p.binary,
-                                          criu.restore_args(p.artifact / IMAGES_DIR, rdir, log, pidfile),
+            wpid, criu_s = joinns.restore(target, p.binary, criu.restore_args(p.criu_images, rdir, log, pidfile),
                                           log, pidfile, timeout_s, w.ids or [w.pid])
         finally:
             p.stop_reading()
+            p.drop_inflated()
         rec = WorkerRecord(name=rname, kind="replica", pid=wpid, started=procs.start_time(wpid) or 0,
                            command=w.command, engine=w.engine,
                            log=str(joinns.target_path(target, w.log_path)) if w.log_path else str(rdir / launch.LOG),
@@ -352,4 +412,4 @@ def restore_into(
     result = ReplicaResult(name=rname, replica=0, port=p.inner_port, pid=wpid, holder_pid=target, criu_s=criu_s,
                            cuda_s=cuda_s, ready_s=time.monotonic() - p.t0)
     return RestoreResult(artifact=p.artifact, manifest=p.manifest, verify_s=p.verify_s, replicas=[result],
-                         seconds=time.monotonic() - p.t0)
+                         seconds=time.monotonic() - p.t0, inflate_s=p.inflate_s)

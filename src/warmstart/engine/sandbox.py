@@ -76,6 +76,9 @@ class SandboxSpec:
     binds: list[tuple[str, str]] = field(default_factory=list)  # (host path, path to cover inside)
     forwards: list[tuple[socket.socket, int]] = field(default_factory=list)  # (host listener, inner port)
     shm_src: Path | None = None  # the artifact's saved /dev/shm segments, copied into the replica's /dev/shm
+    # (host directory, where CRIU reads it): images inflated into the host's /dev/shm, which the replica's own
+    # /dev/shm then hides, so they are bound elsewhere first (engine/imagezip.py)
+    images: tuple[str, str] | None = None
     timeout_s: float = 120.0
 
 
@@ -199,9 +202,11 @@ def _lo_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
 
 
-def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None) -> None:
+def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None, images: tuple[str, str] | None) -> None:
     mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here may reach the host
     mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    if images:
+        mount(images[0], images[1], None, _MS_BIND)
     # Each replica gets its own POSIX shared memory and semaphores: names the source used must not clash.
     libc_check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"), "mount /dev/shm")
     if shm_src:
@@ -261,7 +266,7 @@ def _forward(listener: socket.socket, port: int) -> None:
 def _init_main(spec: SandboxSpec, w: int) -> None:
     root = 0
     try:
-        _prepare_mounts(spec.binds, spec.shm_src)
+        _prepare_mounts(spec.binds, spec.shm_src, spec.images)
         _lo_up()
         t0 = time.monotonic()
         criu.run(spec.criu_bin, spec.restore_args, spec.log, "restore", timeout=spec.timeout_s)

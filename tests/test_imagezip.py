@@ -1,0 +1,107 @@
+"""Compressed pages images (engine/imagezip.py): stored compressed at checkpoint, inflated for each restore."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from warmstart.engine import imagezip
+
+
+def _pages(size: int, random_every: int = 4) -> bytes:
+    """Pages that compress (a repeated pattern) with some that do not (random), like a worker's heap."""
+    out = bytearray()
+    for i in range(size // 4096):
+        out += os.urandom(4096) if i % random_every == 0 else bytes([i % 251]) * 4096
+    return bytes(out)
+
+
+def _images(tmp_path: Path, big: bytes) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(b"s" * 8192)  # small: stays as it is
+    (images / "pages-2.img").write_bytes(big)
+    (images / "core-2.img").write_bytes(b"core")
+    return images
+
+
+def test_a_large_pages_image_is_stored_compressed_and_inflates_exactly(tmp_path: Path) -> None:
+    big = _pages(imagezip.MIN_BYTES + 3 * 4096)  # the last chunk is short
+    images = _images(tmp_path, big)
+    warnings: list[str] = []
+    raw, stored = imagezip.compress(images, threads=2, warn=warnings.append)
+    assert not warnings
+    assert raw == len(big) and stored == (images / "pages-2.img.z").stat().st_size
+    assert stored < 0.4 * raw
+    assert not (images / "pages-2.img").exists() and (images / "pages-1.img").exists()
+    assert imagezip.compressed(images) == [images / "pages-2.img.z"]
+
+    inflated = imagezip.Inflated(images, threads=3)
+    try:
+        assert (inflated.path / "pages-2.img").read_bytes() == big
+        assert (inflated.path / "pages-1.img").is_symlink()  # the rest is linked, not copied
+        assert (inflated.path / "core-2.img").read_bytes() == b"core"
+        assert sorted(p.name for p in inflated.path.iterdir()) == ["core-2.img", "pages-1.img", "pages-2.img"]
+    finally:
+        inflated.remove()
+    assert not inflated.path.exists()
+    inflated.remove()  # idempotent
+
+
+def test_an_image_that_does_not_compress_stays_raw(tmp_path: Path) -> None:
+    big = os.urandom(imagezip.MIN_BYTES)
+    images = _images(tmp_path, big)
+    assert imagezip.compress(images, threads=2, warn=print) == (0, 0)
+    assert (images / "pages-2.img").read_bytes() == big
+    assert imagezip.compressed(images) == [] and not list(images.glob("*.tmp"))
+
+
+def test_random_chunks_are_stored_raw_within_a_compressed_image(tmp_path: Path) -> None:
+    chunk = imagezip.CHUNK
+    big = bytes(2 * chunk) + os.urandom(chunk) + bytes(7 * chunk)  # one chunk of ten does not compress
+    images = _images(tmp_path, big)
+    imagezip.compress(images, threads=2, warn=print)
+    z = images / "pages-2.img.z"
+    data = z.read_bytes()
+    count = struct.unpack_from("<I", data, 20)[0]
+    lengths = struct.unpack_from(f"<{count}I", data, 24)
+    assert lengths[2] == chunk and all(n < chunk for i, n in enumerate(lengths) if i != 2)
+    out = tmp_path / "raw.img"
+    assert imagezip.inflate(z, out, threads=2) == len(big)
+    assert out.read_bytes() == big
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "foreign"])
+def test_a_damaged_compressed_image_is_refused_and_nothing_is_left(tmp_path: Path, damage: str) -> None:
+    images = _images(tmp_path, _pages(imagezip.MIN_BYTES, random_every=1000))
+    imagezip.compress(images, threads=2, warn=print)
+    z = images / "pages-2.img.z"
+    data = bytearray(z.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncated":
+        del data[-100:]
+    else:
+        data[:8] = b"NOTOURS!"
+    z.write_bytes(bytes(data))
+    before = set(imagezip.memory_dir(0).iterdir())
+    with pytest.raises(imagezip.ImageError, match="pages-2.img.z"):
+        imagezip.Inflated(images, threads=2)
+    assert set(imagezip.memory_dir(0).iterdir()) == before  # no half-inflated directory left behind
+
+
+def test_a_failed_write_leaves_the_image_raw_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = _pages(imagezip.MIN_BYTES)
+    images = _images(tmp_path, big)
+
+    def full(*a: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imagezip.os, "pwrite", full)
+    warnings: list[str] = []
+    assert imagezip.compress(images, threads=2, warn=warnings.append) == (0, 0)
+    assert len(warnings) == 1 and "pages-2.img stays uncompressed" in warnings[0] and "No space" in warnings[0]
+    assert (images / "pages-2.img").read_bytes() == big and not list(images.glob("*.z*"))
