@@ -1,13 +1,13 @@
 """What a cold restore of the reference worker reads besides the weights, and what it needs of it.
 
-    python3 bench/probes/working_set.py [--shape 1b] [--work /var/tmp/warmstart-probe]
+    python3 bench/probes/working_set.py [--shape 1b] [--work /var/tmp/warmstart-probe] [--queue-depths]
 
 1. The libraries' working set recorded at checkpoint, by ELF section (are CUDA fatbins, which the driver reads
    only to load kernels, a large part of it?).
 2. A cold restore with no readahead of the libraries: which of their pages the restored worker then had read
    (mincore after its first token): what it needs, plus the kernel's own read-around.
 3. CRIU's pages images: their non-zero pages, and how well those compress (zlib level 1).
-4. Cold reads of the saved weights with readers of several counts and read sizes.
+4. With --queue-depths: cold reads of the saved weights with readers of several counts and read sizes.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b", choices=sorted(gpu.SHAPES))
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/warmstart-probe"))
+    ap.add_argument("--queue-depths", action="store_true", help="also time cold reads of the weights file")
     args = ap.parse_args()
     model_dir = gpu.ensure_model(args.shape)
     name = f"probe-{args.shape}"
@@ -179,7 +180,8 @@ def main() -> None:
         show("working set recorded at checkpoint", by_section(ws))
         pages_content(art / IMAGES_DIR)
 
-        queue_depths(max((p for p in (art / SAVED_DIR).iterdir()), key=lambda p: p.stat().st_size))
+        if args.queue_depths:
+            queue_depths(max((p for p in (art / SAVED_DIR).iterdir()), key=lambda p: p.stat().st_size))
         real = workingset.pieces
         for label, ahead in (("no library readahead", False), ("with the working set read ahead", True)):
             workingset.pieces = real if ahead else (lambda *a, **k: ())
