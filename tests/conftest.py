@@ -20,6 +20,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WARMSTART = [sys.executable, "-m", "warmstart"]
+# Raw images of compressed ones (engine/imagezip.py) go here, not to /var/cache, in tests that set no home.
+os.environ.setdefault("WARMSTART_IMAGE_CACHE", f"/tmp/warmstart-test-image-cache-{os.getpid()}")
 COUNTER = REPO / "tests" / "workers" / "counter.py"
 SLOW_QUIESCE = REPO / "tests" / "workers" / "slow_quiesce.py"
 SAVED_STATE = REPO / "tests" / "workers" / "saved_state.py"
@@ -51,6 +53,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A private WARMSTART_HOME; every worker and replica left in it is killed afterwards."""
     h = tmp_path / "home"
     monkeypatch.setenv("WARMSTART_HOME", str(h))
+    monkeypatch.setenv("WARMSTART_IMAGE_CACHE", str(tmp_path / "image-cache"))
     yield h
     cleanup(h)
 
@@ -121,9 +124,11 @@ def copy_artifact(src: Path, dst: Path) -> Path:
 
 
 def evict_pages(artifact: Path) -> None:
-    """Drop an artifact's pages images from the page cache, as after a reboot (restore then reads them ahead).
+    """Drop an artifact's pages images (and the image cache) from the page cache, as after a reboot (restore then
+    reads them ahead, and inflates compressed ones again).
     Written pages are flushed first: the kernel does not drop dirty ones, and CRIU's images are not fsync'd."""
-    for img in artifact.rglob("pages-*.img*"):
+    cache = Path(os.environ.get("WARMSTART_IMAGE_CACHE", "/nonexistent"))  # raw images of compressed ones
+    for img in [*artifact.rglob("pages-*.img*"), *(cache.glob("*.img") if cache.is_dir() else [])]:
         fd = os.open(img, os.O_RDONLY)
         try:
             os.fsync(fd)

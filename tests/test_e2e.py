@@ -78,7 +78,7 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
 
 def _raw_pages(images: Path) -> list[bytes]:
     """The pages images' bytes as CRIU reads them (compressed ones inflated)."""
-    inflated = imagezip.Inflated(images, threads=2)
+    inflated = imagezip.Inflated(images, threads=2, keys={})
     try:
         return [p.read_bytes() for p in readahead.pages_images(inflated.path)]
     finally:

@@ -28,7 +28,22 @@ def _images(tmp_path: Path, big: bytes) -> Path:
     return images
 
 
-def test_a_large_pages_image_is_stored_compressed_and_inflates_exactly(tmp_path: Path) -> None:
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture()
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WARMSTART_IMAGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_a_large_pages_image_is_stored_compressed_and_inflates_exactly(tmp_path: Path, cache: Path) -> None:
     big = _pages(imagezip.MIN_BYTES + 3 * 4096)  # the last chunk is short
     images = _images(tmp_path, big)
     warnings: list[str] = []
@@ -39,19 +54,62 @@ def test_a_large_pages_image_is_stored_compressed_and_inflates_exactly(tmp_path:
     assert not (images / "pages-2.img").exists() and (images / "pages-1.img").exists()
     assert imagezip.compressed(images) == [images / "pages-2.img.z"]
 
-    inflated = imagezip.Inflated(images, threads=3)
+    inflated = imagezip.Inflated(images, threads=3, keys={"pages-2.img.z": "k1"})
     try:
         assert (inflated.path / "pages-2.img").read_bytes() == big
-        assert (inflated.path / "pages-1.img").is_symlink()  # the rest is linked, not copied
+        assert not (inflated.path / "pages-2.img").is_symlink()  # nothing cached: inflated
+        assert (inflated.path / "pages-1.img").resolve() == images / "pages-1.img"  # the rest is linked
         assert (inflated.path / "core-2.img").read_bytes() == b"core"
         assert sorted(p.name for p in inflated.path.iterdir()) == ["core-2.img", "pages-1.img", "pages-2.img"]
     finally:
         inflated.remove()
     assert not inflated.path.exists()
+    assert not cache.exists() or not list(cache.iterdir())  # a restore does not add to the cache
     inflated.remove()  # idempotent
 
 
-def test_an_image_that_does_not_compress_stays_raw(tmp_path: Path) -> None:
+def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_not(tmp_path: Path, cache: Path) -> None:
+    big = _pages(imagezip.MIN_BYTES)
+    images = _images(tmp_path, big)
+    imagezip.compress(images, threads=2, warn=print, keep=tmp_path / "raw")
+    assert (tmp_path / "raw" / "pages-2.img").read_bytes() == big
+    imagezip.cache_raw(tmp_path / "raw" / "pages-2.img", "k2")
+    cached = cache / "k2.img"
+    ino = cached.stat().st_ino
+
+    first = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k2"})
+    assert (first.path / "pages-2.img").resolve() == cached and cached.stat().st_ino == ino  # used as it is
+    first.remove()
+
+    _evict(cached)  # as on a node that has not read it since a reboot
+    again = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k2"})
+    assert not (again.path / "pages-2.img").is_symlink()  # inflated again rather than read
+    assert (again.path / "pages-2.img").read_bytes() == big and cached.stat().st_ino == ino
+    again.remove()
+
+
+def test_a_cache_others_can_write_to_is_not_used(tmp_path: Path, cache: Path) -> None:
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)
+    assert imagezip.cache_dir() is None
+    images = _images(tmp_path, _pages(imagezip.MIN_BYTES))
+    imagezip.compress(images, threads=2, warn=print)
+    inflated = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k3"})
+    assert not (inflated.path / "pages-2.img").is_symlink() and not list(cache.iterdir())
+    inflated.remove()
+
+
+def test_the_cache_keeps_the_newest_images(tmp_path: Path, cache: Path) -> None:
+    cache.mkdir(mode=0o700)
+    for i in range(imagezip.CACHE_KEEP + 2):
+        raw = tmp_path / f"raw-{i}"
+        raw.write_bytes(b"x")
+        os.utime(raw, (1000 + i, 1000 + i))
+        imagezip.cache_raw(raw, f"k{i}")
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"k{i}.img" for i in range(2, imagezip.CACHE_KEEP + 2))
+
+
+def test_an_image_that_does_not_compress_stays_raw(tmp_path: Path, cache: Path) -> None:
     big = os.urandom(imagezip.MIN_BYTES)
     images = _images(tmp_path, big)
     assert imagezip.compress(images, threads=2, warn=print) == (0, 0)
@@ -59,7 +117,7 @@ def test_an_image_that_does_not_compress_stays_raw(tmp_path: Path) -> None:
     assert imagezip.compressed(images) == [] and not list(images.glob("*.tmp"))
 
 
-def test_random_chunks_are_stored_raw_within_a_compressed_image(tmp_path: Path) -> None:
+def test_random_chunks_are_stored_raw_within_a_compressed_image(tmp_path: Path, cache: Path) -> None:
     chunk = imagezip.CHUNK
     big = bytes(2 * chunk) + os.urandom(chunk) + bytes(7 * chunk)  # one chunk of ten does not compress
     images = _images(tmp_path, big)
@@ -75,7 +133,7 @@ def test_random_chunks_are_stored_raw_within_a_compressed_image(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "foreign"])
-def test_a_damaged_compressed_image_is_refused_and_nothing_is_left(tmp_path: Path, damage: str) -> None:
+def test_a_damaged_compressed_image_is_refused_and_nothing_is_left(tmp_path: Path, cache: Path, damage: str) -> None:
     images = _images(tmp_path, _pages(imagezip.MIN_BYTES, random_every=1000))
     imagezip.compress(images, threads=2, warn=print)
     z = images / "pages-2.img.z"
@@ -89,11 +147,13 @@ def test_a_damaged_compressed_image_is_refused_and_nothing_is_left(tmp_path: Pat
     z.write_bytes(bytes(data))
     before = set(imagezip.memory_dir(0).iterdir())
     with pytest.raises(imagezip.ImageError, match="pages-2.img.z"):
-        imagezip.Inflated(images, threads=2)
-    assert set(imagezip.memory_dir(0).iterdir()) == before  # no half-inflated directory left behind
+        imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k4"})
+    assert set(imagezip.memory_dir(0).iterdir()) == before  # no half-made directory left behind
+    assert not cache.exists() or not list(cache.iterdir())  # nor a half-inflated image
 
 
-def test_a_failed_write_leaves_the_image_raw_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_leaves_the_image_raw_with_a_warning(tmp_path: Path, cache: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     big = _pages(imagezip.MIN_BYTES)
     images = _images(tmp_path, big)
 

@@ -8,6 +8,7 @@ directory is removed and the worker is resumed, so a failed checkpoint leaves th
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable, TypeVar
 
 from warmstart import __version__, adapters, host, paths, procs, registry
 from warmstart.artifact import store
-from warmstart.artifact.manifest import SAVED_DIR, SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
+from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
 from warmstart.engine import control, criu, gpu, imagezip, joinns, shm, workingset, zeropages
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
@@ -154,7 +155,7 @@ def checkpoint(
             packed = (0, 0)
             if os.environ.get("WARMSTART_COMPRESS", "1") != "0":
                 with timer.step("compress", "compressing the pages images"):
-                    packed = imagezip.compress(staging.images, os.cpu_count() or 1, progress)
+                    packed = imagezip.compress(staging.images, os.cpu_count() or 1, progress, keep=staging.tmp / "raw")
             if saved and not any(saved.iterdir()):
                 saved.rmdir()  # the worker saved nothing there
             if script:
@@ -174,6 +175,7 @@ def checkpoint(
             )
             with timer.step("checksum", "checksumming images"):
                 manifest.files = store.checksum(staging)
+            _cache_raw_images(staging.tmp / "raw", manifest)
             manifest.image_bytes = store.stored_bytes(staging.tmp, manifest.files)
             manifest.steps = list(timer.steps)
             store.commit(staging, manifest)
@@ -209,6 +211,19 @@ def checkpoint(
         if record:
             registry.remove(record.name)
     return CheckpointResult(staging.final, manifest, time.monotonic() - t_start)
+
+
+def _cache_raw_images(raw: Path, manifest: Manifest) -> None:
+    """The raw images of those compressed go to the image cache, keyed by the compressed files' checksums: this
+    node restores the artifact without inflating them while they are in its page cache."""
+    if not raw.is_dir():
+        return
+    keys = {f.path: f.sha256 for f in manifest.files}
+    for p in raw.iterdir():
+        key = keys.get(f"{IMAGES_DIR}/{p.name}{imagezip.SUFFIX}")
+        if key:
+            imagezip.cache_raw(p, key)
+    shutil.rmtree(raw, ignore_errors=True)
 
 
 def _gpu_versions(cuda_pids: list[int]) -> dict[str, str | None]:

@@ -4,7 +4,16 @@ Once its zero pages are out (engine/zeropages.py), what is left of a CUDA worker
 compresses well: zlib at level 1 keeps 0.14 of the 1.1B reference worker's 0.78 GB (the driver's copy of GPU
 memory and the Python heap hold much that repeats). A cold restore waits on the disk, and inflating on
 several cores is faster than reading the bytes saved. CRIU reads its images itself, so a restore inflates them
-first, into a directory in memory beside links to the other image files, and points CRIU there (`Inflated`).
+first, into memory (/dev/shm), and points CRIU at a directory there that also links the artifact's other files
+(`Inflated`).
+
+The checkpoint moves its raw images into a cache on disk (WARMSTART_IMAGE_CACHE, default
+/var/cache/warmstart/images), named by the compressed file's checksum: while they are in the page cache, a
+restore on the node that made the artifact links them instead of inflating, as fast as from an uncompressed
+image. One that is not in the page cache is inflated rather than read: inflating costs less than reading 5
+times the bytes. Restores do not add to the cache: writing a disk file through a mapping is several times
+slower than inflating into memory. The cache keeps the newest CACHE_KEEP images, and is used only while it
+belongs to this user and no one else can write to it.
 
 Format of pages-N.img.z: MAGIC, the raw size (u64), the chunk size (u32), the number of chunks (u32), each
 chunk's stored length (u32 each; a chunk stored at its raw length is stored raw), then the chunks. Chunks are
@@ -24,12 +33,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from warmstart.engine import readahead
+
 MAGIC = b"WSZPAGE1"
 SUFFIX = ".z"
 CHUNK = 4 << 20
 MIN_BYTES = 32 << 20  # smaller pages images stay as CRIU wrote them: too little to gain
 _KEEP_BELOW = 0.9  # a compressed image must be at most this fraction of the raw one, or the raw one stays
 _HEAD = struct.Struct("<8sQII")
+CACHE_KEEP = 8
+_CACHED = 0.5  # a raw image at least this much in the page cache is used as it is
 _SPARE = 256 << 20  # room left in a memory file system after the inflated images
 
 
@@ -37,17 +50,17 @@ class ImageError(ValueError):
     """A compressed image that is damaged or not ours."""
 
 
-def compress(images: Path, threads: int, warn: Callable[[str], None]) -> tuple[int, int]:
+def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path | None = None) -> tuple[int, int]:
     """Compress each pages image of MIN_BYTES or more in place (pages-N.img -> pages-N.img.z) where that
-    saves enough. Returns (raw bytes, stored bytes) of those compressed. One that cannot be written (a full
-    disk) stays raw, with a warning."""
+    saves enough; the raw image is moved into `keep` (for `cache_raw`) or removed. Returns (raw bytes, stored
+    bytes) of those compressed. One that cannot be written (a full disk) stays raw, with a warning."""
     raw = stored = 0
     for p in sorted(images.glob("pages-*.img")):
         size = p.stat().st_size
         if size < MIN_BYTES:
             continue
         try:
-            got = _compress_one(p, size, threads)
+            got = _compress_one(p, size, threads, keep)
         except OSError as e:
             warn(f"warning: {p.name} stays uncompressed ({e})")
             continue
@@ -56,7 +69,7 @@ def compress(images: Path, threads: int, warn: Callable[[str], None]) -> tuple[i
     return raw, stored
 
 
-def _compress_one(path: Path, size: int, threads: int) -> int:
+def _compress_one(path: Path, size: int, threads: int, keep: Path | None) -> int:
     count = -(-size // CHUNK)
     out = path.with_name(path.name + SUFFIX)
     tmp = path.with_name(path.name + SUFFIX + ".tmp")
@@ -90,7 +103,11 @@ def _compress_one(path: Path, size: int, threads: int) -> int:
         os.close(src)
         os.close(dst)
     os.replace(tmp, out)
-    path.unlink()
+    if keep:
+        keep.mkdir(exist_ok=True)
+        os.replace(path, keep / path.name)
+    else:
+        path.unlink()
     return at
 
 
@@ -173,6 +190,51 @@ def raw_size(src: Path) -> int:
         os.close(fd)
 
 
+def cache_dir() -> Path | None:
+    """The cache of raw images, created if missing; None if it cannot be, or others could write to it."""
+    d = Path(os.environ.get("WARMSTART_IMAGE_CACHE", "/var/cache/warmstart/images"))
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = d.stat()
+    except OSError:
+        return None
+    return d if st.st_uid == os.geteuid() and not st.st_mode & 0o022 else None
+
+
+def cache_raw(raw: Path, key: str) -> None:
+    """Move a raw image the checkpoint compressed into the cache, as the image whose checksum is `key`; where
+    the cache is unusable or on another file system, the raw image is removed."""
+    d = cache_dir()
+    try:
+        if d:
+            os.replace(raw, d / f"{key}.img")
+            _prune(d)
+    except OSError:
+        pass
+    raw.unlink(missing_ok=True)
+
+
+def _prune(d: Path) -> None:
+    images = sorted(d.glob("*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in images[CACHE_KEEP:]:
+        p.unlink(missing_ok=True)
+
+
+def _cached(key: str | None, size: int) -> Path | None:
+    """The cache's raw image for this checksum, if it is there and in the page cache."""
+    d = cache_dir() if key else None
+    if not d:
+        return None
+    cached = d / f"{key}.img"
+    try:
+        if cached.stat().st_size == size and readahead.resident_fraction([cached]) >= _CACHED:
+            os.utime(cached)  # recently used: pruned last
+            return cached
+    except OSError:
+        pass
+    return None
+
+
 def memory_dir(need: int) -> Path:
     """Where to inflate `need` bytes: /dev/shm (memory) if it has the room, else the temporary directory."""
     try:
@@ -185,18 +247,24 @@ def memory_dir(need: int) -> Path:
 
 
 class Inflated:
-    """A directory holding what CRIU reads of an image: links to its files and its compressed images inflated.
-    Removed by `remove` (idempotent); until then it holds the raw images' bytes, in memory where it can."""
+    """A directory of what CRIU reads of an image: links to its files, to the cached raw images of compressed
+    ones, and the others inflated. `keys` names each compressed image's checksum (the manifest's). Removed by
+    `remove` (idempotent)."""
 
-    def __init__(self, images: Path, threads: int) -> None:
-        zipped = compressed(images)
-        self.path = Path(tempfile.mkdtemp(prefix="warmstart-images-", dir=memory_dir(sum(map(raw_size, zipped)))))
+    def __init__(self, images: Path, threads: int, keys: dict[str, str]) -> None:
+        zipped = {z: raw_size(z) for z in compressed(images)}
+        cached = {z: _cached(keys.get(z.name), size) for z, size in zipped.items()}
+        need = sum(size for z, size in zipped.items() if not cached[z])
+        self.path = Path(tempfile.mkdtemp(prefix="warmstart-images-", dir=memory_dir(need)))
         try:
             for p in images.iterdir():
                 if p not in zipped:
                     (self.path / p.name).symlink_to(p)
-            for z in zipped:
-                inflate(z, self.path / z.name[: -len(SUFFIX)], threads)
+            for z, raw in cached.items():
+                if raw:
+                    (self.path / z.name[: -len(SUFFIX)]).symlink_to(raw)
+                else:
+                    inflate(z, self.path / z.name[: -len(SUFFIX)], threads)
         except BaseException:
             self.remove()
             raise

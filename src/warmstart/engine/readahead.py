@@ -19,8 +19,6 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from warmstart.engine import imagezip
-
 _PIECE = 64 << 20
 _BUF = 8 << 20
 
@@ -31,7 +29,7 @@ def pages_images(images: Path) -> list[Path]:
 
 
 def _is_pages(p: Path) -> bool:
-    return p.match("pages-*.img") or p.match("pages-*.img" + imagezip.SUFFIX)
+    return p.match("pages-*.img") or p.match("pages-*.img.z")  # .z: engine/imagezip.py
 
 
 def resident_fraction(paths: list[Path]) -> float:

@@ -118,7 +118,7 @@ class _Prepared:
     verify_s: float
     readahead: Readahead | None = None  # readers of an image that is not in the page cache, while CRIU runs
     weights: Future | None = None  # the weight services loading the worker's weights
-    inflated: imagezip.Inflated | None = None  # the image as CRIU reads it, where some of it is stored compressed
+    inflated: imagezip.Inflated | None = None  # the image as CRIU reads it, if some of it is stored compressed
     inflate_s: float = 0.0
     replicas: int = 1
     criu_done: int = 0
@@ -132,7 +132,8 @@ class _Prepared:
             progress("inflating the compressed pages images")
             t = time.monotonic()
             try:
-                self.inflated = imagezip.Inflated(self.artifact / IMAGES_DIR, criu.read_threads())
+                keys = {Path(f.path).name: f.sha256 for f in self.manifest.files if f.path.endswith(imagezip.SUFFIX)}
+                self.inflated = imagezip.Inflated(self.artifact / IMAGES_DIR, criu.read_threads(), keys)
             except imagezip.ImageError as e:
                 raise ArtifactError(f"artifact {self.artifact}: {e}", "copy the artifact again or checkpoint again")
             except OSError as e:
@@ -147,11 +148,12 @@ class _Prepared:
 
     def sandbox_images(self, work: Path) -> tuple[Path, tuple[str, str] | None]:
         """The same, for CRIU in a sandbox whose work directory is `work`, with the bind it needs to see
-        inflated images (sandbox.SandboxSpec.images)."""
+        images inflated into /dev/shm (sandbox.SandboxSpec.images)."""
         if not self.inflated:
             return self.criu_images, None
         (work / "images").mkdir(exist_ok=True)
         return work / "images", (str(self.inflated.path), str(work / "images"))
+
 
     def restored_by_criu(self) -> None:
         """One replica's CRIU has read the image. Once all have, the inflated images go, and the readahead
