@@ -76,13 +76,17 @@ def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
     (images / "pages-3.img").write_bytes(b"y" * 8192)  # a memfd's pages: restored before the process's memory
     lib = tmp_path / "lib.so"
     lib.write_bytes(b"z" * (4 << 20))
-    plan = readahead.order(images, ((lib, 1 << 20, 4096), (lib, 3 << 20, 8192)))
-    assert [(p.name, off) for p, off, _ in plan] == [
+    saved = tmp_path / "weights.bin"
+    saved.write_bytes(b"w" * (130 << 20))
+    first, then = readahead.order(images, ((lib, 1 << 20, 4096), (lib, 3 << 20, 70 << 20)), (saved,))
+    assert [(p.name, off) for p, off, _ in first] == [
         ("core-1.img", 0),  # CRIU's small images
         ("lib.so", 0),  # the head of each library, where CRIU checks its build id
         ("pages-3.img", 0), ("pages-1.img", 0),  # pages images, smallest first
-        ("lib.so", 1 << 20), ("lib.so", 3 << 20),  # the libraries' working set
     ]
+    # Then the libraries' working set and the saved files, side by side, in pieces of at most 64 MiB.
+    assert [(p.name, off >> 20) for p, off, _ in then] == [
+        ("lib.so", 1), ("weights.bin", 0), ("lib.so", 3), ("weights.bin", 64), ("lib.so", 67), ("weights.bin", 128)]
 
 
 def test_working_set_is_the_touched_pages_of_mapped_files(tmp_path: Path) -> None:
