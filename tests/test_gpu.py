@@ -187,8 +187,9 @@ def test_weights_from_the_gpu_weight_service(need_criu, home: Path, tmp_path: Pa
         assert r.returncode == 0, r.stderr
         m = json.loads((tmp_path / "art" / "manifest.json").read_text())
         assert m["worker"]["weights"][0]["device"] == "cuda:0"
-        # The plain worker's weights travel in its artifact (saved from its kept region); these do not.
-        assert m["image_bytes"] < plain_image - 0.9 * wbytes, (plain_image, m["image_bytes"], wbytes)
+        # The plain worker's weights travel in its artifact (saved from its kept region, packed to about 0.75 of
+        # their bytes: worker/bf16pack.py); these do not.
+        assert m["image_bytes"] < plain_image - 0.7 * wbytes, (plain_image, m["image_bytes"], wbytes)
         for name in ("r1", "r2"):  # restored twice: the service keeps the weights resident
             r = cli("restore", str(tmp_path / "art"), "--name", name, "--json")
             assert r.returncode == 0, r.stderr
