@@ -54,7 +54,7 @@ def test_a_large_pages_image_is_stored_compressed_and_inflates_exactly(tmp_path:
     assert not (images / "pages-2.img").exists() and (images / "pages-1.img").exists()
     assert imagezip.compressed(images) == [images / "pages-2.img.z"]
 
-    inflated = imagezip.Inflated(images, threads=3, keys={"pages-2.img.z": "k1"})
+    inflated = imagezip.Inflated(images, threads=3, keys={"pages-2.img.z": "1" * 64})
     try:
         assert (inflated.path / "pages-2.img").read_bytes() == big
         assert not (inflated.path / "pages-2.img").is_symlink()  # nothing cached: inflated
@@ -73,16 +73,16 @@ def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_
     images = _images(tmp_path, big)
     imagezip.compress(images, threads=2, warn=print, keep=tmp_path / "raw")
     assert (tmp_path / "raw" / "pages-2.img").read_bytes() == big
-    imagezip.cache_raw(tmp_path / "raw" / "pages-2.img", "k2")
-    cached = cache / "k2.img"
+    imagezip.cache_raw(tmp_path / "raw" / "pages-2.img", "2" * 64)
+    cached = cache / ("2" * 64 + ".img")
     ino = cached.stat().st_ino
 
-    first = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k2"})
+    first = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
     assert (first.path / "pages-2.img").resolve() == cached and cached.stat().st_ino == ino  # used as it is
     first.remove()
 
     _evict(cached)  # as on a node that has not read it since a reboot
-    again = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k2"})
+    again = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
     assert not (again.path / "pages-2.img").is_symlink()  # inflated again rather than read
     assert (again.path / "pages-2.img").read_bytes() == big and cached.stat().st_ino == ino
     again.remove()
@@ -94,7 +94,7 @@ def test_a_cache_others_can_write_to_is_not_used(tmp_path: Path, cache: Path) ->
     assert imagezip.cache_dir() is None
     images = _images(tmp_path, _pages(imagezip.MIN_BYTES))
     imagezip.compress(images, threads=2, warn=print)
-    inflated = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k3"})
+    inflated = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "3" * 64})
     assert not (inflated.path / "pages-2.img").is_symlink() and not list(cache.iterdir())
     inflated.remove()
 
@@ -105,8 +105,21 @@ def test_the_cache_keeps_the_newest_images(tmp_path: Path, cache: Path) -> None:
         raw = tmp_path / f"raw-{i}"
         raw.write_bytes(b"x")
         os.utime(raw, (1000 + i, 1000 + i))
-        imagezip.cache_raw(raw, f"k{i}")
-    assert sorted(p.name for p in cache.iterdir()) == sorted(f"k{i}.img" for i in range(2, imagezip.CACHE_KEEP + 2))
+        imagezip.cache_raw(raw, f"{i:064x}")
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{i:064x}.img" for i in range(2, imagezip.CACHE_KEEP + 2))
+
+
+def test_only_a_checksum_names_a_cached_image(tmp_path: Path, cache: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"x")
+    imagezip.cache_raw(raw, "../escape")
+    assert not raw.exists() and not (tmp_path / "escape.img").exists()
+    images = _images(tmp_path, _pages(imagezip.MIN_BYTES))
+    imagezip.compress(images, threads=2, warn=print)
+    (tmp_path / "other.img").write_bytes(bytes(imagezip.raw_size(images / "pages-2.img.z")))
+    inflated = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "../other"})
+    assert not (inflated.path / "pages-2.img").is_symlink()  # inflated, not linked to a file outside the cache
+    inflated.remove()
 
 
 def test_an_image_that_does_not_compress_stays_raw(tmp_path: Path, cache: Path) -> None:
@@ -147,7 +160,7 @@ def test_a_damaged_compressed_image_is_refused_and_nothing_is_left(tmp_path: Pat
     z.write_bytes(bytes(data))
     before = set(imagezip.memory_dir(0).iterdir())
     with pytest.raises(imagezip.ImageError, match="pages-2.img.z"):
-        imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "k4"})
+        imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
     assert set(imagezip.memory_dir(0).iterdir()) == before  # no half-made directory left behind
     assert not cache.exists() or not list(cache.iterdir())  # nor a half-inflated image
 
