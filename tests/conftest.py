@@ -125,13 +125,18 @@ def copy_artifact(src: Path, dst: Path) -> Path:
 
 def evict_pages(artifact: Path) -> None:
     """Drop an artifact's pages images (and the image cache) from the page cache, as after a reboot (restore then
-    reads them ahead, and inflates compressed ones again).
-    Written pages are flushed first: the kernel does not drop dirty ones, and CRIU's images are not fsync'd."""
+    reads them ahead, and inflates compressed ones again)."""
     cache = Path(os.environ.get("WARMSTART_IMAGE_CACHE", "/nonexistent"))  # raw images of compressed ones
     for img in [*artifact.rglob("pages-*.img*"), *(cache.glob("*.img") if cache.is_dir() else [])]:
-        fd = os.open(img, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_file(img)
+
+
+def evict_file(path: Path) -> None:
+    """Drop one file from the page cache. Written pages are flushed first: the kernel does not drop dirty ones,
+    and CRIU's images are not fsync'd."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -66,8 +66,11 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     assert "of zero pages left out" in cli("inspect", str(tmp_path / "art")).stdout
     evict_pages(tmp_path / "art")
     assert readahead.resident_fraction(readahead.pages_images(tmp_path / "art" / "images")) < 0.5  # so it is read ahead
+    before = set(Path("/dev/shm").iterdir())
     r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["inflate_s"] > 0  # the image is stored compressed and was not cached
+    assert set(Path("/dev/shm").iterdir()) == before  # the inflated image went once CRIU had read it
     (rep,) = json.loads(r.stdout)["replicas"]
     assert http_get(rep["port"]).split() == [want, want]
     # CI (WARMSTART_REQUIRE_CRIU=1) runs the CRIU scripts/setup.sh built, which must carry the patch.

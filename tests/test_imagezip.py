@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import evict_file
 from warmstart.engine import imagezip
 
 
@@ -26,15 +27,6 @@ def _images(tmp_path: Path, big: bytes) -> Path:
     (images / "pages-2.img").write_bytes(big)
     (images / "core-2.img").write_bytes(b"core")
     return images
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture()
@@ -81,7 +73,7 @@ def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_
     assert (first.path / "pages-2.img").resolve() == cached and cached.stat().st_ino == ino  # used as it is
     first.remove()
 
-    _evict(cached)  # as on a node that has not read it since a reboot
+    evict_file(cached)  # as on a node that has not read it since a reboot
     again = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
     assert not (again.path / "pages-2.img").is_symlink()  # inflated again rather than read
     assert (again.path / "pages-2.img").read_bytes() == big and cached.stat().st_ino == ino

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, SAVED_STATE, WARMSTART, cli, free_port, get_when_up, http_get, one_error_line, wait_http
+from conftest import (COUNTER, REPO, SAVED_STATE, WARMSTART, cli, evict_pages, free_port, get_when_up, http_get,
+                      one_error_line, wait_http)
 from warmstart import procs
-from warmstart.engine import joinns
+from warmstart.engine import imagezip, joinns
 
 pytestmark = [pytest.mark.criu]
 
@@ -61,6 +62,28 @@ def test_restore_into_placeholder_namespaces(need_criu, home: Path, tmp_path: Pa
     while procs.alive(placeholder) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not procs.alive(placeholder)  # the placeholder ends with its worker, as the pod's container would
+
+
+def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, tmp_path: Path,
+                                                        placeholder: int) -> None:
+    """An image stored compressed, not in the page cache: inflated into /dev/shm, read by CRIU in the copy of the
+    host's mount namespace, and gone afterwards."""
+    port = free_port()
+    r = cli("run", "--name", "mem", "--", sys.executable, str(REPO / "tests" / "workers" / "memory.py"), str(port),
+            "64")
+    assert r.returncode == 0, r.stderr
+    wait_http(port, timeout=120)
+    want = http_get(port).split()[0]
+    assert cli("checkpoint", "mem", "-o", str(tmp_path / "art")).returncode == 0
+    assert imagezip.compressed(tmp_path / "art" / "images")
+    evict_pages(tmp_path / "art")  # and the image cache: this restore inflates
+    before = set(Path("/dev/shm").iterdir())
+    r = cli("restore", str(tmp_path / "art"), "--into", str(placeholder), "--name", "mem-in", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["inflate_s"] > 0
+    assert joinns.in_network_of(placeholder, lambda: http_get(port)).split() == [want, want]
+    assert set(Path("/dev/shm").iterdir()) == before  # the inflated image went once CRIU had read it
+    assert cli("stop", "mem-in").returncode == 0
 
 
 def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path, placeholder: int) -> None:

@@ -124,7 +124,7 @@ class _Prepared:
     criu_done: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start_reading(self, progress: Progress) -> None:
+    def before_criu(self, progress: Progress) -> None:
         """Right before CRIU starts: the weights' load (after the image's readahead, if the image is read), and
         the compressed pages images inflated."""
         self.weights = _prefetch_weights(self.manifest, self.readahead)
@@ -135,7 +135,8 @@ class _Prepared:
                 keys = {Path(f.path).name: f.sha256 for f in self.manifest.files if f.path.endswith(imagezip.SUFFIX)}
                 self.inflated = imagezip.Inflated(self.artifact / IMAGES_DIR, criu.read_threads(), keys)
             except imagezip.ImageError as e:
-                raise ArtifactError(f"artifact {self.artifact}: {e}", "copy the artifact again or checkpoint again")
+                raise ArtifactError(f"artifact {self.artifact}: {e}",
+                                    "copy the artifact again or checkpoint again") from None
             except OSError as e:
                 raise StepFailed(f"cannot inflate the artifact's compressed pages images: {e}",
                                  "make room in /dev/shm, or set TMPDIR to a directory with room") from None
@@ -276,7 +277,7 @@ def restore(
 
     started: list[tuple[str, sandbox.Sandbox]] = []
     try:
-        p.start_reading(progress)
+        p.before_criu(progress)
         for i, rname in enumerate(names):
             rdir, rcontrol, rlog = launch.prepare_dirs(rname)
             host_port = host_ports[i]
@@ -392,7 +393,7 @@ def restore_into(
     deadline = p.t0 + timeout_s
     wpid = None
     try:
-        p.start_reading(progress)
+        p.before_criu(progress)
         try:
             wpid, criu_s = joinns.restore(target, p.binary, criu.restore_args(p.criu_images, rdir, log, pidfile),
                                           log, pidfile, timeout_s, w.ids or [w.pid])
