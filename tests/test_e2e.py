@@ -70,7 +70,7 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["inflate_s"] > 0  # the image is stored compressed and was not cached
-    assert set(Path("/dev/shm").iterdir()) == before  # the inflated image went once CRIU had read it
+    assert set(Path("/dev/shm").iterdir()) <= before  # the inflated image went once CRIU had read it
     (rep,) = json.loads(r.stdout)["replicas"]
     assert http_get(rep["port"]).split() == [want, want]
     # CI (WARMSTART_REQUIRE_CRIU=1) runs the CRIU scripts/setup.sh built, which must carry the patch.

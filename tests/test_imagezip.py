@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -170,3 +171,20 @@ def test_a_failed_write_leaves_the_image_raw_with_a_warning(tmp_path: Path, cach
     assert imagezip.compress(images, threads=2, warn=warnings.append) == (0, 0)
     assert len(warnings) == 1 and "pages-2.img stays uncompressed" in warnings[0] and "No space" in warnings[0]
     assert (images / "pages-2.img").read_bytes() == big and not list(images.glob("*.z*"))
+
+
+def test_what_a_killed_restore_left_is_removed_by_the_next(tmp_path: Path, cache: Path) -> None:
+    images = _images(tmp_path, _pages(imagezip.MIN_BYTES))
+    imagezip.compress(images, threads=2, warn=print)
+    where = imagezip.memory_dir(imagezip.MIN_BYTES)
+    dead = where / "warmstart-images-4999999-abc"  # no such pid
+    mine = where / f"warmstart-images-{os.getpid()}-abc"  # a live restore's
+    dead.mkdir()
+    mine.mkdir()
+    try:
+        inflated = imagezip.Inflated(images, threads=2, keys={})
+        inflated.remove()
+        assert not dead.exists() and mine.exists()
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)

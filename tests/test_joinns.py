@@ -82,7 +82,7 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["inflate_s"] > 0
     assert joinns.in_network_of(placeholder, lambda: http_get(port)).split() == [want, want]
-    assert set(Path("/dev/shm").iterdir()) == before  # the inflated image went once CRIU had read it
+    assert set(Path("/dev/shm").iterdir()) <= before  # the inflated image went once CRIU had read it
     assert cli("stop", "mem-in").returncode == 0
 
 

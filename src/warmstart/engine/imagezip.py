@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from warmstart import procs
 from warmstart.engine import readahead
 
 MAGIC = b"WSZPAGE1"
@@ -248,6 +249,17 @@ def memory_dir(need: int) -> Path:
     return Path(tempfile.gettempdir())
 
 
+_PREFIX = "warmstart-images-"
+
+
+def _remove_stale(where: Path) -> None:
+    """Directories that restores killed before they could clean up left here (their pid is gone)."""
+    for d in where.glob(f"{_PREFIX}*-*"):
+        pid = d.name[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not procs.alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 class Inflated:
     """A directory of what CRIU reads of an image: links to its files, to the cached raw images of compressed
     ones, and the others inflated. `keys` names each compressed image's checksum (the manifest's). Removed by
@@ -257,7 +269,9 @@ class Inflated:
         zipped = {z: raw_size(z) for z in compressed(images)}
         cached = {z: _cached(keys.get(z.name), size) for z, size in zipped.items()}
         need = sum(size for z, size in zipped.items() if not cached[z])
-        self.path = Path(tempfile.mkdtemp(prefix="warmstart-images-", dir=memory_dir(need)))
+        where = memory_dir(need)
+        _remove_stale(where)
+        self.path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where))
         try:
             for p in images.iterdir():
                 if p not in zipped:
