@@ -182,7 +182,7 @@ def rates(samples: list[tuple[float, int]], step: float = 0.25) -> list[float]:
 
 def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env: dict[str, str] | None = None,
                  logs: Path | None = None) -> dict:
-    """env: the page-read settings (criu.restore_env) for this restore only. logs: where to copy CRIU's log."""
+    """env: the page-read settings (criu.restore_env) for this restore only. logs: where to append CRIU's log."""
     dropped = drop_caches() if cold else False
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
@@ -218,8 +218,11 @@ def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env
         log = paths.worker_dir(r.name) / launch.LOG
         log_lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         rep["worker_resume"] = next((ln for ln in reversed(log_lines) if ln.startswith("resume:")), None)
-        if logs and (paths.worker_dir(r.name) / "restore.log").exists():
-            shutil.copy(paths.worker_dir(r.name) / "restore.log", logs / f"criu-{r.name}.log")
+        criu_log = paths.worker_dir(r.name) / "restore.log"
+        if logs and criu_log.exists():
+            # One file for all restores: the device returns at most 8 files from $OUT.
+            with open(logs / "criu-cold-restores.log", "a") as f:
+                f.write(f"===== {r.name}\n{criu_log.read_text(errors='replace')}")
         stop(r.name)
     return out
 
