@@ -246,8 +246,12 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool, out: Path,
     ck = checkpoint.checkpoint(rec.pid, art_full, record=rec, leave_running=True, quiesce=False)
     res["checkpoint_without_kv_release"] = {"seconds": round(ck.seconds, 2), "image_bytes": ck.manifest.image_bytes,
                                             "steps": ck.manifest.step_seconds()}
+    log(f"{key}: checkpoint keeping the KV cache: {ck.seconds:.2f} s, {ck.manifest.image_bytes / 1e9:.2f} GB "
+        f"({ck.manifest.step_seconds()})")
+    # How any CUDA process comes back: no quiesce, its weights and KV cache in CRIU's image.
+    res["restore_kv_kept_warm"] = restore_once(art_full, f"{name}-kept", cold=False, replicas=1, want=want)
+    log(f"{key}: restore of the KV-kept checkpoint, warm page cache: {res['restore_kv_kept_warm']}")
     shutil.rmtree(art_full)
-    log(f"{key}: checkpoint keeping the KV cache: {ck.seconds:.2f} s, {ck.manifest.image_bytes / 1e9:.2f} GB")
     res["tokens_match_after_leave_running"] = demo.complete(port, PROMPT, TOKENS, timeout_s=300) == want
 
     art = work / key
@@ -325,6 +329,8 @@ def table(results: list[dict], facts: dict) -> str:
     row("cold start to first token", lambda r: f"{r['cold']['cold_start_to_first_token_s']} s")
     row("checkpoint, KV kept: time / image", lambda r: f"{r['checkpoint_without_kv_release']['seconds']} s / "
         f"{gb(r['checkpoint_without_kv_release']['image_bytes'])}")
+    row("  restore of that image to ready, warm (CRIU / CUDA / rest)", lambda r: "{ready_s} s ({criu_s} / {cuda_s} / "
+        "{after_cuda_s})".format(**r["restore_kv_kept_warm"]["replicas"][0]))
     row("checkpoint, KV released: time / image", lambda r: f"{r['checkpoint']['seconds']} s / {gb(r['checkpoint']['image_bytes'])}")
     row("  of which GPU memory (the CUDA checkpoint) / saved by the worker (kept weights)",
         lambda r: f"{gb(r['checkpoint']['gpu_bytes'])} / {gb(r['checkpoint'].get('saved_bytes', 0))}")
@@ -356,7 +362,7 @@ def table(results: list[dict], facts: dict) -> str:
     row("speed-up, cold start / warm restore to first token",
         lambda r: f"{r['cold']['cold_start_to_first_token_s'] / r['restore_warm']['replicas'][0]['first_token_s']:.1f}x")
     row("greedy tokens match (all restores)", lambda r: "yes" if all(
-        x["tokens_match"] for k in ("restore_warm", "restore_cold", "restore_3_replicas_warm", "restore_warm_1_thread_4k",
+        x["tokens_match"] for k in ("restore_kv_kept_warm", "restore_warm", "restore_cold", "restore_3_replicas_warm", "restore_warm_1_thread_4k",
                                     "restore_warm_threads_4k", "restore_cold_1_thread_4k") if k in r for x in r[k]["replicas"])
         and r["tokens_match_after_leave_running"] else "NO")
     row("bandwidth: page cache 1 thread / N threads / disk N threads / H2D pageable / H2D pinned", lambda r: " / ".join(
