@@ -1,6 +1,6 @@
 """What a cold restore of the reference worker reads besides the weights, and what it needs of it.
 
-    python3 bench/probes/working_set.py [--shape 1b] [--work /var/tmp/warmstart-probe] [--queue-depths]
+    python3 bench/probes/working_set.py [--shape 1b] [--work /var/tmp/warmstart-probe] [--queue-depths] [--read-rates]
 
 1. The libraries' working set recorded at checkpoint, by ELF section (are CUDA fatbins, which the driver reads
    only to load kernels, a large part of it?).
@@ -8,6 +8,8 @@
    (mincore after its first token): what it needs, plus the kernel's own read-around.
 3. CRIU's pages images: their non-zero pages, and how well those compress (zlib level 1).
 4. With --queue-depths: cold reads of the saved weights with readers of several counts and read sizes.
+5. With --read-rates (instead of 2): cold reads of the working set, alone and interleaved with the saved weights
+   as a restore reads them, with 16 or 64 readers and ranges merged across gaps.
 """
 
 from __future__ import annotations
@@ -161,11 +163,50 @@ def queue_depths(path: Path) -> None:
               f"{size / dt / 1e9:.2f} GB/s", flush=True)
 
 
+def merged(pieces: list[readahead.Piece], gap: int) -> list[readahead.Piece]:
+    """Ranges of one file closer than `gap` bytes read as one: fewer, larger reads, some bytes read for nothing."""
+    out: list[readahead.Piece] = []
+    for path, off, n in sorted(pieces):
+        if out and out[-1][0] == path and off - (out[-1][1] + out[-1][2]) <= gap:
+            last = out[-1]
+            out[-1] = (path, last[1], max(last[1] + last[2], off + n) - last[1])
+        else:
+            out.append((path, off, n))
+    return out
+
+
+def read_rates(ranges: list[readahead.Piece], saved: list[Path]) -> None:
+    """Cold reads of the libraries' working set alone and interleaved with the saved weights (as a restore reads
+    them), with readers of several counts and ranges merged across gaps of several sizes."""
+    weights = readahead.whole(saved)
+    for label, threads, gap, with_weights in (("as recorded", 16, 0, False), ("as recorded", 64, 0, False),
+                                               ("gaps <= 1 MiB merged", 16, 1 << 20, False),
+                                               ("gaps <= 4 MiB merged", 16, 4 << 20, False),
+                                               ("gaps <= 1 MiB merged", 64, 1 << 20, False),
+                                               ("as recorded", 16, 0, True), ("as recorded", 64, 0, True),
+                                               ("gaps <= 1 MiB merged", 16, 1 << 20, True),
+                                               ("gaps <= 1 MiB merged", 64, 1 << 20, True)):
+        gpu.drop_caches()
+        pieces = merged(ranges, gap) if gap else ranges
+        useful = sum(n for _, _, n in ranges) + (sum(n for _, _, n in weights) if with_weights else 0)
+        read0, t = gpu.disk_bytes_read(), time.monotonic()
+        ahead = readahead.Readahead([], threads, readahead._interleave(readahead._split(pieces),
+                                                                        readahead._split(weights if with_weights else [])))
+        ahead.wait()
+        dt, disk = time.monotonic() - t, gpu.disk_bytes_read() - read0
+        ahead.stop()
+        print(f"cold read of the working set{' and the weights' if with_weights else ''}, {label}, {threads} threads: "
+              f"{len(pieces)} reads, {useful / 1e9:.2f} GB needed, {disk / 1e9:.2f} GB off the disk in {dt:.2f} s: "
+              f"{useful / dt / 1e9:.2f} GB/s of what is needed", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="1b", choices=sorted(gpu.SHAPES))
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/warmstart-probe"))
     ap.add_argument("--queue-depths", action="store_true", help="also time cold reads of the weights file")
+    ap.add_argument("--read-rates", action="store_true",
+                    help="time cold reads of the working set (threads, merged ranges) instead of the two restores")
     args = ap.parse_args()
     model_dir = gpu.ensure_model(args.shape)
     name = f"probe-{args.shape}"
@@ -182,6 +223,9 @@ def main() -> None:
 
         if args.queue_depths:
             queue_depths(max((p for p in (art / SAVED_DIR).iterdir()), key=lambda p: p.stat().st_size))
+        if args.read_rates:
+            read_rates(list(workingset.pieces(m.working_set)), sorted((art / SAVED_DIR).iterdir()))
+            return
         real = workingset.pieces
         for label, ahead in (("no library readahead", False), ("with the working set read ahead", True)):
             workingset.pieces = real if ahead else (lambda *a, **k: ())
