@@ -131,6 +131,13 @@ def evict_pages(artifact: Path) -> None:
         evict_file(img)
 
 
+def kept_image(artifact: Path) -> Path:
+    """Where a restore that inflated the artifact's compressed pages image keeps it (engine/imagezip.py)."""
+    files = json.loads((artifact / "manifest.json").read_text())["files"]
+    (key,) = [f["sha256"] for f in files if f["path"].endswith(".img.z")]
+    return Path(os.environ["WARMSTART_IMAGE_CACHE"]) / f"{key}.img"
+
+
 def evict_file(path: Path) -> None:
     """Drop one file from the page cache. Written pages are flushed first: the kernel does not drop dirty ones,
     and CRIU's images are not fsync'd."""

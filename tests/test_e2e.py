@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, wait_http
+from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, kept_image, wait_http
 from warmstart import demo
 from warmstart.engine import criu, imagezip, readahead
 
@@ -65,6 +65,7 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     assert manifest["zero_bytes_dropped"] >= 20 * (512 << 10)  # the worker's runs of zeros, at least
     assert "of zero pages left out" in cli("inspect", str(tmp_path / "art")).stdout
     evict_pages(tmp_path / "art")
+    kept_image(tmp_path / "art").unlink()  # as on a node that did not make the artifact
     assert readahead.resident_fraction(readahead.pages_images(tmp_path / "art" / "images")) < 0.5  # so it is read ahead
     before = set(Path("/dev/shm").iterdir())
     r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)
@@ -73,6 +74,12 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     assert set(Path("/dev/shm").iterdir()) <= before  # the inflated image went once CRIU had read it
     (rep,) = json.loads(r.stdout)["replicas"]
     assert http_get(rep["port"]).split() == [want, want]
+    kept = kept_image(tmp_path / "art")  # the inflated image, kept for the next restore on this node
+    ino = kept.stat().st_ino
+    r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert kept.stat().st_ino == ino  # linked by this restore, not inflated and copied again
+    assert http_get(json.loads(r.stdout)["replicas"][0]["port"]).split() == [want, want]
     # CI (WARMSTART_REQUIRE_CRIU=1) runs the CRIU scripts/setup.sh built, which must carry the patch.
     patched = os.environ.get("WARMSTART_REQUIRE_CRIU") == "1" or criu.find().threaded_reads
     if read["WARMSTART_READ_THREADS"] != "1" and patched:

@@ -57,8 +57,28 @@ def test_a_large_pages_image_is_stored_compressed_and_inflates_exactly(tmp_path:
     finally:
         inflated.remove()
     assert not inflated.path.exists()
-    assert not cache.exists() or not list(cache.iterdir())  # a restore does not add to the cache
+    assert not cache.exists() or not list(cache.iterdir())  # not kept: CRIU may not have read it
     inflated.remove()  # idempotent
+
+
+def test_an_image_a_restore_inflated_is_kept_in_the_cache_for_the_next(tmp_path: Path, cache: Path) -> None:
+    big = _pages(imagezip.MIN_BYTES)
+    images = _images(tmp_path, big)
+    imagezip.compress(images, threads=2, warn=print)
+    cache.mkdir(mode=0o700)
+    stale = cache / f".{'4' * 64}-4999999.tmp"  # a copy that a killed restore (no such pid) left half done
+    stale.write_bytes(b"half")
+    first = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
+    assert not (first.path / "pages-2.img").is_symlink()  # nothing cached yet: inflated
+    first.remove(keep=True)  # CRIU has read it
+    assert not first.path.exists()
+    assert sorted(p.name for p in cache.iterdir()) == ["4" * 64 + ".img"]  # the stale copy is gone too
+    assert (cache / ("4" * 64 + ".img")).read_bytes() == big
+
+    second = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
+    assert (second.path / "pages-2.img").resolve() == cache / ("4" * 64 + ".img")  # linked, not inflated
+    second.remove(keep=True)  # nothing of its own to keep
+    assert sorted(p.name for p in cache.iterdir()) == ["4" * 64 + ".img"]
 
 
 def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_not(tmp_path: Path, cache: Path) -> None:

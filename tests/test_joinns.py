@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (COUNTER, REPO, SAVED_STATE, WARMSTART, cli, evict_pages, free_port, get_when_up, http_get,
-                      one_error_line, wait_http)
+                      kept_image, one_error_line, wait_http)
 from warmstart import procs
 from warmstart.engine import imagezip, joinns
 
@@ -76,13 +76,15 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
     want = http_get(port).split()[0]
     assert cli("checkpoint", "mem", "-o", str(tmp_path / "art")).returncode == 0
     assert imagezip.compressed(tmp_path / "art" / "images")
-    evict_pages(tmp_path / "art")  # and the image cache: this restore inflates
+    evict_pages(tmp_path / "art")
+    kept_image(tmp_path / "art").unlink()  # as on a node that did not make the artifact: this restore inflates
     before = set(Path("/dev/shm").iterdir())
     r = cli("restore", str(tmp_path / "art"), "--into", str(placeholder), "--name", "mem-in", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["inflate_s"] > 0
     assert joinns.in_network_of(placeholder, lambda: http_get(port)).split() == [want, want]
     assert set(Path("/dev/shm").iterdir()) <= before  # the inflated image went once CRIU had read it
+    assert kept_image(tmp_path / "art").is_file()  # kept for the next restore on this node
     assert cli("stop", "mem-in").returncode == 0
 
 

@@ -11,8 +11,9 @@ The checkpoint moves its raw images into a cache on disk (WARMSTART_IMAGE_CACHE,
 /var/cache/warmstart/images), named by the compressed file's checksum: while they are in the page cache, a
 restore on the node that made the artifact links them instead of inflating, as fast as from an uncompressed
 image. One that is not in the page cache is inflated rather than read: inflating costs less than reading 5
-times the bytes. Restores do not add to the cache: writing a disk file through a mapping is several times
-slower than inflating into memory. The cache keeps the newest CACHE_KEEP images, and is used only while it
+times the bytes. A restore that inflated an image copies it into the cache once CRIU has read it (in a
+thread, while the worker resumes), so the next restore on that node links it too; it inflates into memory
+first, since writing a disk file through a mapping ran several times slower. The cache keeps the newest CACHE_KEEP images, and is used only while it
 belongs to this user and no one else can write to it.
 
 What is worth compressing is decided from samples of each chunk before any chunk is compressed. A chunk is
@@ -246,10 +247,29 @@ def cache_raw(raw: Path, key: str) -> None:
     raw.unlink(missing_ok=True)
 
 
+def _copy_into_cache(raw: Path, key: str) -> None:
+    """Copy an image a restore inflated into the cache, as the image whose checksum is `key`; nothing if the
+    cache is unusable or the copy fails (a restore does not depend on it)."""
+    d = cache_dir() if _KEY.match(key) else None
+    if not d:
+        return
+    tmp = d / f".{key}-{os.getpid()}.tmp"
+    try:
+        shutil.copyfile(raw, tmp)
+        os.replace(tmp, d / f"{key}.img")
+        _prune(d)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def _prune(d: Path) -> None:
     images = sorted(d.glob("*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
     for p in images[CACHE_KEEP:]:
         p.unlink(missing_ok=True)
+    for p in d.glob(".*.tmp"):  # copies that a killed restore left half done
+        pid = p.name[:-len(".tmp")].rsplit("-", 1)[-1]
+        if pid.isdigit() and not procs.alive(int(pid)):
+            p.unlink(missing_ok=True)
 
 
 def _cached(key: str | None, size: int) -> Path | None:
@@ -295,6 +315,7 @@ class Inflated:
     `remove` (idempotent)."""
 
     def __init__(self, images: Path, threads: int, keys: dict[str, str]) -> None:
+        self._fresh: dict[Path, str] = {}  # the images inflated here, and their checksums
         zipped = {z: raw_size(z) for z in compressed(images)}
         cached = {z: _cached(keys.get(z.name), size) for z, size in zipped.items()}
         need = sum(size for z, size in zipped.items() if not cached[z])
@@ -310,9 +331,17 @@ class Inflated:
                     (self.path / z.name[: -len(SUFFIX)]).symlink_to(raw)
                 else:
                     inflate(z, self.path / z.name[: -len(SUFFIX)], threads)
+                    if keys.get(z.name):
+                        self._fresh[self.path / z.name[: -len(SUFFIX)]] = keys[z.name]
         except BaseException:
             self.remove()
             raise
 
-    def remove(self) -> None:
+    def remove(self, keep: bool = False) -> None:
+        """The directory goes. With `keep` (only once CRIU has read the images: their checksums were verified
+        before they were inflated), the images inflated here are copied into the cache first."""
+        if keep:
+            for raw, key in self._fresh.items():
+                _copy_into_cache(raw, key)
+            self._fresh.clear()
         shutil.rmtree(self.path, ignore_errors=True)

@@ -123,6 +123,7 @@ class _Prepared:
     replicas: int = 1
     criu_done: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    keeping: threading.Thread | None = None  # copies the inflated images into the cache, then removes them
 
     def before_criu(self, progress: Progress) -> None:
         """Right before CRIU starts: the weights' load (after the image's readahead, if the image is read), and
@@ -163,7 +164,7 @@ class _Prepared:
             self.criu_done += 1
             if self.criu_done < self.replicas:
                 return
-        self.drop_inflated()
+        self.drop_inflated(keep=True)
         if not self.saved:
             self.stop_reading()
 
@@ -171,9 +172,23 @@ class _Prepared:
         if self.readahead:
             self.readahead.stop()
 
-    def drop_inflated(self) -> None:
-        """Once every CRIU has read the image: the memory the inflated images hold goes back."""
-        if self.inflated:
+    def drop_inflated(self, keep: bool = False) -> None:
+        """Once every CRIU has read the image: the memory the inflated images hold goes back. With `keep` (the
+        CRIUs read them), they are copied into the raw-image cache first, in a thread, while the workers resume;
+        a call without `keep` waits for that thread."""
+        if not self.inflated:
+            return
+        with self.lock:
+            start = keep and self.keeping is None
+            if start:
+                self.keeping = threading.Thread(target=self.inflated.remove, kwargs={"keep": True},
+                                                name="keep-inflated", daemon=True)
+        if start:
+            assert self.keeping is not None
+            self.keeping.start()
+        elif self.keeping:
+            self.keeping.join()
+        else:
             self.inflated.remove()
 
     @property
@@ -397,9 +412,9 @@ def restore_into(
         try:
             wpid, criu_s = joinns.restore(target, p.binary, criu.restore_args(p.criu_images, rdir, log, pidfile),
                                           log, pidfile, timeout_s, w.ids or [w.pid])
+            p.drop_inflated(keep=True)
         finally:
             p.stop_reading()
-            p.drop_inflated()
         rec = WorkerRecord(name=rname, kind="replica", pid=wpid, started=procs.start_time(wpid) or 0,
                            command=w.command, engine=w.engine,
                            log=str(joinns.target_path(target, w.log_path)) if w.log_path else str(rdir / launch.LOG),
@@ -412,6 +427,8 @@ def restore_into(
             procs.terminate(wpid, procs.start_time(wpid), grace_s=1.0)
         registry.forget(rname)
         raise
+    finally:
+        p.drop_inflated()
     result = ReplicaResult(name=rname, replica=0, port=p.inner_port, pid=wpid, holder_pid=target, criu_s=criu_s,
                            cuda_s=cuda_s, ready_s=time.monotonic() - p.t0)
     return RestoreResult(artifact=p.artifact, manifest=p.manifest, verify_s=p.verify_s, replicas=[result],
