@@ -41,6 +41,9 @@ def log(msg: str) -> None:
 def drop_caches() -> bool:
     if "torch" in sys.modules:
         raise RuntimeError("this process has torch loaded: the libraries it maps would stay cached")
+    for t in threading.enumerate():
+        if t.name == "keep-inflated":  # a restore still copying its inflated image into the cache (engine/restore.py)
+            t.join()
     subprocess.run(["sync"], check=False)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
