@@ -13,8 +13,8 @@ restore on the node that made the artifact links them instead of inflating, as f
 image. One that is not in the page cache is inflated rather than read: inflating costs less than reading 5
 times the bytes. A restore that inflated an image copies it into the cache once CRIU has read it (in a
 thread, while the worker resumes), so the next restore on that node links it too; it inflates into memory
-first, since writing a disk file through a mapping ran several times slower. The cache keeps the newest CACHE_KEEP images, and is used only while it
-belongs to this user and no one else can write to it.
+first, since writing a disk file through a mapping ran several times slower. The cache keeps the newest
+CACHE_KEEP images, and is used only while it belongs to this user and no one else can write to it.
 
 What is worth compressing is decided from samples of each chunk before any chunk is compressed. A chunk is
 compressed if its samples shrink to _CHUNK_WORTH or less: on these disks (1-1.6 GB/s) and with inflating bounded
