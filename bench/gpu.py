@@ -248,7 +248,7 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool, out: Path,
     rec = registry.get(name)
     ck = checkpoint.checkpoint(rec.pid, art_full, record=rec, leave_running=True, quiesce=False)
     res["checkpoint_without_kv_release"] = {"seconds": round(ck.seconds, 2), "image_bytes": ck.manifest.image_bytes,
-                                            "steps": ck.manifest.step_seconds()}
+                                            "steps": ck.manifest.step_seconds(), "paused_s": round(ck.paused_s or 0, 2)}
     log(f"{key}: checkpoint keeping the KV cache: {ck.seconds:.2f} s, {ck.manifest.image_bytes / 1e9:.2f} GB "
         f"({ck.manifest.step_seconds()})")
     # How any CUDA process comes back: no quiesce, its weights and KV cache in CRIU's image.
@@ -330,8 +330,8 @@ def table(results: list[dict], facts: dict) -> str:
     row("weights (bf16)", lambda r: gb(r["weights_bytes"]))
     row("weights saved packed (bf16pack)", lambda r: "yes" if r.get("weights_packed", False) else "no")
     row("cold start to first token", lambda r: f"{r['cold']['cold_start_to_first_token_s']} s")
-    row("checkpoint, KV kept: time / image", lambda r: f"{r['checkpoint_without_kv_release']['seconds']} s / "
-        f"{gb(r['checkpoint_without_kv_release']['image_bytes'])}")
+    row("checkpoint, KV kept: time / image / the worker paused for", lambda r: f"{r['checkpoint_without_kv_release']['seconds']} s / "
+        f"{gb(r['checkpoint_without_kv_release']['image_bytes'])} / {r['checkpoint_without_kv_release']['paused_s']} s")
     row("  restore of that image to ready, warm (CRIU / CUDA / rest)", lambda r: "{ready_s} s ({criu_s} / {cuda_s} / "
         "{after_cuda_s})".format(**r["restore_kv_kept_warm"]["replicas"][0]))
     row("checkpoint, KV released: time / image", lambda r: f"{r['checkpoint']['seconds']} s / {gb(r['checkpoint']['image_bytes'])}")

@@ -44,7 +44,8 @@ def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Pa
     r = cli("checkpoint", "gref", "-o", str(tmp_path / "art"), "--leave-running", "--json")
     assert r.returncode == 0, r.stderr
     ck = json.loads(r.stdout)
-    assert "cuda_checkpoint" in ck["steps"]
+    assert "cuda_checkpoint" in ck["steps"] and "cuda_restore" in ck["steps"]
+    assert ck["paused_s"] < ck["checkpoint_s"]  # its GPU back before the artifact was finished
     assert demo.complete(port) == before  # the source got its GPU back
     # Again: the source read its weights back from the first artifact and saves them into the second.
     r = cli("checkpoint", "gref", "-o", str(tmp_path / "art2"), "--leave-running", "--json")

@@ -93,11 +93,14 @@ def checkpoint(
     m = result.manifest
     if json_out:
         _emit({"artifact": str(result.artifact), "checkpoint_s": round(result.seconds, 3),
-               "image_bytes": m.image_bytes, "steps": m.step_seconds()})
+               "image_bytes": m.image_bytes, "steps": m.step_seconds(),
+               **({"paused_s": round(result.paused_s, 3)} if result.paused_s is not None else {})})
         return
     steps = ", ".join(f"{k} {v:.2f}s" for k, v in m.step_seconds().items())
     out.print(f"checkpoint written to [bold]{result.artifact}[/bold]: {m.image_bytes / 1e6:.1f} MB "
               f"in {result.seconds:.2f} s ({steps})")
+    if result.paused_s is not None:
+        out.print(f"the worker was paused for {result.paused_s:.2f} s")
 
 
 @app.command()

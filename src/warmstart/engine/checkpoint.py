@@ -3,6 +3,8 @@
 Quiesce goes through the SDK's control directory, or, for an engine started with `--engine`, through its
 adapter's HTTP calls (which first check the engine is warm). Any failure or interruption unwinds: the staged
 directory is removed and the worker is resumed, so a failed checkpoint leaves the worker running as before.
+With `leave_running`, the worker is resumed as soon as CRIU has its image: taking zero pages out, compressing
+and checksumming work on the image files alone, and took most of an 8B worker's checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class CheckpointResult:
     artifact: Path
     manifest: Manifest
     seconds: float
+    paused_s: float | None = None  # with leave_running: from the quiesce (or dump) to the worker serving again
 
 
 def _control_dir_of(pid: int) -> Path | None:
@@ -111,8 +114,12 @@ def checkpoint(
     engine_paused: Quiesced | None = None
     gpu_states: list = []
     hook_env: dict[str, str] = {}
+    resumed = False  # the source serves again (leave_running): nothing of it to unwind any more
+    resume_error: Exception | None = None
+    paused_s: float | None = None
     try:
         with deferred_signals() as got:
+            t_pause = time.monotonic()
             if info and control_dir and not quiesce:
                 identity.control_seq = control.last_seq(control_dir)  # the restore's resume must come after it
             elif info and control_dir:
@@ -145,6 +152,18 @@ def checkpoint(
                 criu.run(binary, criu.dump_args(inner, staging.images, log, str(script) if script else None), log,
                          "dump", env=hook_env, enter=enter)
             os.replace(log, staging.tmp / "dump.log")
+            if hook_env:
+                shm.remove_remaps(shm.created_remaps(hook_env, shm_root), shm_root)
+                hook_env = {}
+            if leave_running:
+                resumed = True
+                try:
+                    _resume_source(timer, pid, cuda_pids, control_dir if quiesced_seq else None, quiesced_seq + 1,
+                                   saved, adapter if engine_paused else None, identity.port, engine_paused,
+                                   quiesce_timeout_s)
+                except Exception as e:  # noqa: BLE001 - the artifact is whole: finish it, then report this
+                    resume_error = e
+                paused_s = time.monotonic() - t_pause
             zero_bytes = 0
             if os.environ.get("WARMSTART_ZERO_PAGES", "1") != "0":
                 with timer.step("zero_pages", "taking pages of zeros out of the image"):
@@ -181,36 +200,43 @@ def checkpoint(
             store.commit(staging, manifest)
             store.remember_verified(staging.final, manifest)
     except BaseException:
-        if cuda_pids and _gpu_state_is(cuda_pids[0], "checkpointed"):
+        if cuda_pids and not resumed and _gpu_state_is(cuda_pids[0], "checkpointed"):
             gpu.resume(cuda_pids)
-        if quiesced_seq and control_dir:
+        if quiesced_seq and control_dir and not resumed:
             # Before the staging directory goes: the worker reads what it saved back from it.
             _resume_quietly(control_dir, quiesced_seq + 1, saved, pid, quiesce_timeout_s)
         store.discard(staging)
-        if adapter and engine_paused and identity.port:
+        if adapter and engine_paused and identity.port and not resumed:
             _resume_engine_quietly(pid, adapter, identity.port, engine_paused, quiesce_timeout_s)
         raise
     finally:
         if hook_env:
             shm.remove_remaps(shm.created_remaps(hook_env, shm_root), shm_root)
-    if cuda_pids and leave_running:
-        with timer.step("cuda_restore", "restoring GPU state of the source"):
-            gpu.resume(cuda_pids)
-    if quiesced_seq and control_dir and leave_running:
-        with timer.step("resume", "resuming worker"):
-            kept = staging.final / SAVED_DIR
-            control.send(control_dir, quiesced_seq + 1, protocol.RESUME,
-                         {"restored": False, **_saved_settings(kept if kept.is_dir() else None)})
-            control.wait_ack(control_dir, quiesced_seq + 1, quiesce_timeout_s, pid, "resume")
-    if adapter and engine_paused and identity.port and leave_running:
-        with timer.step("resume", f"resuming {adapter.name}"):
-            paused = engine_paused
-            in_net(pid, lambda: adapter.resume(port, paused, quiesce_timeout_s))
+    if resume_error:
+        raise resume_error
     if not leave_running:
         procs.terminate(pid, procs.start_time(pid), grace_s=2.0)
         if record:
             registry.remove(record.name)
-    return CheckpointResult(staging.final, manifest, time.monotonic() - t_start)
+    return CheckpointResult(staging.final, manifest, time.monotonic() - t_start, paused_s)
+
+
+def _resume_source(timer: Timer, pid: int, cuda_pids: list[int], control_dir: Path | None, seq: int,
+                   saved: Path | None, adapter: Engine | None, port: int | None, paused: Quiesced | None,
+                   timeout_s: float) -> None:
+    """The checkpointed worker serves again (leave_running), once CRIU has its image. An SDK worker reads what it
+    saved back from the staging directory, and acknowledges before anything there is moved."""
+    if cuda_pids:
+        with timer.step("cuda_restore", "restoring GPU state of the source"):
+            gpu.resume(cuda_pids)
+    if control_dir:
+        with timer.step("resume", "resuming worker"):
+            kept = saved if saved and any(saved.iterdir()) else None
+            control.send(control_dir, seq, protocol.RESUME, {"restored": False, **_saved_settings(kept)})
+            control.wait_ack(control_dir, seq, timeout_s, pid, "resume")
+    if adapter and paused and port:
+        with timer.step("resume", f"resuming {adapter.name}"):
+            in_net(pid, lambda: adapter.resume(port, paused, timeout_s))
 
 
 def _cache_raw_images(raw: Path, manifest: Manifest) -> None:
