@@ -42,7 +42,7 @@ def drop_caches() -> bool:
     if "torch" in sys.modules:
         raise RuntimeError("this process has torch loaded: the libraries it maps would stay cached")
     for t in threading.enumerate():
-        if t.name == "keep-inflated":  # a restore still copying its inflated image into the cache (engine/restore.py)
+        if t.name == restore.KEEP_THREAD:  # a restore still copying its inflated image into the cache
             t.join()
     subprocess.run(["sync"], check=False)
     try:

@@ -18,11 +18,11 @@ CACHE_KEEP images, and is used only while it belongs to this user and no one els
 
 What is worth compressing is decided from samples of each chunk before any chunk is compressed. A chunk is
 compressed if its samples shrink to _CHUNK_WORTH or less: on these disks (1-1.6 GB/s), with inflating bounded
-at ~5 GB/s, a chunk that keeps more costs a cold restore about as much to inflate as it saves in reading. An image is stored compressed only if the
-samples say it shrinks to _WORTH or less; otherwise it stays as CRIU wrote it. Every restore that inflates pays
-for it and holds the raw bytes in memory, and an image of bf16 weights (a CUDA process checkpointed without
-its worker's help) keeps 0.80 of its bytes under zlib, at ~24 MB/s a core: minutes of checkpoint for an 8B
-model, for a fifth less to read.
+at ~5 GB/s, a chunk that keeps more costs a cold restore about as much to inflate as it saves in reading. An
+image is stored compressed only if the samples say it shrinks to _WORTH or less; otherwise it stays as CRIU
+wrote it. Every restore that inflates pays for it and holds the raw bytes in memory, and an image of bf16
+weights (a CUDA process checkpointed without its worker's help) keeps 0.80 of its bytes under zlib, at ~24 MB/s
+a core: minutes of checkpoint for an 8B model, for a fifth less to read.
 
 Format of pages-N.img.z: MAGIC, the raw size (u64), the chunk size (u32), the number of chunks (u32), each
 chunk's stored length (u32 each; a chunk stored at its raw length is stored raw), then the chunks. Chunks are

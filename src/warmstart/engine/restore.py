@@ -104,6 +104,9 @@ def _wait_port(port: int, deadline: float) -> None:
     raise WorkerError(f"restored worker does not accept connections on port {port}", "see the replica's log")
 
 
+KEEP_THREAD = "keep-inflated"  # copies a restore's inflated images into the cache after it returns
+
+
 @dataclass
 class _Prepared:
     """What both restore paths know once nothing can refuse any more."""
@@ -183,7 +186,7 @@ class _Prepared:
             start = keep and self.keeping is None
             if start:
                 self.keeping = threading.Thread(target=self.inflated.remove, kwargs={"keep": True},
-                                                name="keep-inflated")
+                                                name=KEEP_THREAD)
         if start:
             assert self.keeping is not None
             self.keeping.start()
