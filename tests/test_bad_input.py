@@ -184,3 +184,17 @@ def test_quiesce_timeout_leaves_worker_serving(need_criu, home: Path, tmp_path: 
     assert time.monotonic() - t0 < 20
     assert not (tmp_path / "art").exists()
     assert http_get(port) == "ok"
+
+
+def test_a_source_that_does_not_resume_after_the_dump_is_named_with_the_finished_artifact(
+        need_criu, home: Path, tmp_path: Path) -> None:
+    """--leave-running resumes the worker before the artifact is finished; a resume that times out is reported
+    once the artifact is whole, which the error line says; the artifact is whole and the worker serving."""
+    port = free_port()
+    r = cli("run", "--name", "slowr", "--wait", "--", sys.executable, str(SLOW_QUIESCE), str(port), "0", "8")
+    assert r.returncode == 0, r.stderr
+    r = cli("checkpoint", "slowr", "-o", str(tmp_path / "art"), "--leave-running", "--timeout", "2")
+    _one_error_line(r, 5, f"the checkpoint {tmp_path / 'art'} is complete, but its source worker did not resume",
+                    "did not acknowledge 'resume' within 2 s")
+    assert cli("inspect", str(tmp_path / "art"), "--verify").returncode == 0
+    assert http_get(port) == "ok"

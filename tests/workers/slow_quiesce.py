@@ -1,4 +1,5 @@
-"""An SDK worker whose quiesce never finishes in time: warmstart must time out and leave it serving."""
+"""An SDK worker whose quiesce (argv[2] s) or resume (argv[3] s, default 0) takes long: warmstart must time out
+and say what it left."""
 
 import http.server
 import sys
@@ -19,5 +20,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
-attach(on_quiesce=lambda: time.sleep(float(sys.argv[2])), port=server.server_address[1], engine="slow")
+resume_s = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+attach(on_quiesce=lambda: time.sleep(float(sys.argv[2])), on_resume=lambda _: time.sleep(resume_s),
+       port=server.server_address[1], engine="slow")
 server.serve_forever()

@@ -22,7 +22,7 @@ from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, SHM_DIR, CriuSett
 from warmstart.engine import control, criu, gpu, imagezip, joinns, shm, workingset, zeropages
 from warmstart.adapters.base import Engine, Quiesced
 from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
-from warmstart.errors import WorkerError
+from warmstart.errors import WarmstartError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
 
@@ -213,7 +213,10 @@ def checkpoint(
         if hook_env:
             shm.remove_remaps(shm.created_remaps(hook_env, shm_root), shm_root)
     if resume_error:
-        raise resume_error
+        problem = f"the checkpoint {staging.final} is complete, but its source worker did not resume: "
+        if isinstance(resume_error, WarmstartError):
+            raise type(resume_error)(problem + resume_error.problem, resume_error.fix) from resume_error
+        raise WorkerError(problem + str(resume_error), "see the worker's log") from resume_error
     if not leave_running:
         procs.terminate(pid, procs.start_time(pid), grace_s=2.0)
         if record:
