@@ -24,7 +24,11 @@ from pathlib import Path
 
 from warmstart import demo, paths, registry
 from warmstart.artifact.manifest import SAVED_DIR
-from warmstart.engine import checkpoint, criu, launch, restore, workingset
+from warmstart.pipeline import checkpoint
+from warmstart.criu import binary as criu
+from warmstart.pipeline import run as launch
+from warmstart.pipeline import restore
+from warmstart.image import workingset
 from warmstart.errors import UsageError
 from warmstart.reference import model
 
@@ -293,8 +297,8 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool, out: Path,
     # Floors: the bytes a restore must move at the bandwidths measured now: the artifact read with as many
     # threads as the patched CRIU uses, the driver copying the checkpointed GPU memory from pageable memory, and
     # the worker's kept weights region: read from its saved file by pinned staging buffers, whose DMA overlaps
-    # the reads (warmstart.worker.filecopy), or, with no saved file, copied back from host memory in pinned
-    # pieces (warmstart.worker.hostcopy).
+    # the reads (warmstart.gpumem.filecopy), or, with no saved file, copied back from host memory in pinned
+    # pieces (warmstart.gpumem.hostcopy).
     threads = int(criu.restore_env()["CRIU_PAGE_READ_THREADS"])  # as many as the restores read with
     res["bandwidth"] = {"page_cache_1_thread": read_bandwidth(images, 1),
                         "page_cache_threads": read_bandwidth(images, threads), **bw}
@@ -306,7 +310,7 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool, out: Path,
     kept = 0.0 if saved_bytes else weights / b["h2d_pinned"]
     res["floor_warm_s"] = round(m.image_bytes / b["page_cache_threads"] + gpu_bytes / h2d + kept, 2)
     if "disk_threads" in b:
-        # From a cold disk the worker's libraries are read too: the pages it had touched (engine/workingset.py).
+        # From a cold disk the worker's libraries are read too: the pages it had touched (image/workingset.py).
         disk_bytes = m.image_bytes + res["checkpoint"]["working_set_bytes"]
         res["floor_cold_s"] = round(disk_bytes / b["disk_threads"] + gpu_bytes / h2d + kept, 2)
     shutil.rmtree(art, ignore_errors=True)

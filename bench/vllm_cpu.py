@@ -24,8 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from warmstart import adapters, registry  # noqa: E402
-from warmstart.engine import checkpoint, launch  # noqa: E402
+from warmstart import registry  # noqa: E402
+from warmstart.quiesce import engines  # noqa: E402
+from warmstart.pipeline import run as launch  # noqa: E402
+from warmstart.pipeline import checkpoint
 from warmstart.reference import model  # noqa: E402
 
 PROMPT = "The quick brown fox"
@@ -38,7 +40,7 @@ def drop_caches() -> None:
 
 def first_completion(port: int, deadline_s: float = 900) -> tuple[str, float]:
     """Poll until a completion succeeds; (its text, monotonic time it arrived)."""
-    vllm = adapters.for_engine("vllm")
+    vllm = engines.for_engine("vllm")
     end = time.monotonic() + deadline_s
     while True:
         try:

@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu import KV_MB, PROMPT, SHAPES, TOKENS, drop_caches, ensure_model, free_port, gpu_facts, log, read_bandwidth, stop  # noqa: E402
 from warmstart import demo, registry  # noqa: E402
-from warmstart.engine import checkpoint, launch, restore  # noqa: E402
-from warmstart.worker import weights  # noqa: E402
+from warmstart.pipeline import restore  # noqa: E402
+from warmstart.pipeline import checkpoint
+from warmstart.pipeline import run as launch
+from warmstart.weights import client as weights  # noqa: E402
 
 
 class Service:

@@ -20,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WARMSTART = [sys.executable, "-m", "warmstart"]
-# Raw images of compressed ones (engine/imagezip.py) go here, not to /var/cache, in tests that set no home.
+# Raw images of compressed ones (image/codec.py) go here, not to /var/cache, in tests that set no home.
 os.environ.setdefault("WARMSTART_IMAGE_CACHE", f"/tmp/warmstart-test-image-cache-{os.getpid()}")
 COUNTER = REPO / "tests" / "workers" / "counter.py"
 SLOW_QUIESCE = REPO / "tests" / "workers" / "slow_quiesce.py"
@@ -28,7 +28,7 @@ SAVED_STATE = REPO / "tests" / "workers" / "saved_state.py"
 
 
 def _criu_problem() -> str | None:
-    from warmstart.engine import criu
+    from warmstart.criu import binary as criu
     from warmstart.errors import WarmstartError
 
     try:
@@ -132,7 +132,7 @@ def evict_pages(artifact: Path) -> None:
 
 
 def kept_image(artifact: Path) -> Path:
-    """Where a restore that inflated the artifact's compressed pages image keeps it (engine/imagezip.py)."""
+    """Where a restore that inflated the artifact's compressed pages image keeps it (image/codec.py)."""
     files = json.loads((artifact / "manifest.json").read_text())["files"]
     (key,) = [f["sha256"] for f in files if f["path"].endswith(".img.z")]
     return Path(os.environ["WARMSTART_IMAGE_CACHE"]) / f"{key}.img"

@@ -1,4 +1,4 @@
-"""bf16 packing (warmstart.worker.bf16pack) and the packed file's layout (warmstart.worker.filecopy), on the CPU:
+"""bf16 packing (warmstart.gpumem.bf16pack) and the packed file's layout (warmstart.gpumem.filecopy), on the CPU:
 the same torch code a GPU region runs, with the file written and read the way filecopy does, less the DMA."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from warmstart.worker import bf16pack, filecopy  # noqa: E402
+from warmstart.gpumem import filecopy  # noqa: E402
+from warmstart.gpumem import bf16pack
 
 PIECE = 1 << 20
 

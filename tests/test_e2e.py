@@ -12,7 +12,9 @@ import pytest
 
 from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, kept_image, wait_http
 from warmstart import demo
-from warmstart.engine import criu, imagezip, readahead
+from warmstart.criu import binary as criu
+from warmstart.image import cache, codec, inflated
+from warmstart.image import readahead
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -90,11 +92,11 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
 
 def _raw_pages(images: Path) -> list[bytes]:
     """The pages images' bytes as CRIU reads them (compressed ones inflated)."""
-    inflated = imagezip.Inflated(images, threads=2, keys={})
+    view = inflated.Inflated(images, threads=2, keys={})
     try:
-        return [p.read_bytes() for p in readahead.pages_images(inflated.path)]
+        return [p.read_bytes() for p in readahead.pages_images(view.path)]
     finally:
-        inflated.remove()
+        view.remove()
 
 
 def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tmp_path: Path) -> None:
@@ -110,7 +112,7 @@ def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tm
     # The worker's heap is stored compressed; each restore below inflates it.
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert 0 < manifest["compressed_bytes"] < manifest["compressed_raw_bytes"]
-    assert imagezip.compressed(tmp_path / "art" / "images")
+    assert codec.compressed(tmp_path / "art" / "images")
     assert "stored compressed" in cli("inspect", str(tmp_path / "art")).stdout
 
     r = cli("restore", str(tmp_path / "art"), "--replicas", "3", "--name", "rep", "--json")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli, free_port, http_get, one_error_line, wait_http
-from warmstart import adapters, procs
-from warmstart.adapters.base import flag_value
-from warmstart.engine import shm
+from warmstart import procs
+from warmstart.quiesce import engines
+from warmstart.quiesce.http import flag_value
+from warmstart.criu import shm
 from warmstart.errors import UsageError, WorkerError
 
 FAKE = REPO / "tests" / "workers" / "fake_engine.py"
@@ -28,27 +29,27 @@ def test_flag_value_and_ports() -> None:
     cmd = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m", "--port=9001"]
     assert flag_value(cmd, "--model") == "m"
     assert flag_value(cmd, "--port") == "9001"
-    assert adapters.for_engine("vllm").port(cmd) == 9001
-    assert adapters.for_engine("vllm").port(["vllm", "serve", "m"]) == 8000
-    assert adapters.for_engine("sglang").port(["python", "-m", "sglang.launch_server"]) == 30000
-    assert adapters.for_engine("plain") is None and adapters.for_engine("my-sdk-engine") is None
+    assert engines.for_engine("vllm").port(cmd) == 9001
+    assert engines.for_engine("vllm").port(["vllm", "serve", "m"]) == 8000
+    assert engines.for_engine("sglang").port(["python", "-m", "sglang.launch_server"]) == 30000
+    assert engines.for_engine("plain") is None and engines.for_engine("my-sdk-engine") is None
     with pytest.raises(UsageError, match="unknown engine 'tgi'"):
-        adapters.check("tgi")
+        engines.check("tgi")
 
 
 def test_adapter_environment(tmp_path: Path) -> None:
-    env = adapters.for_engine("vllm").env(tmp_path)
+    env = engines.for_engine("vllm").env(tmp_path)
     assert env["VLLM_SERVER_DEV_MODE"] == "1" and Path(env["VLLM_RPC_BASE_PATH"]).is_dir()
-    assert adapters.for_engine("vllm").private_dirs(env) == [env["VLLM_RPC_BASE_PATH"]]
-    senv = adapters.for_engine("sglang").env(tmp_path)
-    assert adapters.for_engine("sglang").private_dirs(senv) == [senv["TMPDIR"]]
-    assert adapters.for_engine("vllm").uses_gpu_release(["x", "--enable-sleep-mode"])
-    assert not adapters.for_engine("sglang").uses_gpu_release(["x"])
+    assert engines.for_engine("vllm").private_dirs(env) == [env["VLLM_RPC_BASE_PATH"]]
+    senv = engines.for_engine("sglang").env(tmp_path)
+    assert engines.for_engine("sglang").private_dirs(senv) == [senv["TMPDIR"]]
+    assert engines.for_engine("vllm").uses_gpu_release(["x", "--enable-sleep-mode"])
+    assert not engines.for_engine("sglang").uses_gpu_release(["x"])
 
 
 def test_engine_not_listening_is_not_warm() -> None:
     with pytest.raises(WorkerError, match="not warm yet"):
-        adapters.for_engine("vllm").check_warm(free_port())
+        engines.for_engine("vllm").check_warm(free_port())
 
 
 def test_sparse_copy_keeps_data_and_holes(tmp_path: Path) -> None:

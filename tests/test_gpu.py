@@ -72,7 +72,7 @@ def test_reference_worker_on_gpu_round_trips(need_criu, home: Path, tmp_path: Pa
 
 
 def _nvml_used(pid: int) -> int:
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     return cuda.process_gpu_memory().get(pid, ("", 0))[1]
 
@@ -80,7 +80,7 @@ def _nvml_used(pid: int) -> int:
 def test_kv_release_graph_remap_and_cuda_checkpoint_tool(need_criu, home: Path, tmp_path: Path) -> None:
     """The KV region leaves the image; the NVIDIA-style tool toggles a worker; --gpu picks the target."""
     from warmstart import registry
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     port = free_port()
     r = cli("run", "--name", "kv", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
@@ -128,7 +128,7 @@ def test_kv_release_graph_remap_and_cuda_checkpoint_tool(need_criu, home: Path, 
 
 def test_lock_timeout_on_a_busy_gpu_leaves_the_worker_running(need_criu, home: Path, tmp_path: Path) -> None:
     from warmstart import registry
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     busy = Path(__file__).parent / "workers" / "gpu_busy.py"
     r = cli("run", "--name", "busy", "--", sys.executable, str(busy), "400")
@@ -210,7 +210,7 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
     from cuda.bindings import driver as d
 
     from warmstart.worker import lmem, savedir
-    from warmstart.worker.region import GpuRegion
+    from warmstart.gpumem.region import GpuRegion
 
     region = GpuRegion(300 << 20, 0, keep=True)
     data = region.tensor(torch)
@@ -269,12 +269,13 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
 
 
 def test_a_packed_region_comes_back_bit_for_bit_from_a_smaller_file(tmp_path: Path, monkeypatch) -> None:
-    """bf16 weights saved packed (warmstart.worker.bf16pack) take ~3/4 of the bytes and come back exactly, a
+    """bf16 weights saved packed (warmstart.gpumem.bf16pack) take ~3/4 of the bytes and come back exactly, a
     piece that is not bf16 included; no scratch memory stays behind; a damaged file fails the restore cleanly."""
     import torch
 
-    from warmstart.worker import bf16kernel, savedir
-    from warmstart.worker.region import GpuRegion
+    from warmstart.worker import savedir
+    from warmstart.gpumem import bf16kernel
+    from warmstart.gpumem.region import GpuRegion
 
     region = GpuRegion(100 << 20, 0, keep=True, pack_bf16=True)
     data = region.tensor(torch)

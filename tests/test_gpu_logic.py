@@ -14,8 +14,8 @@ import pytest
 from warmstart.artifact import store
 from warmstart.artifact.manifest import FileEntry, GpuState
 from warmstart.cuda_checkpoint import device_map
-from warmstart.engine.cuda import Gpu, uuid_bytes
-from warmstart.engine.gpu import plan
+from warmstart.gpu.driver import Gpu, uuid_bytes
+from warmstart.gpu.processes import plan
 from warmstart.errors import IncompatibleArtifact, UsageError
 
 A = "GPU-11111111-2222-3333-4444-555555555555"

@@ -1,4 +1,4 @@
-"""Compressed pages images (engine/imagezip.py): stored compressed at checkpoint, inflated for each restore."""
+"""Compressed pages images (image/codec.py): stored compressed at checkpoint, inflated for each restore."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import evict_file
-from warmstart.engine import imagezip
+from warmstart.image import cache as image_cache, codec, inflated
 
 
 def _pages(size: int, random_every: int = 4) -> bytes:
@@ -37,65 +37,65 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_large_pages_image_is_stored_compressed_and_inflates_exactly(tmp_path: Path, cache: Path) -> None:
-    big = _pages(imagezip.MIN_BYTES + 3 * 4096)  # the last chunk is short
+    big = _pages(codec.MIN_BYTES + 3 * 4096)  # the last chunk is short
     images = _images(tmp_path, big)
     warnings: list[str] = []
-    raw, stored = imagezip.compress(images, threads=2, warn=warnings.append)
+    raw, stored = codec.compress(images, threads=2, warn=warnings.append)
     assert not warnings
     assert raw == len(big) and stored == (images / "pages-2.img.z").stat().st_size
     assert stored < 0.4 * raw
     assert not (images / "pages-2.img").exists() and (images / "pages-1.img").exists()
-    assert imagezip.compressed(images) == [images / "pages-2.img.z"]
+    assert codec.compressed(images) == [images / "pages-2.img.z"]
 
-    inflated = imagezip.Inflated(images, threads=3, keys={"pages-2.img.z": "1" * 64})
+    view = inflated.Inflated(images, threads=3, keys={"pages-2.img.z": "1" * 64})
     try:
-        assert (inflated.path / "pages-2.img").read_bytes() == big
-        assert not (inflated.path / "pages-2.img").is_symlink()  # nothing cached: inflated
-        assert (inflated.path / "pages-1.img").resolve() == images / "pages-1.img"  # the rest is linked
-        assert (inflated.path / "core-2.img").read_bytes() == b"core"
-        assert sorted(p.name for p in inflated.path.iterdir()) == ["core-2.img", "pages-1.img", "pages-2.img"]
+        assert (view.path / "pages-2.img").read_bytes() == big
+        assert not (view.path / "pages-2.img").is_symlink()  # nothing cached: inflated
+        assert (view.path / "pages-1.img").resolve() == images / "pages-1.img"  # the rest is linked
+        assert (view.path / "core-2.img").read_bytes() == b"core"
+        assert sorted(p.name for p in view.path.iterdir()) == ["core-2.img", "pages-1.img", "pages-2.img"]
     finally:
-        inflated.remove()
-    assert not inflated.path.exists()
+        view.remove()
+    assert not view.path.exists()
     assert not cache.exists() or not list(cache.iterdir())  # not kept: CRIU may not have read it
-    inflated.remove()  # idempotent
+    view.remove()  # idempotent
 
 
 def test_an_image_a_restore_inflated_is_kept_in_the_cache_for_the_next(tmp_path: Path, cache: Path) -> None:
-    big = _pages(imagezip.MIN_BYTES)
+    big = _pages(codec.MIN_BYTES)
     images = _images(tmp_path, big)
-    imagezip.compress(images, threads=2, warn=print)
+    codec.compress(images, threads=2, warn=print)
     cache.mkdir(mode=0o700)
     stale = cache / f".{'4' * 64}-4999999.tmp"  # a copy that a killed restore (no such pid) left half done
     stale.write_bytes(b"half")
-    first = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
+    first = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
     assert not (first.path / "pages-2.img").is_symlink()  # nothing cached yet: inflated
     first.remove(keep=True)  # CRIU has read it
     assert not first.path.exists()
     assert sorted(p.name for p in cache.iterdir()) == ["4" * 64 + ".img"]  # the stale copy is gone too
     assert (cache / ("4" * 64 + ".img")).read_bytes() == big
 
-    second = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
+    second = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
     assert (second.path / "pages-2.img").resolve() == cache / ("4" * 64 + ".img")  # linked, not inflated
     second.remove(keep=True)  # nothing of its own to keep
     assert sorted(p.name for p in cache.iterdir()) == ["4" * 64 + ".img"]
 
 
 def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_not(tmp_path: Path, cache: Path) -> None:
-    big = _pages(imagezip.MIN_BYTES)
+    big = _pages(codec.MIN_BYTES)
     images = _images(tmp_path, big)
-    imagezip.compress(images, threads=2, warn=print, keep=tmp_path / "raw")
+    codec.compress(images, threads=2, warn=print, keep=tmp_path / "raw")
     assert (tmp_path / "raw" / "pages-2.img").read_bytes() == big
-    imagezip.cache_raw(tmp_path / "raw" / "pages-2.img", "2" * 64)
+    image_cache.cache_raw(tmp_path / "raw" / "pages-2.img", "2" * 64)
     cached = cache / ("2" * 64 + ".img")
     ino = cached.stat().st_ino
 
-    first = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
+    first = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
     assert (first.path / "pages-2.img").resolve() == cached and cached.stat().st_ino == ino  # used as it is
     first.remove()
 
     evict_file(cached)  # as on a node that has not read it since a reboot
-    again = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
+    again = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
     assert not (again.path / "pages-2.img").is_symlink()  # inflated again rather than read
     assert (again.path / "pages-2.img").read_bytes() == big and cached.stat().st_ino == ino
     again.remove()
@@ -104,79 +104,79 @@ def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_
 def test_a_cache_others_can_write_to_is_not_used(tmp_path: Path, cache: Path) -> None:
     cache.mkdir(mode=0o777)
     cache.chmod(0o777)
-    assert imagezip.cache_dir() is None
-    images = _images(tmp_path, _pages(imagezip.MIN_BYTES))
-    imagezip.compress(images, threads=2, warn=print)
-    inflated = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "3" * 64})
-    assert not (inflated.path / "pages-2.img").is_symlink() and not list(cache.iterdir())
-    inflated.remove()
+    assert image_cache.cache_dir() is None
+    images = _images(tmp_path, _pages(codec.MIN_BYTES))
+    codec.compress(images, threads=2, warn=print)
+    view = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "3" * 64})
+    assert not (view.path / "pages-2.img").is_symlink() and not list(cache.iterdir())
+    view.remove()
 
 
 def test_the_cache_keeps_the_newest_images(tmp_path: Path, cache: Path) -> None:
     cache.mkdir(mode=0o700)
-    for i in range(imagezip.CACHE_KEEP + 2):
+    for i in range(image_cache.CACHE_KEEP + 2):
         raw = tmp_path / f"raw-{i}"
         raw.write_bytes(b"x")
         os.utime(raw, (1000 + i, 1000 + i))
-        imagezip.cache_raw(raw, f"{i:064x}")
-    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{i:064x}.img" for i in range(2, imagezip.CACHE_KEEP + 2))
+        image_cache.cache_raw(raw, f"{i:064x}")
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{i:064x}.img" for i in range(2, image_cache.CACHE_KEEP + 2))
 
 
 def test_only_a_checksum_names_a_cached_image(tmp_path: Path, cache: Path) -> None:
     raw = tmp_path / "raw"
     raw.write_bytes(b"x")
-    imagezip.cache_raw(raw, "../escape")
+    image_cache.cache_raw(raw, "../escape")
     assert not raw.exists() and not (tmp_path / "escape.img").exists()
-    images = _images(tmp_path, _pages(imagezip.MIN_BYTES))
-    imagezip.compress(images, threads=2, warn=print)
-    (tmp_path / "other.img").write_bytes(bytes(imagezip.raw_size(images / "pages-2.img.z")))
-    inflated = imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "../other"})
-    assert not (inflated.path / "pages-2.img").is_symlink()  # inflated, not linked to a file outside the cache
-    inflated.remove()
+    images = _images(tmp_path, _pages(codec.MIN_BYTES))
+    codec.compress(images, threads=2, warn=print)
+    (tmp_path / "other.img").write_bytes(bytes(codec.raw_size(images / "pages-2.img.z")))
+    view = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "../other"})
+    assert not (view.path / "pages-2.img").is_symlink()  # inflated, not linked to a file outside the cache
+    view.remove()
 
 
 def test_an_image_that_does_not_compress_stays_raw(tmp_path: Path, cache: Path) -> None:
-    big = os.urandom(imagezip.MIN_BYTES)
+    big = os.urandom(codec.MIN_BYTES)
     images = _images(tmp_path, big)
-    assert imagezip.compress(images, threads=2, warn=print) == (0, 0)
+    assert codec.compress(images, threads=2, warn=print) == (0, 0)
     assert (images / "pages-2.img").read_bytes() == big
-    assert imagezip.compressed(images) == [] and not list(images.glob("*.tmp"))
+    assert codec.compressed(images) == [] and not list(images.glob("*.tmp"))
 
 
 def test_an_image_that_would_keep_more_than_half_stays_raw_decided_from_samples(
         tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 3 random pages of every 5: zlib keeps ~0.6, as it keeps 0.8 of bf16 weights. Compressing such an image
     # costs the checkpoint far more than the restore gains, so it stays raw, and only samples are compressed.
-    big = bytes(b"".join(os.urandom(4096) if i % 5 < 3 else bytes(4096) for i in range(imagezip.MIN_BYTES // 4096)))
+    big = bytes(b"".join(os.urandom(4096) if i % 5 < 3 else bytes(4096) for i in range(codec.MIN_BYTES // 4096)))
     images = _images(tmp_path, big)
     seen: list[int] = []
-    real = imagezip.zlib.compress
-    monkeypatch.setattr(imagezip.zlib, "compress", lambda data, level: seen.append(len(data)) or real(data, level))
-    assert imagezip.compress(images, threads=2, warn=print) == (0, 0)
+    real = codec.zlib.compress
+    monkeypatch.setattr(codec.zlib, "compress", lambda data, level: seen.append(len(data)) or real(data, level))
+    assert codec.compress(images, threads=2, warn=print) == (0, 0)
     assert (images / "pages-2.img").read_bytes() == big
-    assert imagezip.compressed(images) == [] and not list(images.glob("*.tmp"))
-    assert seen and max(seen) <= 4 * imagezip._SAMPLE
+    assert codec.compressed(images) == [] and not list(images.glob("*.tmp"))
+    assert seen and max(seen) <= 4 * codec._SAMPLE
 
 
 def test_random_chunks_are_stored_raw_within_a_compressed_image(tmp_path: Path, cache: Path) -> None:
-    chunk = imagezip.CHUNK
+    chunk = codec.CHUNK
     big = bytes(2 * chunk) + os.urandom(chunk) + bytes(7 * chunk)  # one chunk of ten does not compress
     images = _images(tmp_path, big)
-    imagezip.compress(images, threads=2, warn=print)
+    codec.compress(images, threads=2, warn=print)
     z = images / "pages-2.img.z"
     data = z.read_bytes()
     count = struct.unpack_from("<I", data, 20)[0]
     lengths = struct.unpack_from(f"<{count}I", data, 24)
     assert lengths[2] == chunk and all(n < chunk for i, n in enumerate(lengths) if i != 2)
     out = tmp_path / "raw.img"
-    assert imagezip.inflate(z, out, threads=2) == len(big)
+    assert codec.inflate(z, out, threads=2) == len(big)
     assert out.read_bytes() == big
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "foreign"])
 def test_a_damaged_compressed_image_is_refused_and_nothing_is_left(tmp_path: Path, cache: Path, damage: str) -> None:
-    images = _images(tmp_path, _pages(imagezip.MIN_BYTES, random_every=1000))
-    imagezip.compress(images, threads=2, warn=print)
+    images = _images(tmp_path, _pages(codec.MIN_BYTES, random_every=1000))
+    codec.compress(images, threads=2, warn=print)
     z = images / "pages-2.img.z"
     data = bytearray(z.read_bytes())
     if damage == "flipped":
@@ -186,39 +186,39 @@ def test_a_damaged_compressed_image_is_refused_and_nothing_is_left(tmp_path: Pat
     else:
         data[:8] = b"NOTOURS!"
     z.write_bytes(bytes(data))
-    before = set(imagezip.memory_dir(0).iterdir())
-    with pytest.raises(imagezip.ImageError, match="pages-2.img.z"):
-        imagezip.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
-    assert set(imagezip.memory_dir(0).iterdir()) == before  # no half-made directory left behind
+    before = set(inflated.memory_dir(0).iterdir())
+    with pytest.raises(codec.ImageError, match="pages-2.img.z"):
+        inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "4" * 64})
+    assert set(inflated.memory_dir(0).iterdir()) == before  # no half-made directory left behind
     assert not cache.exists() or not list(cache.iterdir())  # nor a half-inflated image
 
 
 def test_a_failed_write_leaves_the_image_raw_with_a_warning(tmp_path: Path, cache: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    big = _pages(imagezip.MIN_BYTES)
+    big = _pages(codec.MIN_BYTES)
     images = _images(tmp_path, big)
 
     def full(*a: object) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(imagezip.os, "pwrite", full)
+    monkeypatch.setattr(codec.os, "pwrite", full)
     warnings: list[str] = []
-    assert imagezip.compress(images, threads=2, warn=warnings.append) == (0, 0)
+    assert codec.compress(images, threads=2, warn=warnings.append) == (0, 0)
     assert len(warnings) == 1 and "pages-2.img stays uncompressed" in warnings[0] and "No space" in warnings[0]
     assert (images / "pages-2.img").read_bytes() == big and not list(images.glob("*.z*"))
 
 
 def test_what_a_killed_restore_left_is_removed_by_the_next(tmp_path: Path, cache: Path) -> None:
-    images = _images(tmp_path, _pages(imagezip.MIN_BYTES))
-    imagezip.compress(images, threads=2, warn=print)
-    where = imagezip.memory_dir(imagezip.MIN_BYTES)
+    images = _images(tmp_path, _pages(codec.MIN_BYTES))
+    codec.compress(images, threads=2, warn=print)
+    where = inflated.memory_dir(codec.MIN_BYTES)
     dead = where / "warmstart-images-4999999-abc"  # no such pid
     mine = where / f"warmstart-images-{os.getpid()}-abc"  # a live restore's
     dead.mkdir()
     mine.mkdir()
     try:
-        inflated = imagezip.Inflated(images, threads=2, keys={})
-        inflated.remove()
+        view = inflated.Inflated(images, threads=2, keys={})
+        view.remove()
         assert not dead.exists() and mine.exists()
     finally:
         shutil.rmtree(dead, ignore_errors=True)

@@ -14,7 +14,8 @@ import pytest
 from conftest import (COUNTER, REPO, SAVED_STATE, WARMSTART, cli, evict_pages, free_port, get_when_up, http_get,
                       kept_image, one_error_line, wait_http)
 from warmstart import procs
-from warmstart.engine import imagezip, joinns
+from warmstart.image import cache, codec, inflated
+from warmstart.replica import joinns
 
 pytestmark = [pytest.mark.criu]
 
@@ -75,7 +76,7 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
     wait_http(port, timeout=120)
     want = http_get(port).split()[0]
     assert cli("checkpoint", "mem", "-o", str(tmp_path / "art")).returncode == 0
-    assert imagezip.compressed(tmp_path / "art" / "images")
+    assert codec.compressed(tmp_path / "art" / "images")
     evict_pages(tmp_path / "art")
     kept_image(tmp_path / "art").unlink()  # as on a node that did not make the artifact: this restore inflates
     before = set(Path("/dev/shm").iterdir())

@@ -362,7 +362,7 @@ def _pod(fixture: str, cid: str, **annotations: str) -> dict:
 @pytest.mark.criu
 def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_criu, home: Path,
                                                                           tmp_path: Path) -> None:
-    from warmstart.engine import joinns
+    from warmstart.replica import joinns
 
     api = MemoryApi({})
     agent = _agent(api, tmp_path / "artifacts")
@@ -425,7 +425,7 @@ def test_agent_marks_a_checkpoint_on_a_full_volume_failed_and_leaves_the_source_
         port = free_port()
         with container(src_cid, f"exec {' '.join(WARMSTART)} placeholder -- {sys.executable} {COUNTER} {port}"):
             worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
-            from warmstart.engine import joinns
+            from warmstart.replica import joinns
 
             before = joinns.in_network_of(worker, lambda: get_when_up(port)).split()
             agent.handle(_pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"}))

@@ -10,7 +10,8 @@ import pytest
 from warmstart import paths
 from warmstart.artifact import store
 from warmstart.artifact.manifest import CriuSettings, Manifest, WorkerIdentity
-from warmstart.engine import criu, seccomp
+from warmstart.criu import binary as criu
+from warmstart.criu import seccomp
 from warmstart.errors import ArtifactError, UsageError
 from warmstart.host import HostInfo, check_compatible
 

@@ -1,4 +1,4 @@
-"""Restore's readahead of an image missing from the page cache (engine/readahead.py), on real files."""
+"""Restore's readahead of an image missing from the page cache (image/readahead.py), on real files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from conftest import evict_pages
-from warmstart.engine import readahead
+from warmstart.image import readahead
 
 
 def _image(tmp_path: Path) -> Path:
@@ -92,7 +92,7 @@ def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
 def test_working_set_is_the_touched_pages_of_mapped_files(tmp_path: Path) -> None:
     import mmap
 
-    from warmstart.engine import workingset
+    from warmstart.image import workingset
 
     f = tmp_path / "lib.so"
     f.write_bytes(os.urandom(64 << 20))

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli, free_port
-from warmstart import adapters, procs, registry
-from warmstart.engine import launch
+from warmstart import procs, registry
+from warmstart.quiesce import engines
+from warmstart.pipeline import run as launch
 from warmstart.reference import model
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -46,7 +47,7 @@ def vllm_command(model_dir: Path, port: int) -> list[str]:
 
 
 def test_vllm_server_round_trip_and_two_replicas(need_criu, need_vllm, home: Path, tmp_path: Path) -> None:
-    vllm = adapters.for_engine("vllm")
+    vllm = engines.for_engine("vllm")
     port = free_port()
     r = cli("run", "--name", "vllm", "--engine", "vllm", "--", *vllm_command(model.ensure(), port))
     assert r.returncode == 0, r.stderr

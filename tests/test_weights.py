@@ -20,7 +20,7 @@ from warmstart import procs
 from warmstart.reference import model
 from warmstart.reference.model import ModelShape
 from warmstart.weights import layout
-from warmstart.worker import weights
+from warmstart.weights import client as weights
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 

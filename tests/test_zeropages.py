@@ -1,4 +1,4 @@
-"""engine/zeropages.py on hand-made CRIU images (the end-to-end check with CRIU's own images is in test_e2e)."""
+"""image/zeropages.py on hand-made CRIU images (the end-to-end check with CRIU's own images is in test_e2e)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.engine import zeropages as zp
+from warmstart.image import zeropages as zp
 
 PAGE = zp.PAGE
 ANON, FILE = 0x10000000, 0x20000000  # two mappings of 64 pages each

@@ -10,11 +10,13 @@ import argparse
 import threading
 import time
 
-from warmstart.worker import bf16kernel, bf16pack, vmm
+from warmstart.gpumem import bf16kernel
+from warmstart.gpumem import bf16pack
+from warmstart.gpumem import vmm
 
 
 def unpack_kernel(packed, p, piece) -> None:
-    """warmstart.worker.bf16kernel: one launch per piece (two with escapes)."""
+    """warmstart.gpumem.bf16kernel: one launch per piece (two with escapes)."""
     import torch
     from cuda.bindings import driver as d
 

@@ -62,7 +62,7 @@ if stage == "phases":  # host and GPU memory after each step of the reference wo
         free, total = torch.cuda.mem_get_info()
         return round(host / 1e6), round((total - free) / 1e6)
     from warmstart.reference import decode, load
-    from warmstart.worker.region import GpuRegion
+    from warmstart.gpumem.region import GpuRegion
     steps = [("torch + cuBLAS", mem())]
     tok, cfg = load.tokenizer(model), load.config(model)
     steps.append(("tokenizer", mem()))
@@ -140,7 +140,7 @@ def anon_bytes(pid: int) -> int:
 
 
 def probe(stage: str, model: str) -> dict:
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     child = subprocess.Popen([sys.executable, "-c", CHILD, stage, model], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)

@@ -1,11 +1,11 @@
-"""How fast warmstart.worker.filecopy moves a GPU region to a file and back, by settings.
+"""How fast warmstart.gpumem.filecopy moves a GPU region to a file and back, by settings.
 
     python3 bench/probes/filecopy.py [--gb 8] [--dir /var/tmp/warmstart-probe]
 
 Saves random GPU memory to a file (threads), loads it back from the page cache (threads x piece) and from a
 cold page cache, checks the bytes, and compares with mapping the file and pinning the mapping piece by piece
 (cuMemHostRegister READ_ONLY, the zero-copy alternative to staging). Then the same for a region of random bf16
-weights (std 0.02) saved packed (warmstart.worker.bf16pack); rates count the region's bytes, not the file's.
+weights (std 0.02) saved packed (warmstart.gpumem.bf16pack); rates count the region's bytes, not the file's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from warmstart.worker import filecopy, vmm
+from warmstart.gpumem import filecopy
+from warmstart.gpumem import vmm
 
 
 def drop_caches() -> None:

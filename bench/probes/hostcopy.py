@@ -1,4 +1,4 @@
-"""How fast warmstart.worker.hostcopy moves a kept region between host and GPU memory, by settings.
+"""How fast warmstart.gpumem.hostcopy moves a kept region between host and GPU memory, by settings.
 
     python3 bench/probes/hostcopy.py [--gb 8]
 
@@ -15,7 +15,8 @@ import ctypes
 import threading
 import time
 
-from warmstart.worker import hostcopy, vmm
+from warmstart.gpumem import hostcopy
+from warmstart.gpumem import vmm
 
 
 def main() -> None:

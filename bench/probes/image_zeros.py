@@ -17,7 +17,8 @@ import gpu  # noqa: E402  bench/gpu.py
 
 from warmstart import registry  # noqa: E402
 from warmstart.artifact.manifest import IMAGES_DIR  # noqa: E402
-from warmstart.engine import checkpoint, readahead  # noqa: E402
+from warmstart.image import readahead  # noqa: E402
+from warmstart.pipeline import checkpoint
 
 
 def main() -> None:

@@ -9,8 +9,9 @@ import glob
 import sys
 import time
 
-from warmstart.worker import attach, vmm
-from warmstart.worker.weights import SharedWeights
+from warmstart.worker import attach
+from warmstart.gpumem import vmm
+from warmstart.weights.client import SharedWeights
 
 
 def main() -> None:

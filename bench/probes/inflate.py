@@ -1,9 +1,9 @@
-"""Where inflating a compressed pages image (engine/imagezip.py) spends its time, on synthetic heap-like pages.
+"""Where inflating a compressed pages image (image/codec.py) spends its time, on synthetic heap-like pages.
 
     python3 bench/probes/inflate.py [--mb 800]
 
 Per thread count: zlib alone, copying into fresh pages of a tmpfs file (page faults), the same with
-MADV_HUGEPAGE, copying into anonymous memory, and imagezip.inflate itself.
+MADV_HUGEPAGE, copying into anonymous memory, and codec.inflate itself.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from warmstart.engine import imagezip  # noqa: E402
+from warmstart.image import cache, codec, inflated  # noqa: E402
 
-CH = imagezip.CHUNK
+CH = codec.CHUNK
 _MADV_HUGEPAGE = 14
 
 
@@ -88,10 +88,10 @@ def main() -> None:
             with open(src, "wb") as f:
                 for _ in range(n):
                     f.write(raw)
-            imagezip.compress(Path(d), 16, print)
+            codec.compress(Path(d), 16, print)
             t = time.perf_counter()
-            imagezip.inflate(Path(d) / "pages-1.img.z", Path("/dev/shm") / f"probe-{os.getpid()}", threads)
-            row["imagezip.inflate"] = f"{n * CH / (time.perf_counter() - t) / 1e9:.2f}"
+            codec.inflate(Path(d) / "pages-1.img.z", Path("/dev/shm") / f"probe-{os.getpid()}", threads)
+            row["codec.inflate"] = f"{n * CH / (time.perf_counter() - t) / 1e9:.2f}"
             os.unlink(Path("/dev/shm") / f"probe-{os.getpid()}")
         print(f"{threads:2d} threads: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
 

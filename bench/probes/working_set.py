@@ -33,7 +33,9 @@ import gpu  # noqa: E402  bench/gpu.py
 
 from warmstart import demo, registry  # noqa: E402
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR  # noqa: E402
-from warmstart.engine import checkpoint, readahead, workingset  # noqa: E402
+from warmstart.image import workingset  # noqa: E402
+from warmstart.pipeline import checkpoint
+from warmstart.image import readahead
 
 _PAGE = 4096
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from warmstart.engine.steps import Progress, quiet
+from warmstart.pipeline.steps import Progress, quiet
 from warmstart.errors import EnvironmentProblem, UsageError, WarmstartError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -53,7 +53,7 @@ def run(
 ) -> None:
     """Start a worker under management: `warmstart run --name W [--engine vllm] -- python -m ...`."""
     from warmstart import registry
-    from warmstart.engine import launch
+    from warmstart.pipeline import run as launch
 
     command = list(ctx.args)
     if not command:
@@ -81,7 +81,7 @@ def checkpoint(
 ) -> None:
     """Quiesce a worker, dump it with CRIU, and write a verified artifact."""
     from warmstart import registry
-    from warmstart.engine import checkpoint as pipeline
+    from warmstart.pipeline import checkpoint as pipeline
 
     if (name is None) == (pid is None):
         raise UsageError("name a worker or pass --pid, not both", "see `warmstart checkpoint --help`")
@@ -117,7 +117,7 @@ def restore(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Restore an artifact into fresh namespaces, once or as several replicas (or into a placeholder's)."""
-    from warmstart.engine import restore as pipeline
+    from warmstart.pipeline import restore as pipeline
 
     if into is not None:
         if replicas != 1 or port is not None:
@@ -168,7 +168,7 @@ def weights_status(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """What a weight service holds."""
-    from warmstart.worker import weights
+    from warmstart.weights import client as weights
 
     try:
         answer, _ = weights.request(socket_path, {"op": "status"}, timeout_s=10)
@@ -214,7 +214,7 @@ def inspect(
     """Show what an artifact holds and where it came from."""
     from warmstart.artifact import store
     from warmstart.artifact.manifest import SAVED_DIR
-    from warmstart.engine import workingset
+    from warmstart.image import workingset
 
     m = store.load(artifact)
     if verify:

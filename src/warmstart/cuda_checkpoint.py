@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def device_map(spec: str) -> dict[str, str]:
     """'OLD=NEW,OLD2=NEW2' -> {OLD: NEW, ...}, each side a GPU UUID."""
-    from warmstart.engine.cuda import uuid_bytes
+    from warmstart.gpu.driver import uuid_bytes
 
     out: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
@@ -75,7 +75,7 @@ def device_map(spec: str) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> str:
     """Do what the flags ask; return what to print on stdout."""
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     if args.pid is None or args.pid <= 0:
         raise UsageError("--pid is required", "pass --pid <pid of the CUDA process>")

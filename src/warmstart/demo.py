@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from warmstart import paths, registry
-from warmstart.engine import checkpoint, launch, restore
-from warmstart.engine.steps import Progress, quiet
+from warmstart.pipeline import checkpoint
+from warmstart.pipeline import run as launch
+from warmstart.pipeline import restore
+from warmstart.pipeline.steps import Progress, quiet
 from warmstart.errors import UsageError, WorkerError
 
 PROMPT = "The fastest way to start an inference worker is"

@@ -18,7 +18,7 @@ for i in range(mib):
 # Pages never written stay out of the image; a few holes make the pages image's layout less regular.
 for i in range(0, mib, 7):
     mem[(i << 20) + 4096:(i << 20) + 8192] = bytes(4096)
-# Runs of written zeros, long enough to be taken out of the image (engine/zeropages.py).
+# Runs of written zeros, long enough to be taken out of the image (image/zeropages.py).
 for i in range(0, mib, 5):
     mem[(i << 20) + (256 << 10):(i << 20) + (768 << 10)] = bytes(512 << 10)
 regions = [mem]

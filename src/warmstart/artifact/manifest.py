@@ -104,8 +104,8 @@ class Manifest(BaseModel):
     image_bytes: int = 0
     files: list[FileEntry] = Field(default_factory=list)
     working_set: list[FileRanges] = Field(default_factory=list)
-    zero_bytes_dropped: int = 0  # pages of zeros taken out of CRIU's image (engine/zeropages.py)
-    compressed_raw_bytes: int = 0  # pages images stored compressed (engine/imagezip.py): their raw size ...
+    zero_bytes_dropped: int = 0  # pages of zeros taken out of CRIU's image (image/zeropages.py)
+    compressed_raw_bytes: int = 0  # pages images stored compressed (image/codec.py): their raw size ...
     compressed_bytes: int = 0  # ... and what they take in the artifact
 
     def step_seconds(self) -> dict[str, float]:

@@ -94,7 +94,7 @@ class Agent:
                 self.busy.discard(uid)
 
     def checkpoint(self, pod: dict[str, Any], a: reconcile.Checkpoint) -> None:
-        from warmstart.engine import checkpoint as pipeline
+        from warmstart.pipeline import checkpoint as pipeline
 
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                 "metadata": {"name": a.name, "namespace": a.namespace,
@@ -133,7 +133,7 @@ class Agent:
         self.event(cr, KIND, "Checkpointed", f"{res.manifest.image_bytes / 1e6:.0f} MB in {seconds:.1f} s")
 
     def restore(self, pod: dict[str, Any], a: reconcile.Restore) -> None:
-        from warmstart.engine import restore as pipeline
+        from warmstart.pipeline import restore as pipeline
 
         t0 = time.monotonic()
         try:

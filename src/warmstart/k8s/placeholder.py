@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from warmstart.engine import seccomp
+from warmstart.criu import seccomp
 
 
 def run(command: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Plain tensors by their checkpoint names, no transformers modules (a smaller process to checkpoint). The
 cache is a fixed-size tensor the worker can release on quiesce and map again on resume (on GPU: a CUDA
-virtual-memory region, see warmstart.worker.region). Every decode step has static shapes (the attention
+virtual-memory region, see warmstart.gpumem.region). Every decode step has static shapes (the attention
 runs over the whole cache with a mask), so on GPU the one-token step is captured once as a CUDA graph and replayed; the prompt runs in one pass.
 """
 

@@ -2,7 +2,7 @@
 
 On GPU every tensor lives in one kept GpuRegion laid out as warmstart.weights.layout places the files, so on
 quiesce the weights leave the CUDA checkpoint for a file of the artifact (bf16 packed into 3/4 of the bytes)
-and come back at PCIe speed on resume (warmstart.worker.region). On CPU they are ordinary tensors.
+and come back at PCIe speed on resume (warmstart.gpumem.region). On CPU they are ordinary tensors.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def tokenizer(model_dir: str) -> Any:  # -> tokenizers.Tokenizer
 
 def weights(model_dir: str, device: str, dtype: str, pack: bool = True) -> tuple[dict[str, Any], Any]:
     """(name -> tensor, the GpuRegion holding them or None). pack: bf16 weights are saved packed
-    (warmstart.worker.bf16pack)."""
+    (warmstart.gpumem.bf16pack)."""
     import torch
 
     files = sorted(glob.glob(f"{model_dir}/*.safetensors"))
@@ -54,8 +54,9 @@ def weights(model_dir: str, device: str, dtype: str, pack: bool = True) -> tuple
 
 
 def _into_region(layout: Any, index: int, torch: Any, pack: bool) -> tuple[dict[str, Any], Any]:
-    from warmstart.worker import hostcopy, vmm
-    from warmstart.worker.region import GpuRegion
+    from warmstart.gpumem import hostcopy
+    from warmstart.gpumem import vmm
+    from warmstart.gpumem.region import GpuRegion
 
     region = GpuRegion(layout.size, index, keep=True, pack_bf16=pack)
     d = vmm.driver()

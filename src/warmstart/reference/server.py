@@ -45,7 +45,7 @@ class Engine:
         nbytes = max(kv_cache_mb << 20, need)
         self.region = None
         if device.startswith("cuda"):
-            from warmstart.worker.region import GpuRegion
+            from warmstart.gpumem.region import GpuRegion
 
             self.region = GpuRegion(nbytes, torch.device(device).index or 0)
             pool = self.region.tensor(torch)
@@ -61,7 +61,7 @@ class Engine:
         """Every tensor aliasing the weight service's memory: no load, no copy."""
         import glob
 
-        from warmstart.worker.weights import SharedWeights
+        from warmstart.weights.client import SharedWeights
 
         torch = self.torch
         self.weights = SharedWeights(socket_path, sorted(glob.glob(f"{model_dir}/*.safetensors")), device=device)

@@ -50,7 +50,7 @@ class CudaBacking:
     """GPU memory with an exportable handle, filled through pinned staging buffers on one copy stream."""
 
     def __init__(self, size: int, name: str, device: int) -> None:
-        from warmstart.worker import vmm
+        from warmstart.gpumem import vmm
 
         d = self._d = vmm.driver()
         self._ok = vmm.ok
@@ -93,7 +93,7 @@ class CudaBacking:
         try:
             if size != self.size:
                 raise ValueError(f"the worker's memory is {size} bytes, the weights take {self.size}")
-            from warmstart.worker import vmm
+            from warmstart.gpumem import vmm
 
             _, gran = vmm.device_memory(int(self.device.split(":")[1]))
             dst = int(self._ok(d.cuMemAddressReserve(size, gran, 0, 0), "cuMemAddressReserve"))

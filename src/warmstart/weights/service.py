@@ -253,7 +253,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def serve(socket_path: str, device: str) -> None:
     if device != "cpu":
         try:
-            from warmstart.worker import vmm
+            from warmstart.gpumem import vmm
 
             vmm.primary_context(int(device.split(":")[1]))
         except (ImportError, RuntimeError) as e:

@@ -4,7 +4,7 @@ The SDK sets it from the quiesce request and again from the resume request: a di
 the worker may write during `on_quiesce` and read during `on_resume` (the same files, by then in the finished
 artifact, checksummed with the rest). None when the worker must keep everything in its own memory, so in
 CRIU's image: a worker in a container does not see the artifact's path. Kept GPU regions save their contents
-here (warmstart.worker.region); any worker may put large state here too, under names of its own.
+here (warmstart.gpumem.region); any worker may put large state here too, under names of its own.
 """
 
 from __future__ import annotations

@@ -68,9 +68,9 @@ class Controller:
     def _ack(self, seq: int, op: str, error: str = "") -> None:
         ack = {"seq": seq, "op": op, "ok": not error, "error": error, "at": time.time()}
         if op == p.QUIESCE and not error:
-            from warmstart.worker import region  # no CUDA import: it only sums what its regions released
+            from warmstart.gpumem import region  # no CUDA import: it only sums what its regions released
 
-            from warmstart.worker import weights
+            from warmstart.weights import client as weights
 
             # Weights mapped from a weight service: the restore asks the service for them (by content hash).
             held = weights.held()

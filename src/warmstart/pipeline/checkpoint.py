@@ -16,12 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from warmstart import __version__, adapters, host, paths, procs, registry
+from warmstart import __version__, host, paths, procs, registry
+from warmstart.quiesce import engines
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, SHM_DIR, CriuSettings, Manifest, WeightsRef, WorkerIdentity
-from warmstart.engine import control, criu, gpu, imagezip, joinns, shm, workingset, zeropages
-from warmstart.adapters.base import Engine, Quiesced
-from warmstart.engine.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
+from warmstart.quiesce import control
+from warmstart.criu import binary as criu
+from warmstart.gpu import processes as gpu
+from warmstart.image import cache, codec, inflated
+from warmstart.replica import joinns
+from warmstart.criu import shm
+from warmstart.image import workingset
+from warmstart.image import zeropages
+from warmstart.quiesce.http import Engine, Quiesced
+from warmstart.pipeline.steps import Progress, Timer, check_interrupted, deferred_signals, quiet
 from warmstart.errors import WarmstartError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
@@ -88,7 +96,7 @@ def checkpoint(
         log_path=record.log if record else _log_path_of(pid),
         port=info.port if info else None,
     )
-    adapter = None if info else adapters.for_engine(identity.engine)
+    adapter = None if info else engines.for_engine(identity.engine)
     if adapter:
         # Refuse before anything changes: an engine that is not serving yet stays exactly as it was.
         port = identity.port = record.port if record and record.port else adapter.port(identity.command)
@@ -174,7 +182,7 @@ def checkpoint(
             packed = (0, 0)
             if os.environ.get("WARMSTART_COMPRESS", "1") != "0":
                 with timer.step("compress", "compressing the pages images"):
-                    packed = imagezip.compress(staging.images, os.cpu_count() or 1, progress, keep=staging.tmp / "raw")
+                    packed = codec.compress(staging.images, os.cpu_count() or 1, progress, keep=staging.tmp / "raw")
             if saved and not any(saved.iterdir()):
                 saved.rmdir()  # the worker saved nothing there
             if script:
@@ -249,9 +257,9 @@ def _cache_raw_images(raw: Path, manifest: Manifest) -> None:
         return
     keys = {f.path: f.sha256 for f in manifest.files}
     for p in raw.iterdir():
-        key = keys.get(f"{IMAGES_DIR}/{p.name}{imagezip.SUFFIX}")
+        key = keys.get(f"{IMAGES_DIR}/{p.name}{codec.SUFFIX}")
         if key:
-            imagezip.cache_raw(p, key)
+            cache.cache_raw(p, key)
     shutil.rmtree(raw, ignore_errors=True)
 
 
@@ -259,13 +267,13 @@ def _gpu_versions(cuda_pids: list[int]) -> dict[str, str | None]:
     """The manifest's driver_version and cuda_version; none for a CPU worker."""
     if not cuda_pids:
         return {}
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     return {"driver_version": cuda.driver_version(), "cuda_version": cuda.cuda_version()}
 
 
 def _gpu_state_is(pid: int, want: str) -> bool:
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     return cuda.state_name(pid) == want
 

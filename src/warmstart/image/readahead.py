@@ -4,7 +4,7 @@ CRIU reads its images as it restores; from a cold page cache its reads keep the 
 each small read it makes waits behind whatever else the disk has queued. When most of an image is not
 cached, restore starts these readers first: large reads in several threads, in the order the restore needs
 the bytes (`order`), so that CRIU finds them cached or already on their way (the page cache never reads a page
-twice). With the image: the parts of the libraries the worker had touched (engine/workingset.py), which CRIU
+twice). With the image: the parts of the libraries the worker had touched (image/workingset.py), which CRIU
 and the resumed worker would otherwise read a page at a time. After all that: the files the worker saved
 outside its image (kept GPU regions), which it reads once it runs again.
 """
@@ -24,12 +24,12 @@ _BUF = 8 << 20
 
 
 def pages_images(images: Path) -> list[Path]:
-    """CRIU's pages images, compressed or not (engine/imagezip.py): all but a few kilobytes of an image's bytes."""
+    """CRIU's pages images, compressed or not (image/codec.py): all but a few kilobytes of an image's bytes."""
     return sorted(p for p in images.glob("pages-*.img*") if _is_pages(p) and p.stat().st_size > 0)
 
 
 def _is_pages(p: Path) -> bool:
-    return p.match("pages-*.img") or p.match("pages-*.img.z")  # .z: engine/imagezip.py
+    return p.match("pages-*.img") or p.match("pages-*.img.z")  # .z: image/codec.py
 
 
 def resident_fraction(paths: list[Path]) -> float:

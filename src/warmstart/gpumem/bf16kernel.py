@@ -14,7 +14,8 @@ import sys
 import threading
 from typing import Any
 
-from warmstart.worker import bf16pack, vmm
+from warmstart.gpumem import bf16pack
+from warmstart.gpumem import vmm
 
 _SOURCE = rb"""
 // One thread per output word: two bf16 values from two low bytes and one byte of two 4-bit codes.

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmstart import procs
-from warmstart.engine import criu, shm
-from warmstart.engine.criu import Criu
+from warmstart.criu import binary as criu
+from warmstart.criu import shm
+from warmstart.criu.binary import Criu
 from warmstart.errors import EnvironmentProblem, StepFailed, UsageError, WarmstartError
 
 _CLONE_NEWNS = 0x00020000
@@ -77,7 +78,7 @@ class SandboxSpec:
     forwards: list[tuple[socket.socket, int]] = field(default_factory=list)  # (host listener, inner port)
     shm_src: Path | None = None  # the artifact's saved /dev/shm segments, copied into the replica's /dev/shm
     # (host directory, where CRIU reads it): images inflated into the host's /dev/shm, which the replica's own
-    # /dev/shm then hides, so they are bound elsewhere first (engine/imagezip.py)
+    # /dev/shm then hides, so they are bound elsewhere first (image/inflated.py)
     images: tuple[str, str] | None = None
     timeout_s: float = 120.0
 

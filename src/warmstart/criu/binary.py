@@ -126,7 +126,7 @@ def dump_args(pid: int, images: Path, log: Path, action_script: str | None = Non
         "--network-lock", "skip",
         # Removed files are saved as ghost files inside the image. A file held under a removed name that
         # another name still links gets a link_remap.N name instead: shm.used_by allows that only in
-        # /dev/shm, whose segments the action script saves into the artifact (see engine/shm.py).
+        # /dev/shm, whose segments the action script saves into the artifact (see criu/shm.py).
         "--ghost-limit", str(512 << 20), "--link-remap",
     ]
     if action_script:
@@ -169,7 +169,7 @@ _BENIGN = re.compile(r"RLIMIT_NOFILE|Restoring FAILED|Dumping FAILED")
 
 def explain(log_text: str) -> tuple[str, str]:
     """The first error CRIU logged, in words, with a fix where the pattern is known."""
-    # "warmstart: " lines come from warmstart's own action script (engine/shm.py), printed into CRIU's log.
+    # "warmstart: " lines come from warmstart's own action script (criu/shm.py), printed into CRIU's log.
     errors = [ln for ln in log_text.splitlines()
               if ("Error (" in ln or ln.startswith(("Error", "warmstart: "))) and not _BENIGN.search(ln)]
     first = errors[0].split("): ", 1)[-1].strip() if errors else "no error line in the log"

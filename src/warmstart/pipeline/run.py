@@ -14,8 +14,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from warmstart import adapters, paths, procs, registry
-from warmstart.engine import control, seccomp
+from warmstart import paths, procs, registry
+from warmstart.quiesce import engines
+from warmstart.quiesce import control
+from warmstart.criu import seccomp
 from warmstart.errors import UsageError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
@@ -39,8 +41,8 @@ def launch(name: str, command: list[str], engine: str = "plain", env: dict[str, 
     exe = shutil.which(command[0]) if "/" not in command[0] else command[0]
     if not exe or not os.access(exe, os.X_OK):
         raise UsageError(f"command not found: {command[0]}", "check the command and PATH")
-    adapters.check(engine)
-    adapter = adapters.for_engine(engine)
+    engines.check(engine)
+    adapter = engines.for_engine(engine)
     registry.claim(name)
     worker_dir, control_dir, log = prepare_dirs(name)
     full_env = {**os.environ, **(env or {}), **(adapter.env(worker_dir) if adapter else {}),
@@ -62,7 +64,7 @@ def launch(name: str, command: list[str], engine: str = "plain", env: dict[str, 
 
 def wait_ready(rec: WorkerRecord, timeout_s: float) -> control.WorkerInfo:
     """Wait until the worker is warm: an engine serves a completion, an SDK worker announces itself."""
-    adapter = adapters.for_engine(rec.engine)
+    adapter = engines.for_engine(rec.engine)
     if adapter and rec.port:
         try:
             adapter.wait_healthy(rec.port, timeout_s, alive=rec.alive)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from warmstart import procs
-from warmstart.engine import criu, shm
-from warmstart.engine.criu import Criu
-from warmstart.engine.sandbox import detach_fds, libc_check, mount, read_msg, send_error, send_msg
+from warmstart.criu import binary as criu
+from warmstart.criu import shm
+from warmstart.criu.binary import Criu
+from warmstart.replica.sandbox import detach_fds, libc_check, mount, read_msg, send_error, send_msg
 from warmstart.errors import StepFailed, UsageError, WarmstartError
 
 _CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000

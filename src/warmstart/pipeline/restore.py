@@ -16,13 +16,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from warmstart import adapters, host, paths, procs, registry
+from warmstart import host, paths, procs, registry
+from warmstart.quiesce import engines
 from warmstart.artifact import store
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, SHM_DIR, Manifest
-from warmstart.engine import control, criu, gpu, imagezip, joinns, launch, readahead, sandbox, workingset
-from warmstart.engine.readahead import Readahead
-from warmstart.engine.steps import Progress, quiet
-from warmstart.adapters.base import Engine, Quiesced
+from warmstart.quiesce import control
+from warmstart.criu import binary as criu
+from warmstart.gpu import processes as gpu
+from warmstart.image import cache, codec, inflated
+from warmstart.replica import joinns
+from warmstart.pipeline import run as launch
+from warmstart.image import readahead
+from warmstart.replica import sandbox
+from warmstart.image import workingset
+from warmstart.image.readahead import Readahead
+from warmstart.pipeline.steps import Progress, quiet
+from warmstart.quiesce.http import Engine, Quiesced
 from warmstart.errors import ArtifactError, IncompatibleArtifact, StepFailed, UsageError, WorkerError
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
@@ -47,7 +56,7 @@ class RestoreResult:
     verify_s: float
     replicas: list[ReplicaResult]
     seconds: float
-    inflate_s: float = 0.0  # inflating compressed pages images before CRIU (engine/imagezip.py)
+    inflate_s: float = 0.0  # inflating compressed pages images before CRIU (image/inflated.py)
 
 
 def _replica_names(base: str, count: int) -> list[str]:
@@ -70,7 +79,7 @@ def _prefetch_weights(m: Manifest, after: Readahead | None) -> Future | None:
     disk; the process restore needs the image first, and the weights are needed only at the end."""
     if not m.worker.weights:
         return None
-    from warmstart.worker import weights
+    from warmstart.weights import client as weights
 
     def load() -> None:
         if after:
@@ -121,7 +130,7 @@ class _Prepared:
     verify_s: float
     readahead: Readahead | None = None  # readers of an image that is not in the page cache, while CRIU runs
     weights: Future | None = None  # the weight services loading the worker's weights
-    inflated: imagezip.Inflated | None = None  # the image as CRIU reads it, if some of it is stored compressed
+    inflated: inflated.Inflated | None = None  # the image as CRIU reads it, if some of it is stored compressed
     inflate_s: float = 0.0
     replicas: int = 1
     criu_done: int = 0
@@ -132,13 +141,13 @@ class _Prepared:
         """Right before CRIU starts: the weights' load (after the image's readahead, if the image is read), and
         the compressed pages images inflated."""
         self.weights = _prefetch_weights(self.manifest, self.readahead)
-        if imagezip.compressed(self.artifact / IMAGES_DIR):
+        if codec.compressed(self.artifact / IMAGES_DIR):
             progress("inflating the compressed pages images")
             t = time.monotonic()
             try:
-                keys = {Path(f.path).name: f.sha256 for f in self.manifest.files if f.path.endswith(imagezip.SUFFIX)}
-                self.inflated = imagezip.Inflated(self.artifact / IMAGES_DIR, criu.read_threads(), keys)
-            except imagezip.ImageError as e:
+                keys = {Path(f.path).name: f.sha256 for f in self.manifest.files if f.path.endswith(codec.SUFFIX)}
+                self.inflated = inflated.Inflated(self.artifact / IMAGES_DIR, criu.read_threads(), keys)
+            except codec.ImageError as e:
                 raise ArtifactError(f"artifact {self.artifact}: {e}",
                                     "copy the artifact again or checkpoint again") from None
             except OSError as e:
@@ -236,7 +245,7 @@ def _prepare(artifact: Path, gpu_device: str | None, replicas: int, verify_cache
         raise
     w = manifest.worker
     return _Prepared(artifact, manifest, binary, gpu_map,
-                     adapters.for_engine(w.engine) if not w.sdk else None, _inner_port(manifest),
+                     engines.for_engine(w.engine) if not w.sdk else None, _inner_port(manifest),
                      t0, time.monotonic() - t0, readahead=ahead, replicas=replicas)
 
 

@@ -13,10 +13,10 @@
 Released memory is not in the CUDA checkpoint, and because the address never changes, tensors, views and
 captured CUDA graphs that point into the region stay valid across a checkpoint and restore. A kept region's
 contents go, when the checkpoint offers a directory for them (warmstart.worker.savedir), into a file of the
-artifact that every restored replica reads straight into GPU memory (warmstart.worker.filecopy).
+artifact that every restored replica reads straight into GPU memory (warmstart.gpumem.filecopy).
 Otherwise they go into the process's own memory, so into CRIU's image, and are copied back from there
-(warmstart.worker.hostcopy). Either way they come back faster than through the driver's restore. A region of bf16 values (model weights)
-may be packed into its file losslessly at 12 bits a value (warmstart.worker.bf16pack): fewer bytes to write,
+(warmstart.gpumem.hostcopy). Either way they come back faster than through the driver's restore. A region of bf16 values (model weights)
+may be packed into its file losslessly at 12 bits a value (warmstart.gpumem.bf16pack): fewer bytes to write,
 to read from a cold disk and to copy over PCIe.
 Needs cuda-bindings; on a CPU worker use an ordinary buffer instead.
 """
@@ -30,7 +30,10 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from warmstart.worker import filecopy, hostcopy, savedir, vmm
+from warmstart.worker import savedir
+from warmstart.gpumem import filecopy
+from warmstart.gpumem import hostcopy
+from warmstart.gpumem import vmm
 
 _regions: "weakref.WeakSet[GpuRegion]" = weakref.WeakSet()
 _serial = 0

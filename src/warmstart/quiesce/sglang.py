@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from warmstart.adapters.base import Engine, Quiesced, call, socket_dir
+from warmstart.quiesce.http import Engine, Quiesced, call, socket_dir
 
 
 class Sglang(Engine):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from warmstart.adapters.base import Engine
-from warmstart.adapters.sglang import Sglang
-from warmstart.adapters.vllm import Vllm
+from warmstart.quiesce.http import Engine
+from warmstart.quiesce.sglang import Sglang
+from warmstart.quiesce.vllm import Vllm
 from warmstart.errors import UsageError
 
 ADAPTERS: dict[str, type[Engine]] = {"vllm": Vllm, "sglang": Sglang}

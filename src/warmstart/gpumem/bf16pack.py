@@ -6,7 +6,7 @@ a few octaves. A packed piece keeps every low byte as it is and codes each high 
 and its exponent's offset from a base chosen for the piece); the rare value outside the 8 offsets is an
 escape, stored with its index. That is 12 bits per value instead of 16, three quarters of the bytes to write,
 read from disk and copy over PCIe. unpack() here is the reference, a dozen torch operations; a restore
-unpacks with one kernel launch per piece (warmstart.worker.bf16kernel).
+unpacks with one kernel launch per piece (warmstart.gpumem.bf16kernel).
 
 Any bytes round-trip: a piece that would not get smaller (not bf16, or too many escapes) is left raw.
 Layout of a packed piece of n bytes (n/2 values), little-endian:

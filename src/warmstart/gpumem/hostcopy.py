@@ -13,7 +13,7 @@ import mmap
 import time
 from typing import Any, Callable
 
-from warmstart.worker import vmm
+from warmstart.gpumem import vmm
 
 PIECE = 256 << 20
 _STREAMS = 4

@@ -17,7 +17,10 @@ import sys
 import threading
 from typing import Any, Callable, NamedTuple
 
-from warmstart.worker import bf16kernel, bf16pack, hostcopy, vmm
+from warmstart.gpumem import bf16kernel
+from warmstart.gpumem import bf16pack
+from warmstart.gpumem import hostcopy
+from warmstart.gpumem import vmm
 
 PIECE = 8 << 20
 READ_THREADS = 8
@@ -42,7 +45,7 @@ class Piece(NamedTuple):
 def save(ctx: Any, device_ptr: int, nbytes: int, path: str, *, packed_on: int | None = None,
          threads: int = WRITE_THREADS, piece: int = PIECE) -> None:
     """Write nbytes of GPU memory at device_ptr into a new file at path (removed again if this fails).
-    packed_on: the memory's device index, to pack it as bf16 (warmstart.worker.bf16pack; needs torch)."""
+    packed_on: the memory's device index, to pack it as bf16 (warmstart.gpumem.bf16pack; needs torch)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         if packed_on is None:

@@ -1,6 +1,6 @@
 """GPU steps of the pipelines: which processes of a tree use CUDA, and checkpointing them all or none.
 
-Decisions here are what to do with a tree; the driver calls themselves live in engine/cuda.py.
+Decisions here are what to do with a tree; the driver calls themselves live in gpu/driver.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from warmstart.artifact.manifest import GpuState
 from warmstart.errors import IncompatibleArtifact, UsageError
 
 if TYPE_CHECKING:
-    from warmstart.engine.cuda import Gpu
+    from warmstart.gpu.driver import Gpu
 
 
 def _opens_nvidia(pid: int) -> bool:
@@ -24,13 +24,13 @@ def cuda_pids(root_pid: int) -> list[int]:
     """CUDA processes of the tree; [] at once on hosts without an NVIDIA device."""
     if not Path("/dev/nvidiactl").exists():
         return []
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     return [p for p in procs.tree(root_pid) if _opens_nvidia(p) and cuda.is_cuda_process(p)]
 
 
 def describe(pids: list[int]) -> list[GpuState]:
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     usage = cuda.process_gpu_memory()
     names = {g.uuid: g.name for g in cuda.gpus()}
@@ -45,7 +45,7 @@ def describe(pids: list[int]) -> list[GpuState]:
 
 def suspend(pids: list[int], timeout_ms: int) -> None:
     """Lock every CUDA process, then checkpoint every one; on any failure put back what was done."""
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     locked: list[int] = []
     done: list[int] = []
@@ -62,7 +62,7 @@ def suspend(pids: list[int], timeout_ms: int) -> None:
 
 
 def resume(checkpointed: list[int], locked: list[int] | None = None, gpu_map: dict[str, str] | None = None) -> None:
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     remap = gpu_map if gpu_map and any(old != new for old, new in gpu_map.items()) else None
     for p in checkpointed:
@@ -164,7 +164,7 @@ def plan_here(states: list[GpuState], artifact_driver: str | None, requested: st
               remap_bytes: int = 0) -> dict[str, str]:
     if not [s for s in states if s.gpu_name]:
         return plan(states, [], artifact_driver=None, here_driver=None, requested=requested)  # no NVML needed
-    from warmstart.engine import cuda
+    from warmstart.gpu import driver as cuda
 
     return plan(states, cuda.gpus(), artifact_driver=artifact_driver, here_driver=cuda.driver_version(),
                 requested=requested, replicas=replicas, remap_bytes=remap_bytes)

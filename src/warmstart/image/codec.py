@@ -1,6 +1,6 @@
 """CRIU's large pages images, stored compressed and inflated into memory for each restore.
 
-Once its zero pages are out (engine/zeropages.py), what is left of a CUDA worker's pages image still
+Once its zero pages are out (image/zeropages.py), what is left of a CUDA worker's pages image still
 compresses well: zlib at level 1 keeps a fifth of the 1.1B reference worker's 0.84 GB (the driver's copy of
 GPU memory and the Python heap hold much that repeats). A cold restore waits on the disk, and inflating on
 several cores is faster than reading the bytes saved. CRIU reads its images itself, so a restore inflates them
@@ -34,17 +34,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import re
-import shutil
 import struct
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from warmstart import procs
-from warmstart.engine import readahead
 
 MAGIC = b"WSZPAGE1"
 SUFFIX = ".z"
@@ -54,10 +49,6 @@ _WORTH = 0.5  # an image is stored compressed only if it shrinks to this fractio
 _CHUNK_WORTH = 0.7  # a chunk is compressed only if its samples shrink to this fraction or less
 _SAMPLE = 16384  # bytes of each of a chunk's four samples
 _HEAD = struct.Struct("<8sQII")
-CACHE_KEEP = 8
-_CACHED = 0.5  # a raw image at least this much in the page cache is used as it is
-_SPARE = 256 << 20  # room left in a memory file system after the inflated images
-_KEY = re.compile(r"^[0-9a-f]{64}$")  # a SHA-256 in hex: the manifest names cached raw images, nothing else
 
 
 class ImageError(ValueError):
@@ -221,127 +212,3 @@ def raw_size(src: Path) -> int:
         return _layout(fd, src.name)[0]
     finally:
         os.close(fd)
-
-
-def cache_dir() -> Path | None:
-    """The cache of raw images, created if missing; None if it cannot be, or others could write to it."""
-    d = Path(os.environ.get("WARMSTART_IMAGE_CACHE", "/var/cache/warmstart/images"))
-    try:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = d.stat()
-    except OSError:
-        return None
-    return d if st.st_uid == os.geteuid() and not st.st_mode & 0o022 else None
-
-
-def cache_raw(raw: Path, key: str) -> None:
-    """Move a raw image the checkpoint compressed into the cache, as the image whose checksum is `key`; where
-    the cache is unusable or on another file system, the raw image is removed."""
-    d = cache_dir() if _KEY.match(key) else None
-    try:
-        if d:
-            os.replace(raw, d / f"{key}.img")
-            _prune(d)
-    except OSError:
-        pass
-    raw.unlink(missing_ok=True)
-
-
-def _copy_into_cache(raw: Path, key: str) -> None:
-    """Copy an image a restore inflated into the cache, as the image whose checksum is `key`; nothing if the
-    cache is unusable or the copy fails (a restore does not depend on it)."""
-    d = cache_dir() if _KEY.match(key) else None
-    if not d:
-        return
-    tmp = d / f".{key}-{os.getpid()}.tmp"
-    try:
-        shutil.copyfile(raw, tmp)
-        os.replace(tmp, d / f"{key}.img")
-        _prune(d)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-
-
-def _prune(d: Path) -> None:
-    images = sorted(d.glob("*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in images[CACHE_KEEP:]:
-        p.unlink(missing_ok=True)
-    for p in d.glob(".*.tmp"):  # copies that a killed restore left half done
-        pid = p.name[:-len(".tmp")].rsplit("-", 1)[-1]
-        if pid.isdigit() and not procs.alive(int(pid)):
-            p.unlink(missing_ok=True)
-
-
-def _cached(key: str | None, size: int) -> Path | None:
-    """The cache's raw image for this checksum, if it is there and in the page cache."""
-    d = cache_dir() if key and _KEY.match(key) else None
-    if not d:
-        return None
-    cached = d / f"{key}.img"
-    try:
-        if cached.stat().st_size == size and readahead.resident_fraction([cached]) >= _CACHED:
-            os.utime(cached)  # recently used: pruned last
-            return cached
-    except OSError:
-        pass
-    return None
-
-
-def memory_dir(need: int) -> Path:
-    """Where to inflate `need` bytes: /dev/shm (memory) if it has the room, else the temporary directory."""
-    try:
-        st = os.statvfs("/dev/shm")
-        if st.f_bavail * st.f_frsize >= need + _SPARE:
-            return Path("/dev/shm")
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir())
-
-
-_PREFIX = "warmstart-images-"
-
-
-def _remove_stale(where: Path) -> None:
-    """Directories that restores killed before they could clean up left here (their pid is gone)."""
-    for d in where.glob(f"{_PREFIX}*-*"):
-        pid = d.name[len(_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not procs.alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-class Inflated:
-    """A directory of what CRIU reads of an image: links to its files, to the cached raw images of compressed
-    ones, and the others inflated. `keys` names each compressed image's checksum (the manifest's). Removed by
-    `remove` (idempotent)."""
-
-    def __init__(self, images: Path, threads: int, keys: dict[str, str]) -> None:
-        self._fresh: dict[Path, str] = {}  # the images inflated here, and their checksums
-        zipped = {z: raw_size(z) for z in compressed(images)}
-        cached = {z: _cached(keys.get(z.name), size) for z, size in zipped.items()}
-        need = sum(size for z, size in zipped.items() if not cached[z])
-        where = memory_dir(need)
-        _remove_stale(where)
-        self.path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where))
-        try:
-            for p in images.iterdir():
-                if p not in zipped:
-                    (self.path / p.name).symlink_to(p)
-            for z, raw in cached.items():
-                if raw:
-                    (self.path / z.name[: -len(SUFFIX)]).symlink_to(raw)
-                else:
-                    inflate(z, self.path / z.name[: -len(SUFFIX)], threads)
-                    if keys.get(z.name):
-                        self._fresh[self.path / z.name[: -len(SUFFIX)]] = keys[z.name]
-        except BaseException:
-            self.remove()
-            raise
-
-    def remove(self, keep: bool = False) -> None:
-        """The directory goes. With `keep` (only once CRIU has read the images: their checksums were verified
-        before they were inflated), the images inflated here are copied into the cache first."""
-        if keep:
-            for raw, key in self._fresh.items():
-                _copy_into_cache(raw, key)
-            self._fresh.clear()
-        shutil.rmtree(self.path, ignore_errors=True)

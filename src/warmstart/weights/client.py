@@ -22,7 +22,7 @@ import weakref
 from typing import Any
 
 from warmstart.weights.layout import Layout
-from warmstart.worker import vmm
+from warmstart.gpumem import vmm
 
 _all: "weakref.WeakSet[SharedWeights]" = weakref.WeakSet()
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -1,1 +1,0 @@
-"""The machinery under the pipelines: CRIU, CUDA, namespaces, launching workers."""

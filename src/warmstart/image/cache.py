@@ -1,0 +1,86 @@
+"""The raw-image cache: uncompressed pages images on disk, named by their compressed file's SHA-256.
+
+The checkpoint moves its raw images here (WARMSTART_IMAGE_CACHE, default /var/cache/warmstart/images); a
+restore on the same node links one that is still in the page cache instead of inflating it, and a restore
+that inflated an image copies it here once CRIU has read it. The newest CACHE_KEEP images are kept. The cache
+is used only while it belongs to this user and no one else can write to it, and only a SHA-256 names an
+entry, so a manifest cannot point a restore at any other file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from warmstart import procs
+from warmstart.image import readahead
+
+CACHE_KEEP = 8
+_CACHED = 0.5  # a raw image at least this much in the page cache is used as it is
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def cache_dir() -> Path | None:
+    """The cache of raw images, created if missing; None if it cannot be, or others could write to it."""
+    d = Path(os.environ.get("WARMSTART_IMAGE_CACHE", "/var/cache/warmstart/images"))
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = d.stat()
+    except OSError:
+        return None
+    return d if st.st_uid == os.geteuid() and not st.st_mode & 0o022 else None
+
+
+def cache_raw(raw: Path, key: str) -> None:
+    """Move a raw image the checkpoint compressed into the cache, as the image whose checksum is `key`; where
+    the cache is unusable or on another file system, the raw image is removed."""
+    d = cache_dir() if _KEY.match(key) else None
+    try:
+        if d:
+            os.replace(raw, d / f"{key}.img")
+            _prune(d)
+    except OSError:
+        pass
+    raw.unlink(missing_ok=True)
+
+
+def copy_into_cache(raw: Path, key: str) -> None:
+    """Copy an image a restore inflated into the cache, as the image whose checksum is `key`; nothing if the
+    cache is unusable or the copy fails (a restore does not depend on it)."""
+    d = cache_dir() if _KEY.match(key) else None
+    if not d:
+        return
+    tmp = d / f".{key}-{os.getpid()}.tmp"
+    try:
+        shutil.copyfile(raw, tmp)
+        os.replace(tmp, d / f"{key}.img")
+        _prune(d)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _prune(d: Path) -> None:
+    images = sorted(d.glob("*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in images[CACHE_KEEP:]:
+        p.unlink(missing_ok=True)
+    for p in d.glob(".*.tmp"):  # copies that a killed restore left half done
+        pid = p.name[:-len(".tmp")].rsplit("-", 1)[-1]
+        if pid.isdigit() and not procs.alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def cached(key: str | None, size: int) -> Path | None:
+    """The cache's raw image for this checksum, if it is there and in the page cache."""
+    d = cache_dir() if key and _KEY.match(key) else None
+    if not d:
+        return None
+    path = d / f"{key}.img"
+    try:
+        if path.stat().st_size == size and readahead.resident_fraction([path]) >= _CACHED:
+            os.utime(path)  # recently used: pruned last
+            return path
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,79 @@
+"""A restore's view of an image: a directory CRIU reads, with compressed pages images inflated into memory.
+
+Links to the artifact's other files and to cached raw images (image/cache.py), and the rest inflated into
+/dev/shm (or the temporary directory when /dev/shm lacks room). Directories that killed restores left behind
+are found by their dead pid and removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from warmstart import procs
+from warmstart.image import cache
+from warmstart.image.codec import SUFFIX, compressed, inflate, raw_size
+
+_SPARE = 256 << 20  # room left in a memory file system after the inflated images
+
+
+def memory_dir(need: int) -> Path:
+    """Where to inflate `need` bytes: /dev/shm (memory) if it has the room, else the temporary directory."""
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize >= need + _SPARE:
+            return Path("/dev/shm")
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
+
+
+_PREFIX = "warmstart-images-"
+
+
+def _remove_stale(where: Path) -> None:
+    """Directories that restores killed before they could clean up left here (their pid is gone)."""
+    for d in where.glob(f"{_PREFIX}*-*"):
+        pid = d.name[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not procs.alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class Inflated:
+    """A directory of what CRIU reads of an image: links to its files, to the cached raw images of compressed
+    ones, and the others inflated. `keys` names each compressed image's checksum (the manifest's). Removed by
+    `remove` (idempotent)."""
+
+    def __init__(self, images: Path, threads: int, keys: dict[str, str]) -> None:
+        self._fresh: dict[Path, str] = {}  # the images inflated here, and their checksums
+        zipped = {z: raw_size(z) for z in compressed(images)}
+        cached = {z: cache.cached(keys.get(z.name), size) for z, size in zipped.items()}
+        need = sum(size for z, size in zipped.items() if not cached[z])
+        where = memory_dir(need)
+        _remove_stale(where)
+        self.path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where))
+        try:
+            for p in images.iterdir():
+                if p not in zipped:
+                    (self.path / p.name).symlink_to(p)
+            for z, raw in cached.items():
+                if raw:
+                    (self.path / z.name[: -len(SUFFIX)]).symlink_to(raw)
+                else:
+                    inflate(z, self.path / z.name[: -len(SUFFIX)], threads)
+                    if keys.get(z.name):
+                        self._fresh[self.path / z.name[: -len(SUFFIX)]] = keys[z.name]
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self, keep: bool = False) -> None:
+        """The directory goes. With `keep` (only once CRIU has read the images: their checksums were verified
+        before they were inflated), the images inflated here are copied into the cache first."""
+        if keep:
+            for raw, key in self._fresh.items():
+                cache.copy_into_cache(raw, key)
+            self._fresh.clear()
+        shutil.rmtree(self.path, ignore_errors=True)
