@@ -26,7 +26,7 @@ from warmstart import demo, paths, registry
 from warmstart.artifact.manifest import SAVED_DIR
 from warmstart.pipeline import checkpoint
 from warmstart.criu import binary as criu
-from warmstart.pipeline import run as launch
+from warmstart.pipeline import run
 from warmstart.pipeline import restore
 from warmstart.image import workingset
 from warmstart.errors import UsageError
@@ -138,10 +138,10 @@ def cold_start(key: str, model_dir: Path, name: str, pack: bool) -> tuple[dict, 
     port = free_port()
     cold_cache = drop_caches()
     t0 = time.monotonic()
-    rec = launch.launch(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port), "--model",
+    rec = run.start(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port), "--model",
                                str(model_dir), "--device", "cuda", "--kv-cache-mb", str(KV_MB[key]),
                                "--max-len", "256", *([] if pack else ["--no-pack"])], engine="reference")
-    launch.wait_ready(rec, 600)
+    run.wait_ready(rec, 600)
     demo.complete(port, PROMPT, 1, timeout_s=300)
     cold = time.monotonic() - t0
     return {"cold_start_to_first_token_s": round(cold, 2), "cold_page_cache": cold_cache}, port
@@ -222,7 +222,7 @@ def restore_once(art: Path, name: str, cold: bool, replicas: int, want: str, env
                                 "first_token_s": round(first, 2), "one_token_request_s": round(time.monotonic() - ft, 3),
                                 "tokens_match": text == want})
     for r, rep in zip(rr.replicas, out["replicas"]):
-        log = paths.worker_dir(r.name) / launch.LOG
+        log = paths.worker_dir(r.name) / run.LOG
         log_lines = log.read_text(errors="replace").splitlines() if log.exists() else []
         rep["worker_resume"] = next((ln for ln in reversed(log_lines) if ln.startswith("resume:")), None)
         criu_log = paths.worker_dir(r.name) / "restore.log"

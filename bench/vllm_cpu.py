@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from warmstart import registry  # noqa: E402
 from warmstart.quiesce import engines  # noqa: E402
-from warmstart.pipeline import run as launch  # noqa: E402
+from warmstart.pipeline import run  # noqa: E402
 from warmstart.pipeline import checkpoint
 from warmstart.reference import model  # noqa: E402
 
@@ -87,7 +87,7 @@ def main() -> None:
            "--kv-cache-memory-bytes", str(args.kv_mib << 20)]
     drop_caches()
     t0 = time.monotonic()
-    rec = launch.launch("vllm", cmd, engine="vllm")
+    rec = run.start("vllm", cmd, engine="vllm")
     expected, t_first = first_completion(port)
     cold_start = t_first - t0
     print(f"cold start to first completion: {cold_start:.1f} s", flush=True)

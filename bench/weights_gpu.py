@@ -26,7 +26,7 @@ from gpu import KV_MB, PROMPT, SHAPES, TOKENS, drop_caches, ensure_model, free_p
 from warmstart import demo, registry  # noqa: E402
 from warmstart.pipeline import restore  # noqa: E402
 from warmstart.pipeline import checkpoint
-from warmstart.pipeline import run as launch
+from warmstart.pipeline import run
 from warmstart.weights import client as weights  # noqa: E402
 
 
@@ -89,10 +89,10 @@ def main() -> None:
         drop_caches()
         port = free_port()
         t0 = time.monotonic()
-        rec = launch.launch(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port), "--model",
+        rec = run.start(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port), "--model",
                                    str(model_dir), "--device", "cuda", "--kv-cache-mb", str(KV_MB[key]),
                                    "--max-len", "256", "--weights-socket", str(svc.sock)], engine="reference")
-        launch.wait_ready(rec, 900)
+        run.wait_ready(rec, 900)
         demo.complete(port, PROMPT, 1, timeout_s=300)
         res["cold_start_to_first_token_s"] = round(time.monotonic() - t0, 2)
         res["service_load_cold_disk_s"] = svc.load_s()

@@ -13,7 +13,7 @@ import pytest
 from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, kept_image, wait_http
 from warmstart import demo
 from warmstart.criu import binary as criu
-from warmstart.image import cache, codec, inflated
+from warmstart.image import codec, inflated
 from warmstart.image import readahead
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]

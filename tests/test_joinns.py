@@ -13,8 +13,8 @@ import pytest
 
 from conftest import (COUNTER, REPO, SAVED_STATE, WARMSTART, cli, evict_pages, free_port, get_when_up, http_get,
                       kept_image, one_error_line, wait_http)
-from warmstart import procs
-from warmstart.image import cache, codec, inflated
+from warmstart import linux, procs
+from warmstart.image import codec
 from warmstart.replica import joinns
 
 pytestmark = [pytest.mark.criu]
@@ -53,7 +53,7 @@ def test_restore_into_placeholder_namespaces(need_criu, home: Path, tmp_path: Pa
     assert procs.children(placeholder) == [wpid]  # the placeholder is its parent: no namespace was created
     for kind in ("pid", "mnt", "net", "ipc", "uts"):
         assert _ns(wpid, kind) == _ns(placeholder, kind), kind
-    n, b, _ = joinns.in_network_of(placeholder, lambda: http_get(port)).split()
+    n, b, _ = linux.in_network_of(placeholder, lambda: http_get(port)).split()
     assert b == boot and int(n) > 0  # the counter's state survived, served inside the pod's network
     with pytest.raises(OSError):
         http_get(port, timeout=2)  # and not in the host's
@@ -83,7 +83,7 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
     r = cli("restore", str(tmp_path / "art"), "--into", str(placeholder), "--name", "mem-in", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["inflate_s"] > 0
-    assert joinns.in_network_of(placeholder, lambda: http_get(port)).split() == [want, want]
+    assert linux.in_network_of(placeholder, lambda: http_get(port)).split() == [want, want]
     assert set(Path("/dev/shm").iterdir()) <= before  # the inflated image went once CRIU had read it
     assert kept_image(tmp_path / "art").is_file()  # kept for the next restore on this node
     assert cli("stop", "mem-in").returncode == 0
@@ -104,12 +104,12 @@ def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path,
             worker = kids[0] if kids else None
             time.sleep(0.05)
         assert worker and procs.nspid(worker)[-1] != worker  # nested: not the host's view
-        boot = joinns.in_network_of(worker, lambda: get_when_up(port)).split()[1]
+        boot = linux.in_network_of(worker, lambda: get_when_up(port)).split()[1]
         r = cli("checkpoint", "--pid", str(worker), "-o", str(tmp_path / "art"))
         assert r.returncode == 0, r.stderr
         r = cli("restore", str(tmp_path / "art"), "--into", str(placeholder), "--name", "moved", "--json")
         assert r.returncode == 0, r.stderr
-        n, b, _ = joinns.in_network_of(placeholder, lambda: http_get(port)).split()
+        n, b, _ = linux.in_network_of(placeholder, lambda: http_get(port)).split()
         assert b == boot
     finally:
         src.kill()

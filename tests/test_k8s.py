@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import COUNTER, REPO, WARMSTART, free_port, get_when_up, http_get
-from warmstart import procs
+from warmstart import linux, procs
 from warmstart.k8s import containers, reconcile
 from warmstart.k8s.resources import CheckpointSpec, Storage, condition
 
@@ -362,7 +362,6 @@ def _pod(fixture: str, cid: str, **annotations: str) -> dict:
 @pytest.mark.criu
 def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_criu, home: Path,
                                                                           tmp_path: Path) -> None:
-    from warmstart.replica import joinns
 
     api = MemoryApi({})
     agent = _agent(api, tmp_path / "artifacts")
@@ -371,7 +370,7 @@ def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_c
     src_cid, dst_cid, bad_cid = "5a" * 32, "6b" * 32, "7c" * 32
     with container(src_cid, f"exec {ws} placeholder -- {sys.executable} {COUNTER} {port}"):
         worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
-        boot = joinns.in_network_of(worker, lambda: get_when_up(port)).split()[1]
+        boot = linux.in_network_of(worker, lambda: get_when_up(port)).split()[1]
         source = _pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"})
         agent.handle(source)
         ckpt = api.checkpoints["llama-8b"]
@@ -379,7 +378,7 @@ def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_c
         assert ckpt["status"]["sizeBytes"] > 0 and ckpt["status"]["node"] == NODE
         assert (tmp_path / "artifacts" / ckpt["status"]["artifact"] / "manifest.json").is_file()
         assert [e.reason for e in api.events] == ["Checkpointing", "Checkpointed"]
-        assert joinns.in_network_of(worker, lambda: http_get(port)).split()[1] == boot  # source still serving
+        assert linux.in_network_of(worker, lambda: http_get(port)).split()[1] == boot  # source still serving
         agent.handle(source)  # once per Checkpoint name
         assert len(api.events) == 2
 
@@ -389,7 +388,7 @@ def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_c
             cond = api.pod_conditions[target["metadata"]["name"]][-1]
             assert (cond["type"], cond["status"]) == ("warmstart.dev/restored", "True"), cond
             ph = containers.init_pid(f"containerd://{dst_cid}")
-            assert joinns.in_network_of(ph, lambda: http_get(port)).split()[1] == boot
+            assert linux.in_network_of(ph, lambda: http_get(port)).split()[1] == boot
 
         wrong = _pod("target-pod", bad_cid)
         wrong["metadata"]["name"] = "wrong-image"
@@ -425,14 +424,13 @@ def test_agent_marks_a_checkpoint_on_a_full_volume_failed_and_leaves_the_source_
         port = free_port()
         with container(src_cid, f"exec {' '.join(WARMSTART)} placeholder -- {sys.executable} {COUNTER} {port}"):
             worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
-            from warmstart.replica import joinns
 
-            before = joinns.in_network_of(worker, lambda: get_when_up(port)).split()
+            before = linux.in_network_of(worker, lambda: get_when_up(port)).split()
             agent.handle(_pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"}))
             st = api.checkpoints["llama-8b"]["status"]
             assert st["phase"] == "Failed" and st["reason"], st
             assert api.events[-1].reason == "CheckpointFailed" and api.events[-1].type == "Warning"
-            after = joinns.in_network_of(worker, lambda: http_get(port)).split()
+            after = linux.in_network_of(worker, lambda: http_get(port)).split()
             assert after[1] == before[1] and int(after[0]) > int(before[0])  # the source kept serving
             assert not [p for p in vol.rglob("*") if p.is_file()]  # nothing half-written left
     finally:

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, cli, free_port
 from warmstart import procs, registry
 from warmstart.quiesce import engines
-from warmstart.pipeline import run as launch
+from warmstart.pipeline import run
 from warmstart.reference import model
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -60,7 +60,7 @@ def test_vllm_server_round_trip_and_two_replicas(need_criu, need_vllm, home: Pat
     source = registry.get("vllm")
     assert source.alive()
 
-    launch.wait_ready(source, 600)
+    run.wait_ready(source, 600)
     expected = vllm.complete(port, PROMPT)
     assert expected and vllm.complete(port, PROMPT) == expected  # greedy: repeatable
 

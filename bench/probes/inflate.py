@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from warmstart.image import cache, codec, inflated  # noqa: E402
+from warmstart.image import codec  # noqa: E402
 
 CH = codec.CHUNK
 _MADV_HUGEPAGE = 14

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from warmstart.pipeline.steps import Progress, quiet
+from warmstart import config
 from warmstart.errors import EnvironmentProblem, UsageError, WarmstartError
+from warmstart.pipeline.steps import Progress, quiet
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Checkpoint warm inference workers and restore them, many times, in seconds.")
@@ -43,7 +43,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Name for the worker (default: the program's name)."),
+    name: str | None = typer.Option(None, "--name", "-n", help="Name for the worker (default: the program's name)."),
     engine: str = typer.Option("plain", help="plain (any command), vllm or sglang: how warmstart checks, "
                                "quiesces and resumes it (docs/engines/)."),
     wait: bool = typer.Option(False, "--wait", help="Wait until the worker is warm (an engine serves a completion, "
@@ -52,26 +52,21 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Start a worker under management: `warmstart run --name W [--engine vllm] -- python -m ...`."""
-    from warmstart import registry
-    from warmstart.pipeline import run as launch
+    from warmstart import api
 
-    command = list(ctx.args)
-    if not command:
-        raise UsageError("no command to run", "pass it after --, e.g. `warmstart run -- python server.py`")
-    default = engine if engine not in ("plain", "reference") else Path(command[0]).name.lower()
-    rec = launch.launch(name or registry.free_name(default), command, engine=engine)
-    info = launch.wait_ready(rec, timeout) if wait else None
+    rec = api.run(name, list(ctx.args), engine=engine, wait=wait, timeout_s=timeout)
+    port = rec.port if wait else None
     if json_out:
-        _emit({"name": rec.name, "pid": rec.pid, "log": rec.log, "port": info.port if info else None})
+        _emit({"name": rec.name, "pid": rec.pid, "log": rec.log, "port": port})
     else:
         out.print(f"started [bold]{rec.name}[/bold] (pid {rec.pid}); log: {rec.log}"
-                  + (f"; ready on port {info.port}" if info and info.port else ""))
+                  + (f"; ready on port {port}" if port else ""))
 
 
 @app.command()
 def checkpoint(
-    name: Optional[str] = typer.Argument(None, help="A worker started with `warmstart run`."),
-    pid: Optional[int] = typer.Option(None, "--pid", help="Checkpoint any process tree by its root pid instead."),
+    name: str | None = typer.Argument(None, help="A worker started with `warmstart run`."),
+    pid: int | None = typer.Option(None, "--pid", help="Checkpoint any process tree by its root pid instead."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
     leave_running: bool = typer.Option(False, "--leave-running", help="Keep the worker serving afterwards."),
     timeout: float = typer.Option(30.0, help="Seconds to wait for the worker to quiesce (and for the GPU lock)."),
@@ -80,16 +75,13 @@ def checkpoint(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quiesce a worker, dump it with CRIU, and write a verified artifact."""
-    from warmstart import registry
-    from warmstart.pipeline import checkpoint as pipeline
+    from warmstart import api
 
     if (name is None) == (pid is None):
         raise UsageError("name a worker or pass --pid, not both", "see `warmstart checkpoint --help`")
-    rec = registry.get(name) if name else None
-    if rec and not rec.alive():
-        raise UsageError(f"worker {name!r} is not running", "start it again with `warmstart run`")
-    result = pipeline.checkpoint(rec.pid if rec else pid, output, record=rec, leave_running=leave_running,
-                                 quiesce_timeout_s=timeout, quiesce=not no_quiesce, progress=_progress(json_out))
+    worker: str | int = name if name is not None else pid  # type: ignore[assignment]
+    result = api.checkpoint(worker, output, leave_running=leave_running, timeout_s=timeout,
+                            quiesce=not no_quiesce, progress=_progress(json_out))
     m = result.manifest
     if json_out:
         _emit({"artifact": str(result.artifact), "checkpoint_s": round(result.seconds, 3),
@@ -106,28 +98,28 @@ def checkpoint(
 @app.command()
 def restore(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `warmstart checkpoint`."),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Replica name (with --replicas K: NAME-0 ...)."),
+    name: str | None = typer.Option(None, "--name", "-n", help="Replica name (with --replicas K: NAME-0 ...)."),
     replicas: int = typer.Option(1, "--replicas", "-k", min=1, help="How many replicas to restore side by side."),
-    port: Optional[int] = typer.Option(None, "--port", "-p", help="Host port of replica 0 (then P+1, ...); default: free ports."),
+    port: int | None = typer.Option(None, "--port", "-p",
+                                    help="Host port of replica 0 (then P+1, ...); default: free ports."),
     timeout: float = typer.Option(120.0, help="Seconds before an unfinished restore is abandoned and cleaned up."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU index or UUID to restore onto "
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU index or UUID to restore onto "
                                       "(default: the one it was on, else the first of its model with room)."),
-    into: Optional[int] = typer.Option(None, "--into", help="Restore into the namespaces of this running process "
+    into: int | None = typer.Option(None, "--into", help="Restore into the namespaces of this running process "
                                        "(a placeholder container's first process) instead of new ones."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Restore an artifact into fresh namespaces, once or as several replicas (or into a placeholder's)."""
-    from warmstart.pipeline import restore as pipeline
+    from warmstart import api
 
     if into is not None:
         if replicas != 1 or port is not None:
             raise UsageError("--into restores one replica, reached in the target's own network",
                              "drop --replicas and --port, or drop --into")
-        result = pipeline.restore_into(artifact, into, name=name, timeout_s=timeout, gpu_device=gpu,
-                                       progress=_progress(json_out))
+        result = api.restore_into(artifact, into, name=name, timeout_s=timeout, gpu=gpu, progress=_progress(json_out))
     else:
-        result = pipeline.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout,
-                                  gpu_device=gpu, progress=_progress(json_out))
+        result = api.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout, gpu=gpu,
+                             progress=_progress(json_out))
     if json_out:
         _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
                "inflate_s": round(result.inflate_s, 3),
@@ -252,9 +244,9 @@ def inspect(
 @app.command()
 def ps(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """List managed workers and restored replicas."""
-    from warmstart import registry
+    from warmstart import api
 
-    recs = registry.all_records()
+    recs = api.workers()
     if json_out:
         _emit({"workers": [{**r.model_dump(), "alive": r.alive()} for r in recs]})
         return
@@ -270,9 +262,9 @@ def ps(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) ->
 @app.command()
 def stop(name: str = typer.Argument(..., help="Worker or replica name (see `warmstart ps`).")) -> None:
     """Stop a worker or replica (SIGTERM, then SIGKILL) and forget it."""
-    from warmstart import registry
+    from warmstart import api
 
-    registry.stop(name)
+    api.stop(name)
     out.print(f"stopped {name}")
 
 
@@ -295,7 +287,7 @@ def demo(
     t.add_row("cold start to first completion", f"{r.cold_start_s:.2f} s")
     t.add_row("checkpoint (quiesce + dump + checksums)", f"{r.checkpoint_s:.2f} s")
     t.add_row("image size", f"{r.image_bytes / 1e6:.1f} MB")
-    for i, (ready, first) in enumerate(zip(r.restore_ready_s_each, r.first_completion_s_each)):
+    for i, (ready, first) in enumerate(zip(r.restore_ready_s_each, r.first_completion_s_each, strict=True)):
         t.add_row(f"restore replica {i} to ready", f"{ready:.2f} s")
         t.add_row(f"restore replica {i} to first completion", f"{first:.2f} s")
     t.add_row("speed-up (cold start / restore)", f"{r.cold_start_s / r.restore_ready_s:.1f}x")
@@ -314,37 +306,41 @@ def cuda_checkpoint_cmd(ctx: typer.Context) -> None:
     raise typer.Exit(cuda_checkpoint.main(list(ctx.args)))
 
 
+def _exit_code(e: BaseException, debug: bool) -> int:
+    """The one line a failure prints, and its exit code (docs/cli.md)."""
+    if isinstance(e, WarmstartError):
+        if debug:
+            traceback.print_exc()
+        err.print(f"[red]error:[/red] {e.line()}", highlight=False, soft_wrap=True)
+        return e.exit_code
+    if isinstance(e, click.exceptions.Exit):
+        return e.exit_code
+    if isinstance(e, click.exceptions.Abort | KeyboardInterrupt):
+        err.print("[red]interrupted[/red]")
+        return 130
+    if isinstance(e, click.ClickException):
+        e.show()
+        return 2
+    if isinstance(e, SystemExit):
+        raise e
+    if debug:
+        traceback.print_exc()
+    err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} — rerun with --debug and report it",
+              highlight=False, soft_wrap=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None and Path(sys.argv[0]).name == "cuda-checkpoint":
         from warmstart import cuda_checkpoint  # installed or linked under NVIDIA's tool's name
 
         sys.exit(cuda_checkpoint.main(sys.argv[1:]))
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or bool(os.environ.get("WARMSTART_DEBUG"))
+    debug = "--debug" in args or config.debug_requested()
     try:
         # Without standalone mode, click returns a typer.Exit's code instead of raising it.
         rc = typer.main.get_command(app).main(args=args, prog_name="warmstart", standalone_mode=False)
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except WarmstartError as e:
-        if debug:
-            traceback.print_exc()
-        err.print(f"[red]error:[/red] {e.line()}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("[red]aborted[/red]")
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]")
-        sys.exit(130)
-    except Exception as e:
-        if debug:
-            traceback.print_exc()
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} — rerun with --debug and report it",
-                  highlight=False, soft_wrap=True)
-        sys.exit(1)
+    except BaseException as e:  # noqa: BLE001 - every failure ends in one line and a documented code
+        sys.exit(_exit_code(e, debug))
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)

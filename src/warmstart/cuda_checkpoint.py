@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from warmstart.errors import UsageError, WarmstartError
 
@@ -37,7 +38,7 @@ HELP = """CUDA checkpoint and restore of a running process (warmstart's implemen
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]  # one line, not argparse's usage block
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
         raise UsageError(f"bad arguments: {message}", "see cuda-checkpoint --help")
 
 
@@ -79,15 +80,23 @@ def run(args: argparse.Namespace) -> str:
 
     if args.pid is None or args.pid <= 0:
         raise UsageError("--pid is required", "pass --pid <pid of the CUDA process>")
-    pid = args.pid
+    pid: int = args.pid
     timeout = max(args.timeout, 0)  # the driver reads 0 as no limit
     if args.get_state:
         return cuda.state(pid)
     if args.get_restore_tid:
         return str(cuda.restore_thread_id(pid))
-    action = args.action
+    action: str | None = args.action  # None with --toggle: decided next
     if args.toggle:
         action = "suspend" if cuda.state(pid) == "running" else "resume"
+    _act(action, pid, timeout, args.device_map)
+    return ""
+
+
+def _act(action: str | None, pid: int, timeout: int, device_map_spec: str) -> None:
+    """One action, or the two of suspend (lock, checkpoint) or resume (restore, unlock)."""
+    from warmstart.gpu import driver as cuda
+
     if action in ("suspend", "lock"):
         cuda.lock(pid, timeout)
     if action == "suspend":
@@ -99,10 +108,9 @@ def run(args: argparse.Namespace) -> str:
     if action == "checkpoint":
         cuda.checkpoint(pid)
     if action in ("resume", "restore"):
-        cuda.restore(pid, device_map(args.device_map) or None)
+        cuda.restore(pid, device_map(device_map_spec) or None)
     if action in ("resume", "unlock"):
         cuda.unlock(pid)
-    return ""
 
 
 def main(argv: list[str]) -> int:

@@ -11,13 +11,11 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from warmstart import paths, registry
-from warmstart.pipeline import checkpoint
-from warmstart.pipeline import run as launch
-from warmstart.pipeline import restore
-from warmstart.pipeline.steps import Progress, quiet
+from warmstart import api, paths, registry
 from warmstart.errors import UsageError, WorkerError
+from warmstart.pipeline.steps import Progress, quiet
 
 PROMPT = "The fastest way to start an inference worker is"
 MAX_TOKENS = 24
@@ -35,7 +33,7 @@ class DemoResult:
     completion: str
     artifact: str
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -45,7 +43,7 @@ def complete(port: int, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS, time
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return json.loads(r.read())["choices"][0]["text"]
+            return str(json.loads(r.read())["choices"][0]["text"])
     except OSError as e:
         raise WorkerError(f"worker on port {port} did not answer a completion: {e}", "see its log") from e
 
@@ -53,7 +51,7 @@ def complete(port: int, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS, time
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def run(replicas: int = 1, keep: bool = False, progress: Progress = quiet) -> DemoResult:
@@ -65,22 +63,24 @@ def run(replicas: int = 1, keep: bool = False, progress: Progress = quiet) -> De
     port = _free_port()
     progress(f"cold-starting the reference worker '{name}' on port {port}")
     t0 = time.monotonic()
-    rec = launch.launch(name, [sys.executable, "-m", "warmstart.reference.server", "--port", str(port)],
-                        engine="reference")
+    command = [sys.executable, "-m", "warmstart.reference.server", "--port", str(port)]
     replica_names: list[str] = []
+    paths.home().mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="demo-", dir=paths.home()))
     try:
-        launch.wait_ready(rec, 300)
+        api.run(name, command, engine="reference", wait=True, timeout_s=300)
         cold_text = complete(port)
         cold_start_s = time.monotonic() - t0
 
         artifact = workdir / "artifact"
-        ck = checkpoint.checkpoint(rec.pid, artifact, record=rec, leave_running=False, progress=progress)
+        ck = api.checkpoint(name, artifact, progress=progress)
         t1 = time.monotonic()
-        rr = restore.restore(artifact, name=f"{name}-restored", replicas=replicas, progress=progress)
+        rr = api.restore(artifact, name=f"{name}-restored", replicas=replicas, progress=progress)
         replica_names = [r.name for r in rr.replicas]
         firsts, texts = [], []
         for r in rr.replicas:
+            if r.port is None:
+                raise WorkerError(f"replica {r.name} listens on no port", "see its log")
             texts.append(complete(r.port))
             firsts.append(time.monotonic() - t1)
         ready = [r.ready_s for r in rr.replicas]

@@ -7,6 +7,7 @@ Exit codes (documented in docs/cli.md):
   4  artifact: missing, corrupt, tampered, or incompatible with this host
   5  worker: not running, not responding, failed to quiesce or resume, died
   6  checkpoint or restore step failed (CRIU, CUDA, namespaces)
+130  interrupted (SIGINT, SIGTERM, SIGHUP or a caller's cancel): what was started is undone
 """
 
 from __future__ import annotations
@@ -50,3 +51,16 @@ class QuiesceTimeout(WorkerError):
 
 class StepFailed(WarmstartError):
     exit_code = 6
+
+
+class EngineHTTPError(WorkerError):
+    """An engine's HTTP API answered with an error, or not at all."""
+
+
+class Interrupted(WarmstartError):
+    exit_code = 130
+
+
+class ImageError(ValueError):
+    """An image file that is damaged or not what it should be. Not shown as it is: its caller turns it into an
+    ArtifactError (a restore) or a warning (a checkpoint's optional transform)."""

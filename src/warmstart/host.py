@@ -29,7 +29,7 @@ class HostInfo(BaseModel):
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = "unknown", set()
+    model, flags = "unknown", set[str]()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except FileNotFoundError:

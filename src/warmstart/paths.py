@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
+from warmstart import config
 from warmstart.errors import UsageError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -13,7 +13,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 def home() -> Path:
     """State root; WARMSTART_HOME overrides it (tests give each run its own)."""
-    return Path(os.environ.get("WARMSTART_HOME", "/run/warmstart"))
+    return config.current().home
 
 
 def workers_dir() -> Path:

@@ -123,7 +123,7 @@ def tree(pid: int) -> list[int]:
 
 def fd_targets(pid: int) -> list[tuple[int, str]]:
     """(fd, what it points at) for every open file descriptor of pid; [] if it is gone."""
-    out = []
+    out: list[tuple[int, str]] = []
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except (FileNotFoundError, PermissionError):

@@ -51,7 +51,7 @@ def get(name: str) -> WorkerRecord:
 
 
 def all_records() -> list[WorkerRecord]:
-    out = []
+    out: list[WorkerRecord] = []
     root = paths.workers_dir()
     if not root.is_dir():
         return out

@@ -19,8 +19,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from warmstart import paths, procs
-from warmstart.artifact.manifest import (IMAGES_DIR, MANIFEST_NAME, SAVED_DIR, SCHEMA_VERSION, SHM_DIR, FileEntry,
-                                        Manifest)
+from warmstart.artifact.manifest import (
+    IMAGES_DIR,
+    MANIFEST_NAME,
+    SAVED_DIR,
+    SCHEMA_VERSION,
+    SHM_DIR,
+    FileEntry,
+    Manifest,
+)
 from warmstart.errors import ArtifactError, UsageError
 
 _CHUNK = 8 << 20
@@ -100,7 +107,7 @@ def _hash_all(root: Path, files: list[tuple[str, int, int]]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 2)) as pool:
         digests = list(pool.map(lambda t: _digest_range(root / t[0], t[1], t[2]), tasks))
     parts: dict[str, list[bytes]] = {}
-    for (rel, _, _), d in zip(tasks, digests):
+    for (rel, _, _), d in zip(tasks, digests, strict=True):
         parts.setdefault(rel, []).append(d)
     chunked = {rel for rel, _, chunk in files if chunk}
     return {rel: hashlib.sha256(b"".join(ds)).hexdigest() if rel in chunked else ds[0].hex()
@@ -198,7 +205,8 @@ def _stamps(artifact: Path, manifest: Manifest) -> dict[str, list[int]]:
         try:
             st = p.stat()
         except FileNotFoundError:
-            raise ArtifactError(f"artifact file {p} is missing", "copy the whole artifact directory or checkpoint again")
+            raise ArtifactError(f"artifact file {p} is missing",
+                                "copy the whole artifact directory or checkpoint again") from None
         if st.st_size != f.size:
             raise ArtifactError(
                 f"artifact file {p} is {st.st_size} bytes, the manifest says {f.size} (truncated or tampered)",

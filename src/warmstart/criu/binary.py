@@ -11,7 +11,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart.errors import EnvironmentProblem, StepFailed, UsageError
+from warmstart import config
+from warmstart.errors import EnvironmentProblem, StepFailed
 
 MIN_VERSION = (4, 2)
 _SETUP_HINT = "run scripts/setup.sh (it builds CRIU 4.2.1), or point WARMSTART_CRIU at a criu >= 4.2"
@@ -38,28 +39,20 @@ _HUGE_PAGES_VAR = "CRIU_PAGE_READ_THP"
 
 def read_threads() -> int:
     """WARMSTART_READ_THREADS, default one per core, at most 16: the threads a restore reads an image with."""
-    env = os.environ.get("WARMSTART_READ_THREADS", "")
-    if not env:
-        return min(os.cpu_count() or 1, 16)
-    if not env.isdigit() or int(env) < 1:
-        raise UsageError(f"WARMSTART_READ_THREADS must be a whole number >= 1, not {env!r}",
-                         "unset it (one thread per core) or set e.g. WARMSTART_READ_THREADS=8")
-    return int(env)
+    return config.current().read_threads
 
 
 def restore_env() -> dict[str, str]:
     """How a restore reads its pages: read_threads(), and WARMSTART_HUGE_PAGES (default 1: large anonymous
     areas are read into transparent huge pages; 0: 4 KiB pages)."""
-    huge = os.environ.get("WARMSTART_HUGE_PAGES", "1")
-    if huge not in ("0", "1"):
-        raise UsageError(f"WARMSTART_HUGE_PAGES must be 0 or 1, not {huge!r}", "unset it (1) or set it to 0")
-    return {_READ_THREADS_VAR: str(read_threads()), _HUGE_PAGES_VAR: huge}
+    settings = config.current()
+    return {_READ_THREADS_VAR: str(settings.read_threads), _HUGE_PAGES_VAR: "1" if settings.huge_pages else "0"}
 
 
 def _candidates() -> list[str]:
-    env = os.environ.get("WARMSTART_CRIU")
-    if env:
-        return [env]
+    chosen = config.current().criu
+    if chosen:
+        return [chosen]
     # A source checkout set up by scripts/setup.sh keeps its own (patched) build here; it comes first.
     out = [str(Path(__file__).resolve().parents[3] / ".deps" / "criu" / "bin" / "criu")]
     on_path = shutil.which("criu")
@@ -90,7 +83,8 @@ def version_ok(version: str) -> bool:
 def find() -> Criu:
     """The first CRIU >= 4.2 among WARMSTART_CRIU, PATH and the checkout's .deps; else a clear error."""
     if os.geteuid() != 0:
-        raise EnvironmentProblem("checkpoint and restore need root (CRIU ptraces and restores processes)", "run as root")
+        raise EnvironmentProblem("checkpoint and restore need root (CRIU ptraces and restores processes)",
+                                 "run as root")
     if not stat.S_ISCHR(os.stat("/dev/null").st_mode):
         raise EnvironmentProblem("/dev/null is a regular file on this host, so restored processes see it change",
                                  "recreate it: rm /dev/null && mknod -m 666 /dev/null c 1 3 (scripts/setup.sh does)")

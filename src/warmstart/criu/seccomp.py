@@ -12,11 +12,11 @@ import ctypes
 import errno
 import os
 
+from warmstart import linux
+
 # io_uring's system call numbers are the same on every architecture (the unified table since 5.1).
 IO_URING_SYSCALLS = (425, 426, 427)  # io_uring_setup, io_uring_enter, io_uring_register
 
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
@@ -46,11 +46,9 @@ def program(syscalls: tuple[int, ...] = IO_URING_SYSCALLS) -> list[tuple[int, in
 
 def refuse_io_uring() -> None:
     """Install the filter on the calling thread (use in a child before exec)."""
-    libc = ctypes.CDLL(None, use_errno=True)
     insns = program()
     arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
     fprog = _SockFprog(len(insns), arr)
-    if os.geteuid() != 0 and libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+    if os.geteuid() != 0:
+        linux.prctl("PR_SET_NO_NEW_PRIVS", linux.PR_SET_NO_NEW_PRIVS, 1)
+    linux.prctl("PR_SET_SECCOMP", linux.PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog))

@@ -53,7 +53,8 @@ def cuda_version() -> str | None:
 
 def _name(driver: Any, err: Any) -> str:
     try:
-        return err.name
+        name: str = err.name
+        return name
     except AttributeError:
         return str(err)
 
@@ -101,7 +102,8 @@ def restore_thread_id(pid: int) -> int:
 def is_cuda_process(pid: int) -> bool:
     d = _driver()
     err, _ = d.cuCheckpointProcessGetRestoreThreadId(pid)
-    return err == d.CUresult.CUDA_SUCCESS
+    ok: bool = err == d.CUresult.CUDA_SUCCESS
+    return ok
 
 
 def lock(pid: int, timeout_ms: int = 10_000) -> None:
@@ -170,7 +172,7 @@ class Gpu:
 def gpus() -> list[Gpu]:
     """The GPUs this host has, from NVML (nvidia-ml-py), with free memory."""
     try:
-        import pynvml
+        import pynvml  # nvidia-ml-py: optional here
     except ImportError:
         return []
     pynvml.nvmlInit()
@@ -180,8 +182,8 @@ def gpus() -> list[Gpu]:
         mem = pynvml.nvmlDeviceGetMemoryInfo(h)
         name = pynvml.nvmlDeviceGetName(h)
         uuid = pynvml.nvmlDeviceGetUUID(h)
-        out.append(Gpu(i, uuid if isinstance(uuid, str) else uuid.decode(), name if isinstance(name, str) else name.decode(),
-                       int(mem.total), int(mem.free)))
+        out.append(Gpu(i, uuid if isinstance(uuid, str) else uuid.decode(),
+                       name if isinstance(name, str) else name.decode(), int(mem.total), int(mem.free)))
     return out
 
 

@@ -14,8 +14,7 @@ import sys
 import threading
 from typing import Any
 
-from warmstart.gpumem import bf16pack
-from warmstart.gpumem import vmm
+from warmstart.gpumem import bf16pack, vmm
 
 _SOURCE = rb"""
 // One thread per output word: two bf16 values from two low bytes and one byte of two 4-bit codes.
@@ -38,7 +37,7 @@ extern "C" __global__ void put_escapes(const int* at, const unsigned char* high,
 """
 _THREADS = 256
 _lock = threading.Lock()
-_kernels: dict[int, "Kernel | None"] = {}
+_kernels: dict[int, Kernel | None] = {}
 
 
 class Kernel:
@@ -55,10 +54,10 @@ class Kernel:
         vmm.ok(d.cuLaunchKernel(self.words, blocks, 1, 1, _THREADS, 1, 1, 0, stream, args, 0), "cuLaunchKernel")
         if plan.escapes:
             at = packed_ptr + 3 * nbytes // 4
-            args = ((at, at + 4 * plan.escapes, piece_ptr, plan.escapes),
-                    (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint))
+            escape_args = ((at, at + 4 * plan.escapes, piece_ptr, plan.escapes),
+                           (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint))
             vmm.ok(d.cuLaunchKernel(self.escapes, -(-plan.escapes // _THREADS), 1, 1, _THREADS, 1, 1, 0, stream,
-                                    args, 0), "cuLaunchKernel")
+                                    escape_args, 0), "cuLaunchKernel")
 
 
 def get(device: int) -> Kernel | None:

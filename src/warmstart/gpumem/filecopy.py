@@ -15,12 +15,10 @@ import os
 import struct
 import sys
 import threading
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from warmstart.gpumem import bf16kernel
-from warmstart.gpumem import bf16pack
-from warmstart.gpumem import hostcopy
-from warmstart.gpumem import vmm
+from warmstart.gpumem import bf16kernel, bf16pack, hostcopy, vmm
 
 PIECE = 8 << 20
 READ_THREADS = 8
@@ -128,7 +126,7 @@ def read_layout(fd: int, size: int, nbytes: int, path: str) -> list[Piece]:
     entries = [_ENTRY.unpack_from(table, k * _ENTRY.size) for k in range(count)]
     plans = [bf16pack.Plan(base, escapes) if packed else None for _, escapes, base, packed in entries]
     pieces = packed_pieces(nbytes, piece, plans)
-    for k, ((where, _, _, packed), p) in enumerate(zip(entries, pieces)):
+    for k, ((where, _, _, packed), p) in enumerate(zip(entries, pieces, strict=True)):
         if where != p.file_at or packed > 1 or (p.plan and (p.n % 16 or p.length >= p.n or p.plan.base > 120)):
             raise bad(f"piece {k} is not where or what its table says")
     end = pieces[-1].file_at + pieces[-1].length

@@ -11,31 +11,29 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from warmstart import linux
 from warmstart.gpumem import vmm
 
 PIECE = 256 << 20
 _STREAMS = 4
 _MADV_HUGEPAGE = 14
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def alloc(nbytes: int) -> int:
     """Anonymous host memory (huge pages where the kernel allows), unpopulated until written."""
-    addr = _libc.mmap(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    addr = linux.libc.mmap(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     if addr in (None, ctypes.c_void_p(-1).value):
         raise MemoryError(f"cannot map {nbytes >> 20} MiB of host memory for a GPU region's contents")
-    _libc.madvise(addr, nbytes, _MADV_HUGEPAGE)  # a hint: fewer pages to pin and to restore
+    # A hint: fewer pages to pin and to restore.
+    linux.libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
     return int(addr)
 
 
 def free(addr: int, nbytes: int) -> None:
-    _libc.munmap(addr, nbytes)
+    linux.libc.munmap(addr, nbytes)
 
 
 def copy(ctx: Any, device_ptr: int, host: int, nbytes: int, to_device: bool, piece: int = PIECE,
@@ -52,26 +50,9 @@ def copy(ctx: Any, device_ptr: int, host: int, nbytes: int, to_device: bool, pie
     streams = [vmm.ok(d.cuStreamCreate(d.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
                for _ in range(_STREAMS)]
     pinned: list[int] = []
-
-    def unpin() -> None:
-        vmm.ok(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")  # registrations belong to the context
-        while pinned:
-            vmm.ok(d.cuMemHostUnregister(pinned[-1]), "cuMemHostUnregister")
-            pinned.pop()
-            if gentle:
-                time.sleep(0.002)  # let the worker's own threads at the driver and the GIL in between
-
+    unpin = _unpinner(d, ctx, pinned, gentle)
     try:
-        for i, off in enumerate(range(0, nbytes, piece)):
-            n = min(piece, nbytes - off)
-            vmm.ok(d.cuMemHostRegister(host + off, n, 0), "cuMemHostRegister")
-            pinned.append(host + off)
-            if to_device:
-                vmm.ok(d.cuMemcpyHtoDAsync(device_ptr + off, host + off, n, streams[i % _STREAMS]), "cuMemcpyHtoDAsync")
-            else:
-                vmm.ok(d.cuMemcpyDtoHAsync(host + off, device_ptr + off, n, streams[i % _STREAMS]), "cuMemcpyDtoHAsync")
-        for s in streams:
-            vmm.ok(d.cuStreamSynchronize(s), "cuStreamSynchronize")
+        _pin_and_copy(d, streams, pinned, device_ptr, host, nbytes, to_device, piece)
     except BaseException:
         for s in streams:
             d.cuStreamSynchronize(s)
@@ -84,3 +65,34 @@ def copy(ctx: Any, device_ptr: int, host: int, nbytes: int, to_device: bool, pie
         for s in streams:
             d.cuStreamDestroy(s)
     return unpin
+
+
+def _unpinner(d: Any, ctx: Any, pinned: list[int], gentle: bool) -> Callable[[], None]:
+    """The call that unregisters every host piece in pinned, the last pinned first."""
+
+    def unpin() -> None:
+        vmm.ok(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")  # registrations belong to the context
+        while pinned:
+            vmm.ok(d.cuMemHostUnregister(pinned[-1]), "cuMemHostUnregister")
+            pinned.pop()
+            if gentle:
+                time.sleep(0.002)  # let the worker's own threads at the driver and the GIL in between
+
+    return unpin
+
+
+def _pin_and_copy(d: Any, streams: list[Any], pinned: list[int], device_ptr: int, host: int, nbytes: int,
+                  to_device: bool, piece: int) -> None:
+    """Pin host piece by piece (recording each in pinned), each piece's DMA queued on the streams in turn as
+    soon as it is pinned; returns when every DMA is done."""
+    for i, off in enumerate(range(0, nbytes, piece)):
+        n = min(piece, nbytes - off)
+        vmm.ok(d.cuMemHostRegister(host + off, n, 0), "cuMemHostRegister")
+        pinned.append(host + off)
+        stream = streams[i % len(streams)]
+        if to_device:
+            vmm.ok(d.cuMemcpyHtoDAsync(device_ptr + off, host + off, n, stream), "cuMemcpyHtoDAsync")
+        else:
+            vmm.ok(d.cuMemcpyDtoHAsync(host + off, device_ptr + off, n, stream), "cuMemcpyDtoHAsync")
+    for s in streams:
+        vmm.ok(d.cuStreamSynchronize(s), "cuStreamSynchronize")

@@ -15,9 +15,9 @@ captured CUDA graphs that point into the region stay valid across a checkpoint a
 contents go, when the checkpoint offers a directory for them (warmstart.worker.savedir), into a file of the
 artifact that every restored replica reads straight into GPU memory (warmstart.gpumem.filecopy).
 Otherwise they go into the process's own memory, so into CRIU's image, and are copied back from there
-(warmstart.gpumem.hostcopy). Either way they come back faster than through the driver's restore. A region of bf16 values (model weights)
-may be packed into its file losslessly at 12 bits a value (warmstart.gpumem.bf16pack): fewer bytes to write,
-to read from a cold disk and to copy over PCIe.
+(warmstart.gpumem.hostcopy). Either way they come back faster than through the driver's restore. A region of
+bf16 values (model weights) may be packed into its file losslessly at 12 bits a value (warmstart.gpumem.bf16pack):
+fewer bytes to write, to read from a cold disk and to copy over PCIe.
 Needs cuda-bindings; on a CPU worker use an ordinary buffer instead.
 """
 
@@ -27,15 +27,14 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from warmstart.gpumem import filecopy, hostcopy, vmm
 from warmstart.worker import savedir
-from warmstart.gpumem import filecopy
-from warmstart.gpumem import hostcopy
-from warmstart.gpumem import vmm
 
-_regions: "weakref.WeakSet[GpuRegion]" = weakref.WeakSet()
+_regions: weakref.WeakSet[GpuRegion] = weakref.WeakSet()
 _serial = 0
 
 
@@ -44,7 +43,7 @@ def released_bytes() -> int:
     return sum(r.nbytes for r in list(_regions) if not r.mapped)
 
 
-def _drop(region: "GpuRegion", unpin: Callable[[], None], host: int, nbytes: int) -> None:
+def _drop(region: GpuRegion, unpin: Callable[[], None], host: int, nbytes: int) -> None:
     try:
         unpin()
     except RuntimeError as e:  # a background thread: say it where the worker's log will show it

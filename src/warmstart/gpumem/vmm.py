@@ -37,8 +37,8 @@ def device_memory(device: int, exportable: bool = False) -> tuple[Any, int]:
     prop.location.id = device
     if exportable:
         prop.requestedHandleTypes = d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
-    gran = int(ok(d.cuMemGetAllocationGranularity(
-        prop, d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED), "cuMemGetAllocationGranularity"))
+    recommended = d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
+    gran = int(ok(d.cuMemGetAllocationGranularity(prop, recommended), "cuMemGetAllocationGranularity"))
     return prop, gran
 
 

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from warmstart import procs
+from warmstart import config, procs
 from warmstart.image import readahead
 
 CACHE_KEEP = 8
@@ -24,7 +24,7 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 def cache_dir() -> Path | None:
     """The cache of raw images, created if missing; None if it cannot be, or others could write to it."""
-    d = Path(os.environ.get("WARMSTART_IMAGE_CACHE", "/var/cache/warmstart/images"))
+    d = config.current().image_cache
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = d.stat()

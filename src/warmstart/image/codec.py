@@ -36,10 +36,11 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
+from warmstart.errors import ImageError
 
 MAGIC = b"WSZPAGE1"
 SUFFIX = ".z"
@@ -49,10 +50,6 @@ _WORTH = 0.5  # an image is stored compressed only if it shrinks to this fractio
 _CHUNK_WORTH = 0.7  # a chunk is compressed only if its samples shrink to this fraction or less
 _SAMPLE = 16384  # bytes of each of a chunk's four samples
 _HEAD = struct.Struct("<8sQII")
-
-
-class ImageError(ValueError):
-    """A compressed image that is damaged or not ours."""
 
 
 def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path | None = None) -> tuple[int, int]:
@@ -130,7 +127,7 @@ def _plan(path: Path, size: int, threads: int) -> list[bool] | None:
     finally:
         os.close(fd)
     plan = [r <= _CHUNK_WORTH for r in ratios]
-    estimate = sum(n * r if z else n for n, r, z in zip(lengths, ratios, plan))
+    estimate = sum(n * r if z else n for n, r, z in zip(lengths, ratios, plan, strict=True))
     return plan if estimate <= _WORTH * size else None
 
 

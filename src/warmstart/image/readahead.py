@@ -11,13 +11,13 @@ outside its image (kept GPU regions), which it reads once it runs again.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import threading
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from warmstart import linux
 
 _PIECE = 64 << 20
 _BUF = 8 << 20
@@ -34,29 +34,16 @@ def _is_pages(p: Path) -> bool:
 
 def resident_fraction(paths: list[Path]) -> float:
     """The fraction of these files' pages in the page cache now (mincore on a mapping that is never touched)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     total = resident = 0
     for p in paths:
         size = p.stat().st_size
         fd = os.open(p, os.O_RDONLY)
         try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                continue
-            try:
-                pages = -(-size // mmap.PAGESIZE)
-                vec = ctypes.create_string_buffer(pages)
-                if libc.mincore(addr, size, vec) == 0:
-                    total += pages
-                    resident += pages - vec.raw.count(b"\x00")
-            finally:
-                libc.munmap(addr, size)
+            got = linux.resident_pages(fd, size)
         finally:
             os.close(fd)
+        if got:
+            resident, total = resident + got[0], total + got[1]
     return resident / total if total else 1.0
 
 
@@ -83,7 +70,7 @@ class Readahead:
         self._done = started + later
         self._pool.shutdown(wait=False)
 
-    def _read_after(self, first: list[futures.Future], path: Path, off: int, length: int) -> None:
+    def _read_after(self, first: list[futures.Future[None]], path: Path, off: int, length: int) -> None:
         futures.wait(first)  # the disk's whole bandwidth goes to what is needed first
         self._read(path, off, length)
 

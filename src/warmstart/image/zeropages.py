@@ -18,8 +18,11 @@ import bisect
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import NamedTuple
+
+from warmstart.errors import ImageError
 
 PAGE = 4096
 MIN_RUN = 8  # pages: shorter runs are kept, so that the pagemap does not fragment into many small reads
@@ -30,9 +33,15 @@ _PE_PRESENT = 1 << 2
 _VMA_AREA_REGULAR, _VMA_FILE_PRIVATE, _VMA_ANON_PRIVATE = 1 << 0, 1 << 6, 1 << 9
 _MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_HUGETLB, _MAP_LOCKED = 0x02, 0x20, 0x40000, 0x2000
 
+Fields = dict[int, list[int | bytes]]  # a decoded protobuf message: field number -> its values, in order
 
-class ImageError(ValueError):
-    """An image this module does not understand, or could not rewrite: it was left as it is."""
+
+class _Kept(NamedTuple):
+    """What stays of one process's pages image."""
+
+    entries: list[bytes]  # the pagemap's entries, the dropped runs cut out
+    data: list[tuple[int, int]]  # (offset in the pages image, bytes), in the order of the entries
+    removed: int  # bytes dropped
 
 
 def drop(images: Path) -> int:
@@ -48,55 +57,67 @@ def drop(images: Path) -> int:
 
 def _drop_one(pagemap: Path, mm: Path, images: Path) -> int:
     head, entries = _read_pagemap(pagemap.read_bytes(), pagemap.name)
-    pages = images / f"pages-{_fields(head)[1][-1]}.img"
+    pages = images / f"pages-{_int(_fields(head), 1)}.img"
     areas = _zero_fill_areas(mm.read_bytes(), mm.name)
-    kept_entries: list[bytes] = []
-    kept_data: list[tuple[int, int]] = []  # (offset in the pages image, bytes)
-    offset = removed = 0
     fd = os.open(pages, os.O_RDONLY)
     data = None
     try:
         size = os.fstat(fd).st_size
         if size:
             data = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        for entry in entries:
-            fields = _fields(entry)
-            if not fields.get(4, [0])[-1] & _PE_PRESENT:
-                kept_entries.append(entry)  # no data in the pages image
-                continue
-            vaddr, n = fields[1][-1], fields.get(5, fields.get(2, [0]))[-1]
-            if offset + n * PAGE > size:
-                raise ImageError(f"{pages.name} ends before {pagemap.name} does")
-            if not n:
-                kept_entries.append(entry)
-                continue
-            assert data is not None  # size > 0
-            for first, count, zero in _runs(data, offset, vaddr, n, areas):
-                if zero:
-                    removed += count * PAGE
-                else:
-                    kept_entries.append(_entry(fields, vaddr + first * PAGE, count))
-                    kept_data.append((offset + first * PAGE, count * PAGE))
-            offset += n * PAGE
-        if offset != size:
-            raise ImageError(f"{pages.name} holds {size - offset} bytes more than {pagemap.name} lists")
-        if removed:
-            new_map, new_pages = pagemap.with_suffix(".tmp"), pages.with_suffix(".tmp")
-            try:
-                new_map.write_bytes(struct.pack("<II", _COMMON_MAGIC, _PAGEMAP_MAGIC)
-                                    + b"".join(struct.pack("<I", len(e)) + e for e in [head, *kept_entries]))
-                _copy(fd, new_pages, kept_data)
-            except OSError as e:  # the originals are still whole: a checkpoint can go on with them
-                new_map.unlink(missing_ok=True)
-                new_pages.unlink(missing_ok=True)
-                raise ImageError(f"could not write the smaller {pages.name}: {e}") from e
-            os.replace(new_pages, pages)
-            os.replace(new_map, pagemap)
+        kept = _keep(entries, data, size, areas, pages.name, pagemap.name)
+        if kept.removed:
+            _rewrite(pagemap, pages, fd, head, kept)
     finally:
         if data is not None:
             data.close()
         os.close(fd)
-    return removed
+    return kept.removed
+
+
+def _keep(entries: list[bytes], data: mmap.mmap | None, size: int, areas: list[tuple[int, int]], pages_name: str,
+          pagemap_name: str) -> _Kept:
+    """Split the pagemap's entries (over data, the pages image of size bytes) into what stays and what goes."""
+    kept_entries: list[bytes] = []
+    kept_data: list[tuple[int, int]] = []
+    offset = removed = 0
+    for entry in entries:
+        fields = _fields(entry)
+        if not _int(fields, 4, 0) & _PE_PRESENT:
+            kept_entries.append(entry)  # no data in the pages image
+            continue
+        vaddr, n = _int(fields, 1), _int(fields, 5) if 5 in fields else _int(fields, 2, 0)
+        if offset + n * PAGE > size:
+            raise ImageError(f"{pages_name} ends before {pagemap_name} does")
+        if not n:
+            kept_entries.append(entry)
+            continue
+        assert data is not None  # size > 0
+        for first, count, zero in _runs(data, offset, vaddr, n, areas):
+            if zero:
+                removed += count * PAGE
+            else:
+                kept_entries.append(_entry(fields, vaddr + first * PAGE, count))
+                kept_data.append((offset + first * PAGE, count * PAGE))
+        offset += n * PAGE
+    if offset != size:
+        raise ImageError(f"{pages_name} holds {size - offset} bytes more than {pagemap_name} lists")
+    return _Kept(kept_entries, kept_data, removed)
+
+
+def _rewrite(pagemap: Path, pages: Path, fd: int, head: bytes, kept: _Kept) -> None:
+    """Replace the pagemap and the pages image (open as fd) with what is kept of them."""
+    new_map, new_pages = pagemap.with_suffix(".tmp"), pages.with_suffix(".tmp")
+    try:
+        new_map.write_bytes(struct.pack("<II", _COMMON_MAGIC, _PAGEMAP_MAGIC)
+                            + b"".join(struct.pack("<I", len(e)) + e for e in [head, *kept.entries]))
+        _copy(fd, new_pages, kept.data)
+    except OSError as e:  # the originals are still whole: a checkpoint can go on with them
+        new_map.unlink(missing_ok=True)
+        new_pages.unlink(missing_ok=True)
+        raise ImageError(f"could not write the smaller {pages.name}: {e}") from e
+    os.replace(new_pages, pages)
+    os.replace(new_map, pagemap)
 
 
 def _runs(data: mmap.mmap, offset: int, vaddr: int, n: int, areas: list[tuple[int, int]]
@@ -146,12 +167,12 @@ def _zero_fill_areas(mm: bytes, name: str) -> list[tuple[int, int]]:
     body = _body(mm, _MM_MAGIC, name)
     (length,) = struct.unpack_from("<I", body)
     areas = []
-    for vma in _fields(body[4:4 + length]).get(14, []):
+    for vma in _messages(_fields(body[4:4 + length]), 14):
         f = _fields(vma)
-        status, flags = f[7][-1], f[6][-1]
+        status, flags = _int(f, 7), _int(f, 6)
         if (status & _VMA_AREA_REGULAR and status & _VMA_ANON_PRIVATE and not status & _VMA_FILE_PRIVATE
                 and flags & _MAP_PRIVATE and flags & _MAP_ANONYMOUS and not flags & (_MAP_HUGETLB | _MAP_LOCKED)):
-            areas.append((f[1][-1], f[2][-1]))
+            areas.append((_int(f, 1), _int(f, 2)))
     return sorted(areas)
 
 
@@ -175,13 +196,14 @@ def _body(data: bytes, magic: int, name: str) -> bytes:
     return data[8:]
 
 
-def _fields(message: bytes) -> dict[int, list]:
+def _fields(message: bytes) -> Fields:
     """Field number -> values: varints as ints, length-delimited as bytes (the protobuf wire format)."""
-    out: dict[int, list] = {}
+    out: Fields = {}
     at = 0
     while at < len(message):
         key, at = _varint(message, at)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == 0:
             value, at = _varint(message, at)
         elif wire == 2:
@@ -196,6 +218,27 @@ def _fields(message: bytes) -> dict[int, list]:
     if at != len(message):
         raise ImageError("a protobuf message ends early")
     return out
+
+
+def _int(fields: Fields, number: int, default: int | None = None) -> int:
+    """The last value of a varint field (the one protobuf keeps); default when the message lacks the field."""
+    values = fields.get(number)
+    if not values:
+        if default is None:
+            raise ImageError(f"a CRIU image message lacks its field {number}")
+        return default
+    value = values[-1]
+    if not isinstance(value, int):
+        raise ImageError(f"field {number} of a CRIU image message is not a number")
+    return value
+
+
+def _messages(fields: Fields, number: int) -> list[bytes]:
+    """The values of a repeated length-delimited field (embedded messages)."""
+    values = fields.get(number, [])
+    if not all(isinstance(v, bytes) for v in values):
+        raise ImageError(f"field {number} of a CRIU image message is not a message")
+    return [v for v in values if isinstance(v, bytes)]
 
 
 def _varint(data: bytes, at: int) -> tuple[int, int]:
@@ -221,12 +264,12 @@ def _put_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _entry(fields: dict[int, list], vaddr: int, count: int) -> bytes:
+def _entry(fields: Fields, vaddr: int, count: int) -> bytes:
     """A pagemap_entry like the one given, for `count` pages from vaddr."""
     out = bytearray()
-    compat = fields[2][-1] if 5 in fields else count  # CRIU reads nr_pages where the entry has it
-    for number, value in ((1, vaddr), (2, compat), (3, fields.get(3, [None])[-1]),
-                          (4, fields.get(4, [None])[-1]), (5, count if 5 in fields else None)):
+    compat = _int(fields, 2) if 5 in fields else count  # CRIU reads nr_pages where the entry has it
+    for number, value in ((1, vaddr), (2, compat), (3, _int(fields, 3) if 3 in fields else None),
+                          (4, _int(fields, 4) if 4 in fields else None), (5, count if 5 in fields else None)):
         if value is not None:
-            out += _put_varint(number << 3) + _put_varint(int(value))
+            out += _put_varint(number << 3) + _put_varint(value)
     return bytes(out)

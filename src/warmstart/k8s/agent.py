@@ -32,6 +32,14 @@ else:
                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 
 
+def _reason(e: Exception) -> str:
+    if isinstance(e, WarmstartError):
+        return e.line()
+    if isinstance(e, OSError):
+        return str(e)
+    return f"internal error: {type(e).__name__}: {e} (a bug: see the agent's log and report it)"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -94,7 +102,7 @@ class Agent:
                 self.busy.discard(uid)
 
     def checkpoint(self, pod: dict[str, Any], a: reconcile.Checkpoint) -> None:
-        from warmstart.pipeline import checkpoint as pipeline
+        from warmstart import api
 
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                 "metadata": {"name": a.name, "namespace": a.namespace,
@@ -113,9 +121,9 @@ class Agent:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             worker = containers.worker_pid(a.container_id)
-            res = pipeline.checkpoint(worker, out, leave_running=True, engine=a.spec.engine)
-        except (WarmstartError, OSError) as e:
-            reason = e.line() if isinstance(e, WarmstartError) else f"{e}"
+            res = api.checkpoint(worker, out, leave_running=True, engine=a.spec.engine)
+        except Exception as e:  # noqa: BLE001 - any failure ends the Checkpoint as Failed, never Checkpointing
+            reason = _reason(e)
             OPS.labels("checkpoint", "failed").inc()
             self.set_status(a.namespace, a.name, {"phase": "Failed", "reason": reason, "conditions": [
                 condition("Ready", False, "CheckpointFailed", reason, _now())]})
@@ -133,15 +141,15 @@ class Agent:
         self.event(cr, KIND, "Checkpointed", f"{res.manifest.image_bytes / 1e6:.0f} MB in {seconds:.1f} s")
 
     def restore(self, pod: dict[str, Any], a: reconcile.Restore) -> None:
-        from warmstart.pipeline import restore as pipeline
+        from warmstart import api
 
         t0 = time.monotonic()
         try:
             target = containers.init_pid(a.container_id)
             name = f"{a.namespace}.{pod['metadata']['name']}"[:63].rstrip(".-_")
-            res = pipeline.restore_into(self.artifacts / a.artifact, target, name=name)
-        except (WarmstartError, OSError) as e:
-            self.refuse(pod, e.line() if isinstance(e, WarmstartError) else str(e))
+            res = api.restore_into(self.artifacts / a.artifact, target, name=name)
+        except Exception as e:  # noqa: BLE001 - any failure is a False condition with its reason
+            self.refuse(pod, _reason(e))
             return
         seconds = time.monotonic() - t0
         OPS.labels("restore", "ok").inc()

@@ -8,10 +8,19 @@ Checkpoint is Ready and matches them (image, GPU model, and engine/model when th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeGuard
 
-from warmstart.k8s.resources import (CONTAINER_ANNOTATION, GPU_PRODUCT_LABEL, GROUP, NAME_ANNOTATION,
-                                     RESTORED_CONDITION, SOURCE_LABEL, TARGET_LABEL, CheckpointSpec, Storage)
+from warmstart.k8s.resources import (
+    CONTAINER_ANNOTATION,
+    GPU_PRODUCT_LABEL,
+    GROUP,
+    NAME_ANNOTATION,
+    RESTORED_CONDITION,
+    SOURCE_LABEL,
+    TARGET_LABEL,
+    CheckpointSpec,
+    Storage,
+)
 
 ENGINE_ANNOTATION = f"{GROUP}/engine"
 MODEL_ANNOTATION = f"{GROUP}/model"
@@ -52,7 +61,7 @@ class Restore:
     artifact: str  # path inside the artifact volume
 
 
-Action = Union[Ignore, Wait, Refuse, Checkpoint, Restore]
+Action = Ignore | Wait | Refuse | Checkpoint | Restore
 
 
 def _meta(pod: Obj, key: str) -> dict[str, str]:
@@ -75,7 +84,8 @@ def _condition(pod: Obj, ctype: str) -> bool:
                for c in pod.get("status", {}).get("conditions") or [])
 
 
-def _running(status: Obj | None) -> bool:
+def _running(status: Obj | None) -> TypeGuard[Obj]:
+    """The container runs, and its status names it (containerID)."""
     return bool(status and "running" in (status.get("state") or {}) and status.get("containerID"))
 
 
@@ -136,6 +146,15 @@ def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) 
     if phase != "Ready":
         return Wait(f"Checkpoint {cname} is {phase}")
     want = existing["spec"]
+    problems = _mismatches(pod, spec, want, node_labels)
+    if problems:
+        return Refuse(f"Checkpoint {cname} does not match pod {meta['name']}: " + "; ".join(problems))
+    return Restore(name=cname, namespace=meta["namespace"], container_id=status["containerID"],
+                   artifact=st.get("artifact") or want["storage"]["path"])
+
+
+def _mismatches(pod: Obj, spec: Obj, want: Obj, node_labels: dict[str, str]) -> list[str]:
+    """Why a restore target (its pod, its container's spec) cannot take a Checkpoint of spec `want`."""
     problems = []
     if want.get("image") != spec["image"]:
         problems.append(f"image {spec['image']} differs from the checkpoint's {want.get('image')}")
@@ -146,7 +165,4 @@ def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) 
     for key, field in ((ENGINE_ANNOTATION, "engine"), (MODEL_ANNOTATION, "model")):
         if key in annotations and annotations[key] != want.get(field):
             problems.append(f"{field} {annotations[key]} differs from the checkpoint's {want.get(field)}")
-    if problems:
-        return Refuse(f"Checkpoint {cname} does not match pod {meta['name']}: " + "; ".join(problems))
-    return Restore(name=cname, namespace=meta["namespace"], container_id=status["containerID"],
-                   artifact=st.get("artifact") or want["storage"]["path"])
+    return problems

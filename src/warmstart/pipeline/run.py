@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 from warmstart import paths, procs, registry
-from warmstart.quiesce import engines
-from warmstart.quiesce import control
 from warmstart.criu import seccomp
 from warmstart.errors import UsageError, WorkerError
+from warmstart.quiesce import control, engines
 from warmstart.registry import WorkerRecord
 from warmstart.worker import protocol
 
@@ -34,7 +33,7 @@ def prepare_dirs(name: str) -> tuple[Path, Path, Path]:
     return d, d / CONTROL, log
 
 
-def launch(name: str, command: list[str], engine: str = "plain", env: dict[str, str] | None = None,
+def start(name: str, command: list[str], engine: str = "plain", env: dict[str, str] | None = None,
            cwd: str | None = None) -> WorkerRecord:
     if not command:
         raise UsageError("no command to run", "pass it after --, e.g. `warmstart run -- python server.py`")

@@ -1,15 +1,27 @@
-"""Timing and progress for pipeline steps, and deferring Ctrl-C until a step that must not be cut is done."""
+"""The step runner: a pipeline is an ordered list of named steps, each with its undo.
+
+`Runner.execute` runs the steps in order, times each into `timings` (which the manifest and results carry),
+and, on any failure or cancellation, runs the undo of every completed step in reverse before re-raising. A
+step may *settle* earlier ones: once it has run, their undo is no longer wanted (the worker a checkpoint
+resumed early needs no resume on failure).
+
+Cancellation is a `Cancel` token: any thread may set it, and `interruptible` sets it on SIGINT, SIGTERM or
+SIGHUP while a pipeline runs on the main thread (signal handlers can only be installed there; the Kubernetes
+agent runs pipelines in worker threads and cancels them through the token). The runner checks it between steps.
+"""
 
 from __future__ import annotations
 
 import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from warmstart.artifact.manifest import StepTiming
-from warmstart.errors import WarmstartError
+from warmstart.errors import Interrupted
 
 Progress = Callable[[str], None]
 
@@ -18,41 +30,90 @@ def quiet(_: str) -> None:
     pass
 
 
-class Interrupted(WarmstartError):
-    exit_code = 130
+@dataclass(frozen=True)
+class Step:
+    name: str  # as recorded in timings: quiesce, cuda_checkpoint, criu_dump, ...
+    label: str  # the progress line
+    run: Callable[[], object]
+    undo: Callable[[], None] | None = None
+    when: bool = True  # a step that does not apply to this worker is skipped, and not timed
+    settles: tuple[str, ...] = ()  # once this step has run, these steps' undo is dropped
+
+
+class Cancel:
+    """Asks a running pipeline to stop at its next step boundary, from any thread."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "its caller") -> None:
+        self.reason = self.reason or reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self, what: str) -> None:
+        if self.is_set():
+            raise Interrupted(f"{what} interrupted by {self.reason}", "what it had started was undone; run it again")
 
 
 @dataclass
-class Timer:
+class Runner:
+    what: str  # "checkpoint", "restore": names the pipeline in an interruption's message
     progress: Progress = quiet
-    steps: list[StepTiming] = field(default_factory=list)
+    cancel: Cancel = field(default_factory=Cancel)
+    timings: list[StepTiming] = field(default_factory=list)
+    _undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
 
-    @contextmanager
-    def step(self, name: str, label: str) -> Iterator[None]:
-        self.progress(label)
+    def execute(self, steps: Iterable[Step]) -> None:
+        try:
+            for step in steps:
+                if step.when:
+                    self.cancel.check(self.what)
+                    self._run(step)
+        except BaseException:
+            self.unwind()
+            raise
+
+    def _run(self, step: Step) -> None:
+        self.progress(step.label)
         t0 = time.monotonic()
         try:
-            yield
+            step.run()
         finally:
-            self.steps.append(StepTiming(step=name, seconds=round(time.monotonic() - t0, 4)))
+            self.timings.append(StepTiming(step=step.name, seconds=round(time.monotonic() - t0, 4)))
+        if step.settles:
+            self._undo = [(n, u) for n, u in self._undo if n not in step.settles]
+        if step.undo:
+            self._undo.append((step.name, step.undo))
 
-    def total(self) -> float:
-        return sum(s.seconds for s in self.steps)
+    def unwind(self) -> None:
+        """Undo the completed steps, newest first. An undo that fails does not stop the others: the step
+        that failed first is what the caller reports."""
+        while self._undo:
+            _, undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as e:  # noqa: BLE001 - reported, then the next undo runs
+                print(f"warmstart: while undoing: {e}", file=sys.stderr)
+
+    def seconds(self, name: str) -> float:
+        return sum(t.seconds for t in self.timings if t.step == name)
 
 
 @contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """Record SIGINT/SIGTERM/SIGHUP instead of acting on them; the caller checks the list between steps."""
-    got: list[int] = []
+def interruptible(cancel: Cancel) -> Iterator[Cancel]:
+    """SIGINT, SIGTERM and SIGHUP set `cancel` instead of raising mid-step, while the block runs on the main
+    thread; elsewhere nothing is installed and the caller's own token is the only way to stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in sigs}
+    old = {s: signal.signal(s, lambda n, _f: cancel.set(signal.Signals(n).name)) for s in sigs}
     try:
-        yield got
+        yield cancel
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def check_interrupted(got: list[int], what: str) -> None:
-    if got:
-        raise Interrupted(f"{what} interrupted by {signal.Signals(got[0]).name}", "nothing was written; run it again")

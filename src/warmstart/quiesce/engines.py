@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from warmstart.errors import UsageError
 from warmstart.quiesce.http import Engine
 from warmstart.quiesce.sglang import Sglang
 from warmstart.quiesce.vllm import Vllm
-from warmstart.errors import UsageError
 
 ADAPTERS: dict[str, type[Engine]] = {"vllm": Vllm, "sglang": Sglang}
 # Engines that need no adapter: any command ("plain") and workers that speak the SDK's protocol.

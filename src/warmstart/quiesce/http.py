@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warmstart.errors import WorkerError
+from warmstart.errors import EngineHTTPError, WorkerError
 
 HTTP_TIMEOUT_S = 30.0
 
@@ -27,10 +27,6 @@ class Quiesced:
     """What a quiesce did, so that the matching resume can undo exactly that."""
 
     kv_released: bool = False
-
-
-class EngineHTTPError(WorkerError):
-    pass
 
 
 def call(port: int, method: str, path: str, body: Any = None, timeout_s: float = HTTP_TIMEOUT_S) -> Any:

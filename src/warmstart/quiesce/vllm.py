@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from warmstart.quiesce.http import Engine, Quiesced, call, socket_dir
 from warmstart.errors import WorkerError
+from warmstart.quiesce.http import Engine, Quiesced, call, socket_dir
 
 RPC_ENV = "VLLM_RPC_BASE_PATH"
 
@@ -36,8 +36,8 @@ class Vllm(Engine):
         try:
             call(port, "POST", "/sleep?level=0&mode=wait", timeout_s=timeout_s)
         except WorkerError as e:
-            raise WorkerError(f"vLLM did not pause: {e.problem}",
-                              "start it with `warmstart run --engine vllm` (which enables the pause endpoints)") from None
+            raise WorkerError(f"vLLM did not pause: {e.problem}", "start it with `warmstart run --engine vllm` "
+                              "(which enables the pause endpoints)") from None
         if not (on_gpu and self.uses_gpu_release(command)):
             return Quiesced()
         try:

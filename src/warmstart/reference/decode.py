@@ -3,25 +3,39 @@
 Plain tensors by their checkpoint names, no transformers modules (a smaller process to checkpoint). The
 cache is a fixed-size tensor the worker can release on quiesce and map again on resume (on GPU: a CUDA
 virtual-memory region, see warmstart.gpumem.region). Every decode step has static shapes (the attention
-runs over the whole cache with a mask), so on GPU the one-token step is captured once as a CUDA graph and replayed; the prompt runs in one pass.
+runs over the whole cache with a mask), so on GPU the one-token step is captured once as a CUDA graph and
+replayed; the prompt runs in one pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Required, TypedDict
 
 
-def cache_bytes(config: dict, max_len: int, dtype_bytes: int) -> int:
+class LlamaConfig(TypedDict, total=False):
+    """What decoding reads of a model's config.json (Hugging Face's names; the file holds more)."""
+
+    num_hidden_layers: Required[int]
+    num_attention_heads: Required[int]
+    num_key_value_heads: Required[int]
+    hidden_size: Required[int]
+    rms_norm_eps: Required[float]
+    head_dim: int | None  # default: hidden_size // num_attention_heads
+    rope_theta: float | None  # older configs; newer ones keep it in rope_parameters
+    rope_parameters: dict[str, Any] | None
+
+
+def cache_bytes(config: LlamaConfig, max_len: int, dtype_bytes: int) -> int:
     """Bytes of K and V for every layer at max_len positions (config: the model's config.json)."""
     return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * max_len * _head_dim(config) * dtype_bytes
 
 
-def _head_dim(config: dict) -> int:
+def _head_dim(config: LlamaConfig) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
-def _rope_theta(config: dict) -> float:
+def _rope_theta(config: LlamaConfig) -> float:
     theta = config.get("rope_theta")
     if theta is None:
         theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -29,7 +43,8 @@ def _rope_theta(config: dict) -> float:
 
 
 class Decoder:
-    def __init__(self, weights: dict[str, Any], config: dict, cache: Any, max_len: int, use_graph: bool) -> None:
+    def __init__(self, weights: dict[str, Any], config: LlamaConfig, cache: Any, max_len: int,
+                 use_graph: bool) -> None:
         """`weights`: a Llama checkpoint's tensors by name; `cache`: a tensor of >= cache_bytes(...) bytes."""
         import torch
 
@@ -46,7 +61,8 @@ class Decoder:
         n = cache_bytes(config, max_len, self.lm_head.element_size())
         flat = cache.view(torch.uint8).reshape(-1)[:n].view(self.dtype)
         self.cache = flat.view(2, self.layers, self.kvh, max_len, self.hd)
-        inv = 1.0 / (_rope_theta(config) ** (torch.arange(0, self.hd, 2, dtype=torch.float32, device=self.device) / self.hd))
+        even = torch.arange(0, self.hd, 2, dtype=torch.float32, device=self.device)
+        inv = 1.0 / (_rope_theta(config) ** (even / self.hd))
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=self.device), inv)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
@@ -55,7 +71,7 @@ class Decoder:
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.next = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.graph = None
+        self.graph: Any = None  # torch.cuda.CUDAGraph, once captured
         if use_graph:
             self._capture()
 

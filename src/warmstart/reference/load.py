@@ -13,15 +13,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from warmstart.weights.layout import DTYPES, plan
+from warmstart.reference.decode import LlamaConfig
+from warmstart.weights.layout import DTYPES, Layout, plan
+
+if TYPE_CHECKING:
+    from warmstart.gpumem.region import GpuRegion
 
 _PIECE = 64 << 20
 
 
-def config(model_dir: str) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
+def config(model_dir: str) -> LlamaConfig:
+    cfg: LlamaConfig = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg
 
 
 def tokenizer(model_dir: str) -> Any:  # -> tokenizers.Tokenizer
@@ -30,7 +35,7 @@ def tokenizer(model_dir: str) -> Any:  # -> tokenizers.Tokenizer
     return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
 
-def weights(model_dir: str, device: str, dtype: str, pack: bool = True) -> tuple[dict[str, Any], Any]:
+def weights(model_dir: str, device: str, dtype: str, pack: bool = True) -> tuple[dict[str, Any], GpuRegion | None]:
     """(name -> tensor, the GpuRegion holding them or None). pack: bf16 weights are saved packed
     (warmstart.gpumem.bf16pack)."""
     import torch
@@ -53,9 +58,8 @@ def weights(model_dir: str, device: str, dtype: str, pack: bool = True) -> tuple
     return out, None
 
 
-def _into_region(layout: Any, index: int, torch: Any, pack: bool) -> tuple[dict[str, Any], Any]:
-    from warmstart.gpumem import hostcopy
-    from warmstart.gpumem import vmm
+def _into_region(layout: Layout, index: int, torch: Any, pack: bool) -> tuple[dict[str, Any], GpuRegion]:
+    from warmstart.gpumem import hostcopy, vmm
     from warmstart.gpumem.region import GpuRegion
 
     region = GpuRegion(layout.size, index, keep=True, pack_bf16=pack)

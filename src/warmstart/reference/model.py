@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("WARMSTART_CACHE", Path.home() / ".cache" / "warmstart"))
 
 
-def _tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast (imported lazily: transformers is heavy)
+def _tokenizer(vocab_size: int) -> Any:  # PreTrainedTokenizerFast (imported lazily: transformers is heavy)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -18,8 +18,13 @@ import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
 from warmstart.worker import ResumeSettings, attach
+
+if TYPE_CHECKING:
+    from warmstart.gpumem.region import GpuRegion
+    from warmstart.weights.client import SharedWeights
 
 
 class Engine:
@@ -34,8 +39,8 @@ class Engine:
         self.model_dir = model_dir
         self.tokenizer = load.tokenizer(model_dir)
         config = load.config(model_dir)
-        self.weights = None  # SharedWeights, when mapped from a weight service
-        self.weights_region = None  # a kept GpuRegion holding the weights, on GPU without a service
+        self.weights: SharedWeights | None = None  # when mapped from a weight service
+        self.weights_region: GpuRegion | None = None  # kept, holding the weights, on GPU without a service
         if weights_socket:
             tensors = self._shared_weights(model_dir, device, dtype, weights_socket)
         else:
@@ -43,7 +48,7 @@ class Engine:
         need = decode.cache_bytes(config, max_len, tensors["lm_head.weight"].element_size())
         # The KV pool: engines size it from free memory; here --kv-cache-mb, at least one sequence's worth.
         nbytes = max(kv_cache_mb << 20, need)
-        self.region = None
+        self.region: GpuRegion | None = None
         if device.startswith("cuda"):
             from warmstart.gpumem.region import GpuRegion
 
@@ -57,15 +62,16 @@ class Engine:
         self.gate = threading.Lock()  # held by each request, and by the worker while quiesced
         self.replica: int | None = None
 
-    def _shared_weights(self, model_dir: str, device: str, dtype: str, socket_path: str) -> dict:
+    def _shared_weights(self, model_dir: str, device: str, dtype: str, socket_path: str) -> dict[str, Any]:
         """Every tensor aliasing the weight service's memory: no load, no copy."""
         import glob
 
         from warmstart.weights.client import SharedWeights
 
         torch = self.torch
-        self.weights = SharedWeights(socket_path, sorted(glob.glob(f"{model_dir}/*.safetensors")), device=device)
-        tensors = self.weights.tensors(torch)
+        self.weights = shared = SharedWeights(socket_path, sorted(glob.glob(f"{model_dir}/*.safetensors")),
+                                              device=device)
+        tensors = shared.tensors(torch)
         wrong = {t.dtype for t in tensors.values()} - {getattr(torch, dtype)}
         if wrong:
             raise SystemExit(f"the weight files hold {sorted(map(str, wrong))}, not {dtype}: pass --dtype to match")
@@ -108,38 +114,38 @@ class Engine:
         """Map whatever _release() unmapped (each restore() does nothing for what is still mapped)."""
         if self.weights is not None:
             self.weights.restore()
-        kept = self.weights_region is not None and not self.weights_region.mapped
+        region = self.weights_region
+        kept = region if region is not None and not region.mapped else None
         t0 = time.monotonic()
         if self.weights_region is not None:
             self.weights_region.restore()
         t1 = time.monotonic()
         if self.region is not None:
             self.region.restore()
-        if kept:
-            gb = self.weights_region.nbytes / 1e9
+        if kept is not None:
+            gb = kept.nbytes / 1e9
             print(f"resume: {gb:.2f} GB of weights back in {t1 - t0:.3f} s ({gb / max(t1 - t0, 1e-9):.1f} GB/s), "
                   f"KV pool mapped in {time.monotonic() - t1:.3f} s", flush=True)
 
 
-def _discard(t) -> None:  # t: a contiguous CPU torch tensor
+def _discard(t: Any) -> None:  # t: a contiguous CPU torch tensor
     """Drop a CPU buffer's pages (MADV_DONTNEED): it reads as zeros afterwards, as a released GPU region does."""
-    import ctypes
     import mmap
+
+    from warmstart import linux
 
     page = mmap.PAGESIZE
     start = -(-t.data_ptr() // page) * page
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end > start:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) != 0:
-            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) on the KV pool failed")
+        linux.madvise(start, end - start, mmap.MADV_DONTNEED, "the KV pool (MADV_DONTNEED)")
 
 
 def make_handler(engine: Engine, model_name: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"  # one request per connection: nothing open across a checkpoint
 
-        def _send(self, code: int, body: dict) -> None:
+        def _send(self, code: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -195,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-len", type=int, default=256, help="longest sequence (prompt + completion)")
     ap.add_argument("--no-graph", action="store_true", help="do not capture the decode step as a CUDA graph")
     ap.add_argument("--weights-socket", help="map the weights from this weight service instead of loading them")
-    ap.add_argument("--no-pack", action="store_true",
-                    help="save bf16 weights into the checkpoint as they are, not packed losslessly into 3/4 of the bytes")
+    ap.add_argument("--no-pack", action="store_true", help="save bf16 weights into the checkpoint as they are, "
+                    "not packed losslessly into 3/4 of the bytes")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.device.startswith("cuda"):

@@ -13,26 +13,18 @@ system (its log file, control directory, per-replica directories, /dev/shm segme
 
 from __future__ import annotations
 
-import ctypes
 import os
-import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
 
-from warmstart import procs
+from warmstart import linux, procs
 from warmstart.criu import binary as criu
 from warmstart.criu import shm
 from warmstart.criu.binary import Criu
-from warmstart.replica.sandbox import detach_fds, libc_check, mount, read_msg, send_error, send_msg
 from warmstart.errors import StepFailed, UsageError, WarmstartError
+from warmstart.replica.sandbox import detach_fds, read_msg, send_error, send_msg
 
-_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
-_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _JOINED = ("net", "ipc", "uts", "mnt")
-_libc = ctypes.CDLL(None, use_errno=True)
-T = TypeVar("T")
 
 
 def check_target(pid: int) -> None:
@@ -62,14 +54,6 @@ def prepare_files(target: int, log_path: str | None, dirs: list[str], shm_src: P
         shm.place(shm_src, target_path(target, "/dev/shm"))
 
 
-def _setns(path: str, nstype: int) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        libc_check(_libc.setns(fd, nstype), f"setns {path}")
-    finally:
-        os.close(fd)
-
-
 def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pidfile: Path, timeout_s: float,
             needed_ids: list[int]) -> tuple[int, float]:
     """Run `criu restore` inside the target's namespaces; return (the worker's host pid, CRIU's seconds).
@@ -88,16 +72,17 @@ def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pid
         try:
             os.close(r)
             detach_fds(keep={w})
-            _setns(f"/proc/{target}/ns/pid", _CLONE_NEWPID)  # children are born in the target's pid namespace
+            linux.setns(f"/proc/{target}/ns/pid", linux.CLONE_NEWPID)  # children are born in the target's pid namespace
             _move_pid_counter(needed_ids)
-            libc_check(_libc.unshare(_CLONE_NEWNS), "unshare")
+            linux.unshare(linux.CLONE_NEWNS)
             runner = os.fork()
             if runner == 0:
                 _run(criu_bin, restore_args + joins, log, timeout_s, w)
             _, status = os.waitpid(runner, 0)
             code = os.waitstatus_to_exitcode(status)
         except BaseException as e:
-            send_error(w, f"cannot enter the namespaces of {target}: {e}", "run as root; the target must still be running")
+            send_error(w, f"cannot enter the namespaces of {target}: {e}",
+                       "run as root; the target must still be running")
         finally:
             os._exit(code)
     os.close(w)
@@ -125,7 +110,7 @@ def _ids_in(target: int) -> list[int]:
 def start_of_widest_gap(needed: list[int], pid_max: int) -> int:
     """A last-pid value after which the most ids are free before the next needed one (pids wrap at pid_max)."""
     ids = sorted({i for i in needed if 0 < i < pid_max} | {1})
-    gaps = [(b - a, a) for a, b in zip(ids, ids[1:] + [ids[0] + pid_max])]
+    gaps = [(b - a, a) for a, b in zip(ids, ids[1:] + [ids[0] + pid_max], strict=True)]
     return max(gaps)[1]
 
 
@@ -147,8 +132,9 @@ def _move_pid_counter(needed: list[int]) -> None:
 
 def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -> None:
     try:
-        mount("none", "/", None, _MS_REC | _MS_PRIVATE)
-        mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)  # this pid namespace's view
+        linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        # This pid namespace's own view of /proc.
+        linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
         t0 = time.monotonic()
         criu.run(criu_bin, args, log, "restore", timeout=timeout_s)
         send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
@@ -158,22 +144,3 @@ def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -
     except BaseException as e:
         send_error(w, f"restore runner failed: {e}", "run with --debug")
     os._exit(1)
-
-
-def in_network_of(target: int, fn: Callable[[], T]) -> T:
-    """Call fn in a thread that joined the target's network namespace (setns(net) applies to one thread)."""
-    box: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            _setns(f"/proc/{target}/ns/net", _CLONE_NEWNET)
-            box["value"] = fn()
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]

@@ -13,7 +13,6 @@ process. A replica that fails to restore therefore leaves nothing behind.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
@@ -26,34 +25,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from warmstart import procs
+from warmstart import linux, procs
 from warmstart.criu import binary as criu
 from warmstart.criu import shm
 from warmstart.criu.binary import Criu
 from warmstart.errors import EnvironmentProblem, StepFailed, UsageError, WarmstartError
 
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWPID = 0x20000000
-_CLONE_NEWNET = 0x40000000
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_PRIVATE = 1 << 18
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def libc_check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def mount(src: str, dst: str, fstype: str | None, flags: int) -> None:
-    libc_check(_libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags, None), f"mount {dst}")
-
 
 def bind_host_port(port: int) -> socket.socket:
     """Listen on 127.0.0.1:port (0: any free port) in the host's network namespace."""
@@ -105,7 +85,7 @@ class Sandbox:
         return kids[0] if kids else None
 
 
-def read_msg(fd: int, timeout_s: float) -> dict | None:
+def read_msg(fd: int, timeout_s: float) -> dict[str, Any] | None:
     buf = b""
     deadline = time.monotonic() + timeout_s
     while b"\n" not in buf:
@@ -117,7 +97,8 @@ def read_msg(fd: int, timeout_s: float) -> dict | None:
             return {"event": "error", "problem": "replica's init exited before reporting",
                     "fix": "see the replica's CRIU log"}
         buf += chunk
-    return json.loads(buf.split(b"\n", 1)[0])
+    msg: dict[str, Any] = json.loads(buf.split(b"\n", 1)[0])
+    return msg
 
 
 def detach_fds(keep: set[int]) -> None:
@@ -134,7 +115,7 @@ def detach_fds(keep: set[int]) -> None:
                 pass
 
 
-def send_msg(fd: int, msg: dict) -> None:
+def send_msg(fd: int, msg: dict[str, Any]) -> None:
     os.write(fd, (json.dumps(msg) + "\n").encode())
 
 
@@ -158,7 +139,7 @@ def start(spec: SandboxSpec) -> Sandbox:
             os.close(r)
             detach_fds(keep={w, *(sock.fileno() for sock, _ in spec.forwards)})
             os.setsid()
-            libc_check(_libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET), "unshare")
+            linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWNET)
             init = os.fork()
             if init == 0:
                 _init_main(spec, w)  # never returns
@@ -204,12 +185,12 @@ def _lo_up() -> None:
 
 
 def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None, images: tuple[str, str] | None) -> None:
-    mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing done here may reach the host
-    mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)  # nothing done here may reach the host
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     if images:
-        mount(images[0], images[1], None, _MS_BIND)
+        linux.mount(images[0], images[1], None, linux.MS_BIND)
     # Each replica gets its own POSIX shared memory and semaphores: names the source used must not clash.
-    libc_check(_libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"), "mount /dev/shm")
+    linux.mount("tmpfs", "/dev/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
     if shm_src:
         shm.place(shm_src)
     for src, dst in binds:
@@ -220,7 +201,7 @@ def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None, images: 
             else:
                 d.parent.mkdir(parents=True, exist_ok=True)
                 d.touch()
-        mount(src, dst, None, _MS_BIND)
+        linux.mount(src, dst, None, linux.MS_BIND)
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from typing import Any
 
 CHUNK = 64 << 20
+
+Staging = tuple[int, memoryview]  # a pinned host buffer of CHUNK bytes: (pointer, view of it)
 
 
 class CpuBacking:
@@ -66,13 +67,13 @@ class CudaBacking:
     def _current(self) -> None:
         self._ok(self._d.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
 
-    def staging(self) -> Any:
+    def staging(self) -> Staging:
         """A pinned host buffer of CHUNK bytes (one per loading thread), as (pointer, memoryview)."""
         self._current()
         ptr = int(self._ok(self._d.cuMemHostAlloc(CHUNK, 0), "cuMemHostAlloc"))
         return ptr, memoryview((ctypes.c_char * CHUNK).from_address(ptr)).cast("B")
 
-    def load_pinned(self, src: int, file_offset: int, blob_offset: int, n: int, buf: Any) -> memoryview:
+    def load_pinned(self, src: int, file_offset: int, blob_offset: int, n: int, buf: Staging) -> memoryview:
         ptr, view = buf
         got = os.preadv(src, [view[:n]], file_offset)
         if got != n:
@@ -119,3 +120,6 @@ class CudaBacking:
         d.cuMemUnmap(self.ptr, self.size)
         d.cuMemAddressFree(self.ptr, self.size)
         d.cuMemRelease(self._handle)
+
+
+Memory = CpuBacking | CudaBacking

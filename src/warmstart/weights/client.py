@@ -19,25 +19,41 @@ import mmap
 import os
 import socket
 import weakref
-from typing import Any
+from typing import Any, Required, TypedDict
 
-from warmstart.weights.layout import Layout
+from warmstart import linux
 from warmstart.gpumem import vmm
+from warmstart.weights.layout import Layout
 
-_all: "weakref.WeakSet[SharedWeights]" = weakref.WeakSet()
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MAP_FIXED, _MAP_NORESERVE, _PROT_NONE = 0x10, 0x4000, 0
+_all: weakref.WeakSet[SharedWeights] = weakref.WeakSet()
 
 
-def held() -> list[dict]:
+class HeldWeights(TypedDict):
+    """One weight set a worker maps, as the SDK reports it on quiesce (the manifest's WeightsRef)."""
+
+    socket: str
+    files: list[str]
+    hash: str
+    bytes: int
+    device: str
+
+
+class Request(TypedDict, total=False):
+    """A request to the weight service (warmstart.weights.service)."""
+
+    op: Required[str]  # "get", "prefetch", "copy" or "status"
+    files: list[str]
+    hash: str  # the content hash the worker was checkpointed with: anything else is refused
+    size: int  # "copy": bytes of the memory the worker sent
+
+
+def held() -> list[HeldWeights]:
     """What this process maps from weight services (the SDK reports it on quiesce; the manifest keeps it)."""
     return [w.ref() for w in list(_all)]
 
 
-def request(socket_path: str, req: dict, timeout_s: float = 600, send_fd: int | None = None) -> tuple[dict, int | None]:
+def request(socket_path: str, req: Request, timeout_s: float = 600,
+            send_fd: int | None = None) -> tuple[dict[str, Any], int | None]:
     """One request to the service: (its answer, the descriptor it sent or None). Raises on an error answer."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout_s)
@@ -52,7 +68,8 @@ def request(socket_path: str, req: dict, timeout_s: float = 600, send_fd: int | 
             s.sendall(data)
         else:
             s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [send_fd]))])
-        buf, fds = b"", []
+        buf = b""
+        fds: list[int] = []
         while not buf.endswith(b"\n"):
             data, anc, _, _ = s.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
             if not data:
@@ -63,7 +80,7 @@ def request(socket_path: str, req: dict, timeout_s: float = 600, send_fd: int | 
                     fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
     finally:
         s.close()
-    answer = json.loads(buf)
+    answer: dict[str, Any] = json.loads(buf)
     if not answer.get("ok"):
         for fd in fds:
             os.close(fd)
@@ -86,9 +103,9 @@ class SharedWeights:
         self._shared = True
         self.private_copy = False
         if device == "cpu":
-            addr = _libc.mmap(None, self.size, _PROT_NONE,
-                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
-            if addr in (None, _MAP_FAILED):
+            addr = linux.libc.mmap(None, self.size, linux.PROT_NONE,
+                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | linux.MAP_NORESERVE, -1, 0)
+            if addr in (None, linux.MAP_FAILED):
                 raise OSError(ctypes.get_errno(), "reserving the weights' address range failed")
             self.ptr = int(addr)
         else:
@@ -96,7 +113,7 @@ class SharedWeights:
         self._map(fd)
         _all.add(self)
 
-    def ref(self) -> dict:
+    def ref(self) -> HeldWeights:
         return {"socket": self.socket_path, "files": self.files, "hash": self.hash, "bytes": self.size,
                 "device": self.device}
 
@@ -113,8 +130,8 @@ class SharedWeights:
         if not self._mapped:
             return
         if self.device == "cpu":
-            addr = _libc.mmap(self.ptr, self.size, _PROT_NONE,
-                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE, -1, 0)
+            addr = linux.libc.mmap(self.ptr, self.size, linux.PROT_NONE,
+                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | linux.MAP_FIXED | linux.MAP_NORESERVE, -1, 0)
             if addr != self.ptr:
                 raise OSError(ctypes.get_errno(), "unmapping the weights failed")
         else:
@@ -144,7 +161,7 @@ class SharedWeights:
             raise RuntimeError("the weight service sent no memory descriptor")
         try:
             if self.device == "cpu":
-                addr = _libc.mmap(self.ptr, self.size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+                addr = linux.libc.mmap(self.ptr, self.size, mmap.PROT_READ, mmap.MAP_SHARED | linux.MAP_FIXED, fd, 0)
                 if addr != self.ptr:
                     raise OSError(ctypes.get_errno(), "mapping the weights failed")
             else:

@@ -41,7 +41,7 @@ class Layout:
     tensors: list[Tensor]
     size: int
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"files": [asdict(f) for f in self.files], "tensors": [asdict(t) for t in self.tensors],
                 "size": self.size}
 
@@ -51,7 +51,7 @@ class Layout:
                 for t in self.tensors}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Layout":
+    def from_json(cls, d: dict[str, Any]) -> Layout:
         return cls([FilePart(**f) for f in d["files"]], [Tensor(**t) for t in d["tensors"]], int(d["size"]))
 
 
@@ -59,7 +59,7 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def read_header(path: Path) -> tuple[int, dict]:
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(data section start, header dict) of a safetensors file; ValueError if it is not one."""
     with open(path, "rb") as f:
         raw = f.read(8)

@@ -22,10 +22,11 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from warmstart.errors import EnvironmentProblem, UsageError
 from warmstart.weights import backing
@@ -34,20 +35,54 @@ from warmstart.weights.layout import Layout, plan
 DEFAULT_SOCKET = "/run/warmstart/weights.sock"
 THREADS = min(32, os.cpu_count() or 8)  # reading and hashing both run on these threads
 
+FileKey = tuple[tuple[str, int, int], ...]  # (path, size, mtime_ns) of each file
+Digest = tuple[int, int, bytes]  # (file index, piece index, SHA-256 of the piece or b"")
+
 
 @dataclass
 class WeightSet:
-    key: tuple  # (path, size, mtime_ns) of each file
+    key: FileKey
     layout: Layout
-    memory: Any  # CpuBacking | CudaBacking
+    memory: backing.Memory | None  # None until loaded
     hash: str
     load_s: float
     served: int = 0
     copies: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
 
+    def loaded(self) -> backing.Memory:
+        if self.memory is None:
+            raise RuntimeError("loading the weights failed (see the service's log)")
+        return self.memory
 
-def _file_key(paths: list[Path]) -> tuple:
+
+class _Piece(NamedTuple):
+    """One read of a load: CHUNK bytes (or a file's last, shorter piece) of one file's data section."""
+
+    file: int  # index in the layout's files
+    number: int  # of the piece in its file
+    file_offset: int
+    blob_offset: int
+    n: int
+
+
+def _pieces(layout: Layout) -> list[_Piece]:
+    return [_Piece(i, j, f.data_start + off, f.offset + off, min(backing.CHUNK, f.size - off))
+            for i, f in enumerate(layout.files) for j, off in enumerate(range(0, f.size, backing.CHUNK))]
+
+
+def _content_hash(layout: Layout, digests: list[Digest]) -> str:
+    h = hashlib.sha256()
+    for i, f in enumerate(layout.files):
+        with open(f.path, "rb") as fh:
+            h.update(fh.read(f.data_start))  # the header: names, dtypes, shapes
+        for fi, _, d in digests:
+            if fi == i:
+                h.update(d)
+    return h.hexdigest()
+
+
+def _file_key(paths: list[Path]) -> FileKey:
     out = []
     for p in sorted(paths, key=lambda p: p.name):
         st = p.stat()
@@ -74,9 +109,9 @@ class Store:
     def __init__(self, device: str, hash_cache: Path | None = None) -> None:
         self.device = device
         self.hash_cache = hash_cache
-        self.sets: dict[tuple, WeightSet] = {}
+        self.sets: dict[FileKey, WeightSet] = {}
         self._lock = threading.Lock()
-        self._staging: list[Any] = []
+        self._staging: list[backing.Staging] = []
 
     def get(self, files: list[str]) -> WeightSet:
         paths = [Path(f) for f in files]
@@ -87,7 +122,7 @@ class Store:
         with self._lock:
             ws = self.sets.get(key)
             owner = ws is None
-            if owner:
+            if ws is None:
                 ws = WeightSet(key, plan(paths), None, "", 0.0)
                 self.sets[key] = ws
         if owner:
@@ -100,11 +135,10 @@ class Store:
                 raise
             ws.ready.set()
         ws.ready.wait()
-        if ws.memory is None:
-            raise RuntimeError("loading the weights failed (see the service's log)")
+        ws.loaded()
         return ws
 
-    def _memory(self, size: int, name: str) -> Any:
+    def _memory(self, size: int, name: str) -> backing.Memory:
         if self.device == "cpu":
             return backing.CpuBacking(size, name)
         return backing.CudaBacking(size, name, int(self.device.split(":")[1]))
@@ -132,47 +166,9 @@ class Store:
         stamps = _stamps([Path(f.path) for f in ws.layout.files])
         known = self._known_hash(stamps)
         mem = self._memory(ws.layout.size, Path(ws.layout.files[0].path).parent.name)
-        tasks = []  # (file index, piece index, file offset, blob offset, n)
-        for i, f in enumerate(ws.layout.files):
-            for j, off in enumerate(range(0, f.size, backing.CHUNK)):
-                tasks.append((i, j, f.data_start + off, f.offset + off, min(backing.CHUNK, f.size - off)))
-        fds = [os.open(f.path, os.O_RDONLY) for f in ws.layout.files]
-        gpu = self.device != "cpu"
-        if gpu and not self._staging:
-            self._staging = [mem.staging() for _ in range(THREADS)]
-        local = threading.local()
-        counter = iter(range(THREADS))
-        counter_lock = threading.Lock()
-
-        def piece(t: tuple) -> tuple[int, int, bytes]:
-            i, j, foff, boff, n = t
-            if gpu:
-                if not hasattr(local, "buf"):
-                    with counter_lock:
-                        local.buf = self._staging[next(counter)]
-                data = mem.load_pinned(fds[i], foff, boff, n, local.buf)
-            else:
-                data = mem.load(fds[i], foff, boff, n)
-            return i, j, b"" if known else hashlib.sha256(data).digest()
-
-        try:
-            with ThreadPoolExecutor(max_workers=THREADS) as pool:
-                digests = sorted(pool.map(piece, tasks))
-        except BaseException:
-            mem.close()
-            raise
-        finally:
-            for fd in fds:
-                os.close(fd)
+        digests = self._read(mem, ws.layout, hashing=not known)
         if known is None:
-            h = hashlib.sha256()
-            for i, f in enumerate(ws.layout.files):
-                with open(f.path, "rb") as fh:
-                    h.update(fh.read(f.data_start))  # the header: names, dtypes, shapes
-                for fi, _, d in digests:
-                    if fi == i:
-                        h.update(d)
-            known = h.hexdigest()
+            known = _content_hash(ws.layout, digests)
             if _stamps([Path(f.path) for f in ws.layout.files]) == stamps:  # unchanged while we read it
                 self._remember_hash(stamps, known)
         ws.memory, ws.hash, ws.load_s = mem, known, time.monotonic() - t0
@@ -180,16 +176,57 @@ class Store:
               f"{ws.hash[:12]}) to {mem.device} in {ws.load_s:.2f} s "
               f"({ws.layout.size / max(ws.load_s, 1e-9) / 1e9:.1f} GB/s)", flush=True)
 
+    def _read(self, mem: backing.Memory, layout: Layout, hashing: bool) -> list[Digest]:
+        """Read every piece of the files into mem, on THREADS threads; closes mem if that fails."""
+        pieces = _pieces(layout)
+        fds = [os.open(f.path, os.O_RDONLY) for f in layout.files]
+        if isinstance(mem, backing.CudaBacking) and not self._staging:
+            self._staging = [mem.staging() for _ in range(THREADS)]
+        read = self._reader(mem, fds, hashing)
+        try:
+            with ThreadPoolExecutor(max_workers=THREADS) as pool:
+                return sorted(pool.map(read, pieces))
+        except BaseException:
+            mem.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
 
-def _answer(store: Store, req: dict, fds: list[int]) -> tuple[dict, int | None]:
+    def _reader(self, mem: backing.Memory, fds: list[int], hashing: bool) -> Callable[[_Piece], Digest]:
+        """What a loading thread does with each piece; on a GPU, each thread takes a staging buffer of its own."""
+        local = threading.local()
+        counter = iter(range(THREADS))
+        counter_lock = threading.Lock()
+
+        def read(t: _Piece) -> Digest:
+            if isinstance(mem, backing.CudaBacking):
+                if not hasattr(local, "buf"):
+                    with counter_lock:
+                        local.buf = self._staging[next(counter)]
+                data = mem.load_pinned(fds[t.file], t.file_offset, t.blob_offset, t.n, local.buf)
+            else:
+                data = mem.load(fds[t.file], t.file_offset, t.blob_offset, t.n)
+            return t.file, t.number, hashlib.sha256(data).digest() if hashing else b""
+
+        return read
+
+
+def _status(store: Store) -> dict[str, Any]:
+    sets = [{"hash": ws.hash, "files": [k[0] for k in ws.key], "bytes": ws.layout.size,
+             "load_s": round(ws.load_s, 3), "served": ws.served, "copies": ws.copies}
+            for ws in list(store.sets.values()) if ws.memory is not None]
+    return {"ok": True, "device": store.device, "sets": sets}
+
+
+def _answer(store: Store, req: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], int | None]:
     op = req.get("op")
     if op == "status":
-        return {"ok": True, "device": store.device, "sets": [
-            {"hash": ws.hash, "files": [k[0] for k in ws.key], "bytes": ws.layout.size, "load_s": round(ws.load_s, 3),
-             "served": ws.served, "copies": ws.copies} for ws in list(store.sets.values()) if ws.memory is not None]}, None
+        return _status(store), None
     if op not in ("get", "prefetch", "copy"):
         return {"ok": False, "error": f"unknown op {op!r}"}, None
     ws = store.get(list(req.get("files") or []))
+    mem = ws.loaded()
     want = req.get("hash")
     if want and want != ws.hash:
         return {"ok": False, "error": f"weight hash mismatch: the files now hash to {ws.hash[:16]}, "
@@ -197,20 +234,20 @@ def _answer(store: Store, req: dict, fds: list[int]) -> tuple[dict, int | None]:
     if op == "prefetch":
         return {"ok": True, "hash": ws.hash, "load_s": ws.load_s}, None
     if op == "copy":  # into the worker's own memory (its fd came with the request)
-        if not fds or ws.memory.device == "cpu":
+        if not fds or not isinstance(mem, backing.CudaBacking):
             return {"ok": False, "error": "copy needs GPU weights and the worker's memory descriptor"}, None
         t0 = time.monotonic()
-        ws.memory.copy_into(fds[0], int(req["size"]))
+        mem.copy_into(fds[0], int(req["size"]))
         ws.copies += 1
         return {"ok": True, "hash": ws.hash, "copy_s": round(time.monotonic() - t0, 4)}, None
     ws.served += 1
-    return {"ok": True, "hash": ws.hash, "device": ws.memory.device, "layout": ws.layout.to_json()}, \
-        ws.memory.export_fd()
+    return {"ok": True, "hash": ws.hash, "device": mem.device, "layout": ws.layout.to_json()}, mem.export_fd()
 
 
-def _requests(conn: socket.socket):
+def _requests(conn: socket.socket) -> Iterator[tuple[bytes, list[int]]]:
     """Each request line on the connection, with the descriptors that came with it."""
-    buf, fds = b"", []
+    buf = b""
+    fds: list[int] = []
     while True:
         data, anc, _, _ = conn.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 4))
         if not data:
@@ -227,7 +264,7 @@ def _requests(conn: socket.socket):
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
-        store: Store = self.server.store  # type: ignore[attr-defined]
+        store = cast(_Server, self.server).store
         for line, fds in _requests(self.request):
             try:
                 answer, fd = _answer(store, json.loads(line), fds)
@@ -248,6 +285,10 @@ class _Handler(socketserver.BaseRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+
+    def __init__(self, path: str, store: Store) -> None:
+        self.store = store
+        super().__init__(path, _Handler)
 
 
 def serve(socket_path: str, device: str) -> None:
@@ -270,8 +311,7 @@ def serve(socket_path: str, device: str) -> None:
             path.unlink()  # a stale socket of a service that died
         finally:
             probe.close()
-    server = _Server(str(path), _Handler)
-    server.store = Store(device, path.with_name(path.name + ".hashes.json"))  # type: ignore[attr-defined]
+    server = _Server(str(path), Store(device, path.with_name(path.name + ".hashes.json")))
     os.chmod(path, 0o600)
     print(f"warmstart weights: serving on {path} ({device})", flush=True)
     server.serve_forever()

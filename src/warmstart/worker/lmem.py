@@ -10,9 +10,17 @@ grows by itself for any kernel that needs more).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 QUIESCED_STACK_BYTES = 16
+
+
+class ShrunkStack(NamedTuple):
+    """A context whose stack limit shrink() lowered, and the limit regrow() sets back."""
+
+    dev: Any  # CUdevice
+    ctx: Any  # CUcontext, retained until regrow() releases it
+    old: int
 
 
 def _cuda_in_use() -> bool:
@@ -32,7 +40,7 @@ def _active_contexts(d: Any) -> list[tuple[Any, Any]]:
     if d.cuInit(0)[0] != d.CUresult.CUDA_SUCCESS:
         return []
     err, count = d.cuDeviceGetCount()
-    out = []
+    out: list[tuple[Any, Any]] = []
     for i in range(count if err == d.CUresult.CUDA_SUCCESS else 0):
         err, dev = d.cuDeviceGet(i)
         err, _flags, active = d.cuDevicePrimaryCtxGetState(dev)
@@ -51,7 +59,15 @@ def _set_stack(d: Any, ctx: Any, nbytes: int) -> None:
         raise RuntimeError(f"cuCtxSetLimit(CU_LIMIT_STACK_SIZE, {nbytes}) failed: {getattr(err, 'name', err)}")
 
 
-def shrink() -> list[tuple[Any, Any, int]]:
+def _stack_limit(d: Any, ctx: Any) -> int | None:
+    """The context's stack limit in bytes; None where the driver does not say."""
+    if d.cuCtxSetCurrent(ctx)[0] != d.CUresult.CUDA_SUCCESS:
+        return None
+    err, old = d.cuCtxGetLimit(d.CUlimit.CU_LIMIT_STACK_SIZE)
+    return int(old) if err == d.CUresult.CUDA_SUCCESS else None
+
+
+def shrink() -> list[ShrunkStack]:
     """Lower every active context's stack limit; returns what regrow() needs to undo it."""
     if not _cuda_in_use():
         return []
@@ -59,21 +75,19 @@ def shrink() -> list[tuple[Any, Any, int]]:
         from cuda.bindings import driver as d
     except ImportError:  # a CUDA worker without cuda-bindings: its checkpoint keeps the reservation
         return []
-    saved = []
+    saved: list[ShrunkStack] = []
     for dev, ctx in _active_contexts(d):
-        err, old = d.cuCtxSetCurrent(ctx)[0], None
-        if err == d.CUresult.CUDA_SUCCESS:
-            err, old = d.cuCtxGetLimit(d.CUlimit.CU_LIMIT_STACK_SIZE)
-        if err != d.CUresult.CUDA_SUCCESS or int(old) <= QUIESCED_STACK_BYTES:
+        old = _stack_limit(d, ctx)
+        if old is None or old <= QUIESCED_STACK_BYTES:
             d.cuDevicePrimaryCtxRelease(dev)
             continue
         d.cuCtxSynchronize()
         _set_stack(d, ctx, QUIESCED_STACK_BYTES)
-        saved.append((dev, ctx, int(old)))
+        saved.append(ShrunkStack(dev, ctx, old))
     return saved
 
 
-def regrow(saved: list[tuple[Any, Any, int]]) -> None:
+def regrow(saved: list[ShrunkStack]) -> None:
     """Set the stack limits shrink() lowered back to what they were."""
     if not saved:
         return

@@ -14,9 +14,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from warmstart.worker import lmem, savedir
 from warmstart.worker import protocol as p
@@ -34,7 +35,7 @@ class ResumeSettings:
     port: int | None = None  # the host port forwarded to this replica
 
     @classmethod
-    def from_request(cls, settings: dict) -> "ResumeSettings":
+    def from_request(cls, settings: dict[str, Any]) -> ResumeSettings:
         return cls(
             restored=bool(settings.get("restored", False)),
             replica=settings.get("replica"),
@@ -55,7 +56,7 @@ class Controller:
         self._on_resume = on_resume or (lambda s: None)
         self._seq = 0
         self._quiesced = False
-        self._lmem: list = []
+        self._lmem: list[lmem.ShrunkStack] = []
         self.last_resume: ResumeSettings | None = None
 
     def announce(self, port: int | None, engine: str, model: str | None) -> None:
@@ -66,10 +67,9 @@ class Controller:
         threading.Thread(target=self._loop, name="warmstart-control", daemon=True).start()
 
     def _ack(self, seq: int, op: str, error: str = "") -> None:
-        ack = {"seq": seq, "op": op, "ok": not error, "error": error, "at": time.time()}
+        ack: dict[str, Any] = {"seq": seq, "op": op, "ok": not error, "error": error, "at": time.time()}
         if op == p.QUIESCE and not error:
             from warmstart.gpumem import region  # no CUDA import: it only sums what its regions released
-
             from warmstart.weights import client as weights
 
             # Weights mapped from a weight service: the restore asks the service for them (by content hash).
@@ -81,7 +81,7 @@ class Controller:
             ack["weights"] = held
         p.write_json(self.dir / p.ACK, ack)
 
-    def _handle(self, req: dict) -> None:
+    def _handle(self, req: dict[str, Any]) -> None:
         seq, op = int(req["seq"]), req.get("op")
         settings = req.get("settings") or {}
         try:
@@ -104,7 +104,7 @@ class Controller:
         self._ack(seq, op or "?")
 
     def _loop(self) -> None:
-        stamp = None
+        stamp: tuple[int, int, int, int] | None = None
         while True:
             time.sleep(_POLL_QUIESCED_S if self._quiesced else _POLL_SERVING_S)
             try:
@@ -121,7 +121,7 @@ class Controller:
                 self._handle(req)
 
 
-def _shrink_local_memory() -> list:
+def _shrink_local_memory() -> list[lmem.ShrunkStack]:
     try:
         return lmem.shrink()
     except RuntimeError as e:  # only a smaller image is lost: the checkpoint goes on
@@ -129,7 +129,7 @@ def _shrink_local_memory() -> list:
         return []
 
 
-def _regrow_local_memory(saved: list) -> None:
+def _regrow_local_memory(saved: list[lmem.ShrunkStack]) -> None:
     try:
         lmem.regrow(saved)
     except RuntimeError as e:  # the driver grows it again by itself for any kernel that needs more

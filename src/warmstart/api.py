@@ -1,0 +1,82 @@
+"""warmstart's public Python API, for orchestrators that embed it; the CLI, the demo and the agent use it too.
+
+    from warmstart import Cancel, checkpoint, restore, run
+
+    worker = run("llm", ["python", "-m", "warmstart.reference.server", "--port", "8000"], wait=True)
+    done = checkpoint("llm", "/ckpt/llm", leave_running=True)
+    replicas = restore("/ckpt/llm", replicas=2)
+
+Every call may run on any thread; a `Cancel` passed in stops it at its next step, undoing what it started
+(on the main thread SIGINT, SIGTERM and SIGHUP do the same). Failures are `warmstart.errors.WarmstartError`s,
+each with the problem, the fix and an exit code (docs/api.md).
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+
+from warmstart import registry
+from warmstart.errors import UsageError
+from warmstart.pipeline import checkpoint as checkpoint_pipeline
+from warmstart.pipeline import restore as restore_pipeline
+from warmstart.pipeline import run as run_pipeline
+from warmstart.pipeline.checkpoint import CheckpointResult
+from warmstart.pipeline.restore import ReplicaResult, RestoreResult
+from warmstart.pipeline.steps import Cancel, Progress, quiet
+from warmstart.registry import WorkerRecord
+
+__all__ = ["Cancel", "CheckpointResult", "Progress", "ReplicaResult", "RestoreResult", "WorkerRecord",
+           "checkpoint", "restore", "restore_into", "run", "stop", "workers"]
+
+
+def run(name: str | None, command: list[str], *, engine: str = "plain", wait: bool = False,
+        timeout_s: float = 300.0) -> WorkerRecord:
+    """Start a worker under management (in a shape CRIU can checkpoint); with `wait`, return once it is warm."""
+    if not command:
+        raise UsageError("no command to run", "pass it after --, e.g. `warmstart run -- python server.py`")
+    default = engine if engine not in ("plain", "reference") else Path(command[0]).name.lower()
+    rec = run_pipeline.start(name or registry.free_name(default), command, engine=engine)
+    if wait:
+        info = run_pipeline.wait_ready(rec, timeout_s)
+        if info.port and not rec.port:
+            rec.port = info.port
+    return rec
+
+
+def checkpoint(worker: str | int, out: str | PathLike[str], *, leave_running: bool = False,
+               timeout_s: float = 30.0, quiesce: bool = True, engine: str | None = None,
+               progress: Progress = quiet, cancel: Cancel | None = None) -> CheckpointResult:
+    """Checkpoint a managed worker (by name) or any process tree (by root pid) into the new directory `out`."""
+    rec = registry.get(worker) if isinstance(worker, str) else None
+    if rec and not rec.alive():
+        raise UsageError(f"worker {worker!r} is not running", "start it again with `warmstart run`")
+    pid = rec.pid if rec else int(worker)
+    return checkpoint_pipeline.checkpoint(pid, Path(out), record=rec, leave_running=leave_running,
+                                          quiesce_timeout_s=timeout_s, quiesce=quiesce, engine=engine,
+                                          progress=progress, cancel=cancel)
+
+
+def restore(artifact: str | PathLike[str], *, name: str | None = None, replicas: int = 1, port: int | None = None,
+            timeout_s: float = 120.0, gpu: str | None = None, progress: Progress = quiet,
+            cancel: Cancel | None = None) -> RestoreResult:
+    """Restore an artifact as `replicas` replicas, each in namespaces of its own, on host ports from `port`."""
+    return restore_pipeline.restore(Path(artifact), name=name, replicas=replicas, port=port, timeout_s=timeout_s,
+                                    gpu_device=gpu, progress=progress, cancel=cancel)
+
+
+def restore_into(artifact: str | PathLike[str], target: int, *, name: str | None = None, timeout_s: float = 120.0,
+                 gpu: str | None = None, progress: Progress = quiet, cancel: Cancel | None = None) -> RestoreResult:
+    """Restore one replica into the namespaces of the running process `target` (a placeholder container's)."""
+    return restore_pipeline.restore_into(Path(artifact), target, name=name, timeout_s=timeout_s, gpu_device=gpu,
+                                         progress=progress, cancel=cancel)
+
+
+def stop(name: str, grace_s: float = 5.0) -> None:
+    """Stop a worker or replica (SIGTERM, then SIGKILL after grace_s) and forget it."""
+    registry.stop(name, grace_s=grace_s)
+
+
+def workers() -> list[WorkerRecord]:
+    """The managed workers and restored replicas, running or exited."""
+    return registry.all_records()

@@ -1,0 +1,69 @@
+"""Every WARMSTART_* setting of the host side, parsed and validated in one place (docs/cli.md lists them).
+
+`current()` reads the environment each time it is called, so a pipeline takes its settings once, when it
+starts, and a test may change them between calls. A bad value is a UsageError naming the variable and the fix.
+Variables that are protocol rather than settings (WARMSTART_CONTROL_DIR, WARMSTART_WORKER_NAME, set for a
+worker; WARMSTART_SHM_*, set for CRIU's action script) live with their protocol.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmstart.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path  # WARMSTART_HOME: state (worker records, logs, the verified-checksum cache)
+    criu: str | None  # WARMSTART_CRIU: the criu binary; default: the checkout's build, then PATH
+    read_threads: int  # WARMSTART_READ_THREADS: threads a restore reads an image with (default: cores, <= 16)
+    huge_pages: bool  # WARMSTART_HUGE_PAGES: restore large anonymous areas into transparent huge pages
+    image_cache: Path  # WARMSTART_IMAGE_CACHE: raw images of compressed ones, for restores on this node
+    zero_pages: bool  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image at checkpoint
+    compress: bool  # WARMSTART_COMPRESS: store large pages images compressed where it pays
+    debug: bool  # WARMSTART_DEBUG: tracebacks on errors, as --debug
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "")
+    if value == "":
+        return default
+    if value not in ("0", "1"):
+        raise UsageError(f"{name} must be 0 or 1, not {value!r}", f"unset it or set {name}=0 or {name}=1")
+    return value == "1"
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name, "")
+    if value == "":
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= 1024:
+        raise UsageError(f"{name} must be a whole number from 1 to 1024, not {value!r}",
+                         f"unset it or set e.g. {name}=8")
+    return int(value)
+
+
+def parse(env: Mapping[str, str]) -> Settings:
+    return Settings(
+        home=Path(env.get("WARMSTART_HOME") or "/run/warmstart"),
+        criu=env.get("WARMSTART_CRIU") or None,
+        read_threads=_count(env, "WARMSTART_READ_THREADS", min(os.cpu_count() or 1, 16)),
+        huge_pages=_flag(env, "WARMSTART_HUGE_PAGES", True),
+        image_cache=Path(env.get("WARMSTART_IMAGE_CACHE") or "/var/cache/warmstart/images"),
+        zero_pages=_flag(env, "WARMSTART_ZERO_PAGES", True),
+        compress=_flag(env, "WARMSTART_COMPRESS", True),
+        debug=env.get("WARMSTART_DEBUG", "") not in ("", "0"),
+    )
+
+
+def current() -> Settings:
+    return parse(os.environ)
+
+
+def debug_requested() -> bool:
+    """WARMSTART_DEBUG alone: read before anything else can fail, so that a bad setting's error is debuggable."""
+    return os.environ.get("WARMSTART_DEBUG", "") not in ("", "0")

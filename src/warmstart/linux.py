@@ -1,0 +1,105 @@
+"""The one syscall module: libc through ctypes, the namespace and mount calls, and their constants.
+
+Standard library only, so that code running inside a worker (worker/, gpumem/, weights/client.py) may use it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MAP_FIXED, MAP_NORESERVE, PROT_NONE = 0x10, 0x4000, 0
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def check(ret: int, what: str) -> None:
+    """Raise OSError with errno's text when a libc call returned non-zero."""
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(src: str, dst: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    check(libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags,
+                     data.encode() if data else None), f"mount {dst}")
+
+
+def unshare(flags: int) -> None:
+    check(libc.unshare(flags), "unshare")
+
+
+def setns(path: str, nstype: int) -> None:
+    """Join the namespace at `path` (/proc/PID/ns/KIND) with the calling thread."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        check(libc.setns(fd, nstype), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+def prctl(what: str, option: int, *args: object) -> None:
+    padded = (*args, 0, 0, 0, 0)[:4]
+    if libc.prctl(option, *padded) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({what})")
+
+
+def madvise(addr: int, length: int, advice: int, what: str) -> None:
+    if libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise on {what} failed")
+
+
+def resident_pages(fd: int, size: int) -> tuple[int, int] | None:
+    """(resident, total) pages of an open file in the page cache (mincore on a mapping never touched)."""
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, MAP_FAILED):
+        return None
+    try:
+        pages = -(-size // mmap.PAGESIZE)
+        vec = ctypes.create_string_buffer(pages)
+        if libc.mincore(addr, size, vec) != 0:
+            return None
+        return pages - vec.raw.count(b"\x00"), pages
+    finally:
+        libc.munmap(addr, size)
+
+
+def in_network_of(pid: int, fn: Callable[[], T]) -> T:
+    """fn() in process pid's network namespace: a thread joins it (setns applies to the calling thread only)."""
+    if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        return fn()
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            setns(f"/proc/{pid}/ns/net", CLONE_NEWNET)
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

@@ -1,0 +1,217 @@
+"""The steps of a checkpoint (pipeline/checkpoint.py lists them), over the state they share.
+
+Each method is one step or one undo. State that a later step needs (the staging directory, the manifest's
+parts) lives on the job, so that the list itself stays readable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from warmstart import __version__, config, host, paths, procs, registry
+from warmstart.artifact import store
+from warmstart.artifact.manifest import (
+    IMAGES_DIR,
+    SAVED_DIR,
+    SHM_DIR,
+    CriuSettings,
+    FileRanges,
+    GpuState,
+    Manifest,
+    StepTiming,
+    WeightsRef,
+)
+from warmstart.criu import binary as criu
+from warmstart.criu import shm
+from warmstart.errors import ImageError, WarmstartError, WorkerError
+from warmstart.gpu import driver
+from warmstart.gpu import processes as gpu
+from warmstart.image import cache, codec, workingset, zeropages
+from warmstart.pipeline.source import Source
+from warmstart.pipeline.steps import Progress
+
+
+@dataclass
+class CheckpointJob:
+    source: Source
+    out: Path
+    timeout_s: float
+    progress: Progress
+    timings: list[StepTiming]  # the runner's: the manifest records them
+    staging: store.Staging | None = None
+    saved: Path | None = None  # where an SDK worker saves what it keeps outside its image
+    working_set: list[FileRanges] = field(default_factory=list)
+    gpu_states: list[GpuState] = field(default_factory=list)
+    zero_bytes: int = 0
+    packed: tuple[int, int] = (0, 0)  # raw and stored bytes of the pages images stored compressed
+    manifest: Manifest | None = None
+    paused_from: float = 0.0
+    paused_s: float | None = None  # with leave_running: from the quiesce to the worker serving again
+    resume_error: Exception | None = None  # the source did not resume after the dump (leave_running)
+
+    @property
+    def stage_dir(self) -> store.Staging:
+        assert self.staging is not None, "the stage step runs first"
+        return self.staging
+
+    # ---- before the dump ----
+
+    def stage(self) -> None:
+        self.staging = store.stage(self.out)
+        q = self.source.quiescer
+        if q and q.saves_files and self.source.in_own_mounts:
+            self.saved = _saved_dir(self.staging, self.source.pid)
+        self.paused_from = time.monotonic()
+
+    def unstage(self) -> None:
+        if self.staging:
+            store.discard(self.staging)
+
+    def quiesce(self) -> None:
+        assert self.source.quiescer is not None
+        report = self.source.quiescer.quiesce(self.saved)
+        w = self.source.identity
+        w.control_seq = report.control_seq or w.control_seq
+        w.gpu_bytes_to_remap = report.gpu_bytes_to_remap
+        w.weights = [WeightsRef(**ref) for ref in report.weights]
+        w.kv_released = report.kv_released
+
+    def cancel_quiesce(self) -> None:
+        if self.source.quiescer:
+            self.source.quiescer.cancel()
+
+    def record_tree(self) -> None:
+        w, pid = self.source.identity, self.source.pid
+        w.listen_ports = procs.listening_tcp_ports(pid)
+        w.ids = procs.inner_ids(procs.tree(pid))
+
+    def cuda_checkpoint(self) -> None:
+        self.gpu_states = gpu.describe(self.source.cuda_pids)
+        gpu.suspend(self.source.cuda_pids, int(self.timeout_s * 1000))
+
+    def cuda_undo(self) -> None:
+        pids = self.source.cuda_pids
+        if pids and driver.state_name(pids[0]) == "checkpointed":
+            gpu.resume(pids)
+
+    def capture_working_set(self) -> None:
+        self.working_set = workingset.capture(procs.tree(self.source.pid))
+
+    def dump(self) -> None:
+        s, staging = self.source, self.stage_dir
+        # Outside the staging directory, so it survives a failed dump (the error names it).
+        log = paths.home() / "logs" / f"dump-{s.pid}-{int(time.time())}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        script = staging.tmp / "shm-hook.sh" if s.shm_use else None
+        env = shm.hook(s.shm_use, staging.tmp / SHM_DIR, script, s.shm_root) if script else {}
+        try:
+            criu.run(s.criu, criu.dump_args(s.inner, staging.images, log, str(script) if script else None), log,
+                     "dump", env=env, enter=s.enter)
+            shutil.move(log, staging.tmp / "dump.log")  # the state directory and -o may be different disks
+        finally:
+            if env:
+                shm.remove_remaps(shm.created_remaps(env, s.shm_root), s.shm_root)
+            if script:
+                script.unlink(missing_ok=True)
+
+    # ---- the source serves again (leave_running): a failure here still completes the artifact ----
+
+    def resume_gpu(self) -> None:
+        try:
+            gpu.resume(self.source.cuda_pids)
+        except Exception as e:  # noqa: BLE001 - the artifact is whole: finish it, then report this
+            self.resume_error = e
+
+    def resume_worker(self) -> None:
+        q = self.source.quiescer
+        if q and not self.resume_error:
+            try:
+                q.resume()
+            except Exception as e:  # noqa: BLE001 - as above
+                self.resume_error = e
+        self.paused_s = time.monotonic() - self.paused_from
+
+    # ---- the image ----
+
+    def drop_zero_pages(self) -> None:
+        try:
+            self.zero_bytes = zeropages.drop(self.stage_dir.images)
+        except ImageError as e:
+            self.progress(f"warning: pages of zeros stay in the image ({e})")
+
+    def compress(self) -> None:
+        self.packed = codec.compress(self.stage_dir.images, os.cpu_count() or 1, self.progress,
+                                     keep=self.stage_dir.tmp / "raw")
+
+    def checksum(self) -> None:
+        staging, s = self.stage_dir, self.source
+        if self.saved and not any(self.saved.iterdir()):
+            self.saved.rmdir()  # the worker saved nothing there
+        self.manifest = Manifest(
+            warmstart_version=__version__, worker=s.identity, host=host.current(s.criu.version),
+            criu=CriuSettings(version=s.criu.version, dump_args=criu.dump_args(s.pid, Path("IMAGES"), Path("LOG"))),
+            gpus=self.gpu_states, working_set=self.working_set, zero_bytes_dropped=self.zero_bytes,
+            compressed_raw_bytes=self.packed[0], compressed_bytes=self.packed[1])
+        if s.cuda_pids:
+            self.manifest.driver_version = driver.driver_version()
+            self.manifest.cuda_version = driver.cuda_version()
+        self.manifest.files = store.checksum(staging)
+        _cache_raw_images(staging.tmp / "raw", self.manifest)
+        self.manifest.image_bytes = store.stored_bytes(staging.tmp, self.manifest.files)
+
+    def commit(self) -> None:
+        assert self.manifest is not None
+        self.manifest.steps = list(self.timings)
+        store.commit(self.stage_dir, self.manifest)
+        store.remember_verified(self.stage_dir.final, self.manifest)
+
+    def stop_source(self) -> None:
+        s = self.source
+        procs.terminate(s.pid, procs.start_time(s.pid), grace_s=2.0)
+        if s.record:
+            registry.remove(s.record.name)
+
+    def raise_resume_error(self) -> None:
+        e = self.resume_error
+        if e is None:
+            return
+        problem = f"the checkpoint {self.stage_dir.final} is complete, but its source worker did not resume: "
+        if isinstance(e, WarmstartError):
+            raise type(e)(problem + e.problem, e.fix) from e
+        raise WorkerError(problem + str(e), "see the worker's log") from e
+
+
+def zero_pages_on() -> bool:
+    return config.current().zero_pages
+
+
+def compress_on() -> bool:
+    return config.current().compress
+
+
+def _cache_raw_images(raw: Path, manifest: Manifest) -> None:
+    """The raw images of those compressed go to the image cache, keyed by the compressed files' checksums: this
+    node restores the artifact without inflating them while they are in its page cache."""
+    if not raw.is_dir():
+        return
+    keys = {f.path: f.sha256 for f in manifest.files}
+    for p in raw.iterdir():
+        key = keys.get(f"{IMAGES_DIR}/{p.name}{codec.SUFFIX}")
+        if key:
+            cache.cache_raw(p, key)
+    shutil.rmtree(raw, ignore_errors=True)
+
+
+def _saved_dir(staging: store.Staging, pid: int) -> Path:
+    """A directory in the artifact for what the worker saves outside its image (kept GPU regions); only for a
+    worker that sees the same files we do (a container's keeps everything in memory, so in CRIU's image)."""
+    d = staging.tmp / SAVED_DIR
+    d.mkdir()
+    uid, gid = procs.owner(pid)
+    if (uid, gid) != (os.getuid(), os.getgid()):
+        os.chown(d, uid, gid)  # the worker writes the files
+    return d
