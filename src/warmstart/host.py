@@ -55,7 +55,8 @@ def current(criu_version: str = "") -> HostInfo:
     )
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
+    """"4.2.1" -> (4, 2, 1): the one parser of dotted versions (CRIU, the NVIDIA driver, the kernel)."""
     return tuple(int(p) for p in v.split(".") if p.isdigit())
 
 
@@ -71,7 +72,7 @@ def check_compatible(source: HostInfo, target: HostInfo) -> list[str]:
             + ", ".join(missing)
         )
     if source.criu_version and target.criu_version:
-        if _version_tuple(target.criu_version)[:2] < _version_tuple(source.criu_version)[:2]:
+        if version_tuple(target.criu_version)[:2] < version_tuple(source.criu_version)[:2]:
             problems.append(
                 f"CRIU here ({target.criu_version}) is older than the one that made the image ({source.criu_version})"
             )

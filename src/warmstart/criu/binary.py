@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart import config
+from warmstart import config, host
 from warmstart.errors import EnvironmentProblem, StepFailed
 
 MIN_VERSION = (4, 2)
@@ -75,8 +75,7 @@ def _version_of(path: str) -> str | None:
 
 
 def version_ok(version: str) -> bool:
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    return parts >= MIN_VERSION
+    return host.version_tuple(version)[:2] >= MIN_VERSION
 
 
 @functools.lru_cache(maxsize=1)

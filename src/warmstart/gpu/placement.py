@@ -3,13 +3,10 @@ the artifact says and what this host has (plan), and its call with this host's G
 
 from __future__ import annotations
 
+from warmstart import host
 from warmstart.artifact.manifest import GpuState
 from warmstart.errors import IncompatibleArtifact, UsageError
 from warmstart.gpu import driver
-
-
-def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split(".") if x.isdigit())
 
 
 def _pick(requested: str, here: list[driver.Gpu]) -> driver.Gpu:
@@ -22,7 +19,7 @@ def _pick(requested: str, here: list[driver.Gpu]) -> driver.Gpu:
 
 
 def _check_driver(artifact_driver: str | None, here_driver: str | None) -> None:
-    if artifact_driver and here_driver and _version(here_driver) < _version(artifact_driver):
+    if artifact_driver and here_driver and host.version_tuple(here_driver) < host.version_tuple(artifact_driver):
         raise IncompatibleArtifact(
             f"artifact was checkpointed with NVIDIA driver {artifact_driver}; this host has {here_driver}, "
             "which is older",
