@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 WARMSTART = [sys.executable, "-m", "warmstart"]
 # Raw images of compressed ones (image/codec.py) go here, not to /var/cache, in tests that set no home.
 os.environ.setdefault("WARMSTART_IMAGE_CACHE", f"/tmp/warmstart-test-image-cache-{os.getpid()}")
+# The artifact signing key of this test session (artifact/signing.py), made on first use.
+os.environ.setdefault("WARMSTART_KEY_DIR", f"/tmp/warmstart-test-keys-{os.getpid()}")
 COUNTER = REPO / "tests" / "workers" / "counter.py"
 SLOW_QUIESCE = REPO / "tests" / "workers" / "slow_quiesce.py"
 SAVED_STATE = REPO / "tests" / "workers" / "saved_state.py"
@@ -147,3 +149,11 @@ def evict_file(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def resign(artifact: Path) -> None:
+    """Sign an artifact's manifest again after a test changed it on purpose (as its key's owner could)."""
+    from warmstart.artifact import signing
+
+    data = (artifact / "manifest.json").read_bytes()
+    (artifact / signing.SIGNATURE_NAME).write_bytes(signing.sign(data))

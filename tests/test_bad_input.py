@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, SAVED_STATE, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, wait_http
+from conftest import COUNTER, SAVED_STATE, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, resign, wait_http
 from conftest import one_error_line as _one_error_line
 from warmstart import demo, procs
 
@@ -95,6 +95,7 @@ def test_incompatible_host_is_refused(counter_artifact: Path) -> None:
     m["host"]["arch"] = "riscv64"
     m["host"]["cpu_flags"].append("avx512_fp16")
     (counter_artifact / "manifest.json").write_text(json.dumps(m))
+    resign(counter_artifact)
     _one_error_line(cli("restore", str(counter_artifact)), 4, "cannot be restored here", "riscv64", "avx512_fp16")
 
 

@@ -46,30 +46,35 @@ def run(name: str | None, command: list[str], *, engine: str = "plain", wait: bo
 
 def checkpoint(worker: str | int, out: str | PathLike[str], *, leave_running: bool = False,
                timeout_s: float = 30.0, quiesce: bool = True, engine: str | None = None,
-               progress: Progress = quiet, cancel: Cancel | None = None) -> CheckpointResult:
-    """Checkpoint a managed worker (by name) or any process tree (by root pid) into the new directory `out`."""
+               progress: Progress = quiet, cancel: Cancel | None = None,
+               insecure_unsigned: bool = False) -> CheckpointResult:
+    """Checkpoint a managed worker (by name) or any process tree (by root pid) into the new directory `out`,
+    signed with this host's key (insecure_unsigned: not signed)."""
     rec = registry.get(worker) if isinstance(worker, str) else None
     if rec and not rec.alive():
         raise UsageError(f"worker {worker!r} is not running", "start it again with `warmstart run`")
     pid = rec.pid if rec else int(worker)
     return checkpoint_pipeline.checkpoint(pid, Path(out), record=rec, leave_running=leave_running,
                                           quiesce_timeout_s=timeout_s, quiesce=quiesce, engine=engine,
-                                          progress=progress, cancel=cancel)
+                                          progress=progress, cancel=cancel, insecure_unsigned=insecure_unsigned)
 
 
 def restore(artifact: str | PathLike[str], *, name: str | None = None, replicas: int = 1, port: int | None = None,
             timeout_s: float = 120.0, gpu: str | None = None, progress: Progress = quiet,
-            cancel: Cancel | None = None) -> RestoreResult:
-    """Restore an artifact as `replicas` replicas, each in namespaces of its own, on host ports from `port`."""
+            cancel: Cancel | None = None, insecure_unsigned: bool = False) -> RestoreResult:
+    """Restore an artifact as `replicas` replicas, each in namespaces of its own, on host ports from `port`.
+    The artifact must be signed by a key this host trusts, unless insecure_unsigned."""
     return restore_pipeline.restore(Path(artifact), name=name, replicas=replicas, port=port, timeout_s=timeout_s,
-                                    gpu_device=gpu, progress=progress, cancel=cancel)
+                                    gpu_device=gpu, progress=progress, cancel=cancel,
+                                    insecure_unsigned=insecure_unsigned)
 
 
 def restore_into(artifact: str | PathLike[str], target: int, *, name: str | None = None, timeout_s: float = 120.0,
-                 gpu: str | None = None, progress: Progress = quiet, cancel: Cancel | None = None) -> RestoreResult:
+                 gpu: str | None = None, progress: Progress = quiet, cancel: Cancel | None = None,
+                 insecure_unsigned: bool = False) -> RestoreResult:
     """Restore one replica into the namespaces of the running process `target` (a placeholder container's)."""
     return restore_pipeline.restore_into(Path(artifact), target, name=name, timeout_s=timeout_s, gpu_device=gpu,
-                                         progress=progress, cancel=cancel)
+                                         progress=progress, cancel=cancel, insecure_unsigned=insecure_unsigned)
 
 
 def stop(name: str, grace_s: float = 5.0) -> None:

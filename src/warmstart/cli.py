@@ -72,16 +72,18 @@ def checkpoint(
     timeout: float = typer.Option(30.0, help="Seconds to wait for the worker to quiesce (and for the GPU lock)."),
     no_quiesce: bool = typer.Option(False, "--no-quiesce",
                                     help="Do not ask an SDK worker to quiesce: its KV cache stays in the image."),
+    insecure_unsigned: bool = typer.Option(False, "--insecure-unsigned",
+                                           help="Do not sign the artifact (restores then need --insecure-unsigned)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Quiesce a worker, dump it with CRIU, and write a verified artifact."""
+    """Quiesce a worker, dump it with CRIU, and write a signed, verified artifact."""
     from warmstart import api
 
     if (name is None) == (pid is None):
         raise UsageError("name a worker or pass --pid, not both", "see `warmstart checkpoint --help`")
     worker: str | int = name if name is not None else pid  # type: ignore[assignment]
     result = api.checkpoint(worker, output, leave_running=leave_running, timeout_s=timeout,
-                            quiesce=not no_quiesce, progress=_progress(json_out))
+                            quiesce=not no_quiesce, progress=_progress(json_out), insecure_unsigned=insecure_unsigned)
     m = result.manifest
     if json_out:
         _emit({"artifact": str(result.artifact), "checkpoint_s": round(result.seconds, 3),
@@ -107,6 +109,9 @@ def restore(
                                       "(default: the one it was on, else the first of its model with room)."),
     into: int | None = typer.Option(None, "--into", help="Restore into the namespaces of this running process "
                                        "(a placeholder container's first process) instead of new ones."),
+    insecure_unsigned: bool = typer.Option(False, "--insecure-unsigned",
+                                           help="Accept an artifact no trusted key signed (experts only: it runs "
+                                           "as root)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Restore an artifact into fresh namespaces, once or as several replicas (or into a placeholder's)."""
@@ -116,10 +121,11 @@ def restore(
         if replicas != 1 or port is not None:
             raise UsageError("--into restores one replica, reached in the target's own network",
                              "drop --replicas and --port, or drop --into")
-        result = api.restore_into(artifact, into, name=name, timeout_s=timeout, gpu=gpu, progress=_progress(json_out))
+        result = api.restore_into(artifact, into, name=name, timeout_s=timeout, gpu=gpu, progress=_progress(json_out),
+                                  insecure_unsigned=insecure_unsigned)
     else:
         result = api.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout, gpu=gpu,
-                             progress=_progress(json_out))
+                             progress=_progress(json_out), insecure_unsigned=insecure_unsigned)
     if json_out:
         _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
                "inflate_s": round(result.inflate_s, 3),
@@ -197,10 +203,25 @@ def placeholder(ctx: typer.Context) -> None:
     raise typer.Exit(ph.run(list(ctx.args) or None))
 
 
+def _signature(artifact: Path, verify: bool, insecure_unsigned: bool) -> str:
+    """What inspect says of the signature; with verify, a wrong or missing one is an error."""
+    from warmstart.artifact import signing
+
+    if verify:
+        fp = signing.check(artifact, insecure_unsigned)
+        return f"valid, by trusted key {fp}" if fp else "none (accepted: --insecure-unsigned)"
+    try:
+        fp = signing.signer(artifact)
+    except WarmstartError as e:
+        return f"[red]not accepted here[/red]: {e.problem}"
+    return f"valid, by trusted key {fp}" if fp else "[red]none[/red] (restore refuses it without --insecure-unsigned)"
+
+
 @app.command()
 def inspect(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
-    verify: bool = typer.Option(False, "--verify", help="Also check every file's checksum."),
+    verify: bool = typer.Option(False, "--verify", help="Also check its signature and every file's checksum."),
+    insecure_unsigned: bool = typer.Option(False, "--insecure-unsigned", help="With --verify: accept it unsigned."),
     json_out: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Show what an artifact holds and where it came from."""
@@ -208,6 +229,7 @@ def inspect(
     from warmstart.artifact.manifest import SAVED_DIR
     from warmstart.image import workingset
 
+    signed = _signature(artifact, verify, insecure_unsigned)
     m = store.load(artifact)
     if verify:
         store.verify(artifact, m, use_cache=False)
@@ -216,6 +238,7 @@ def inspect(
         return
     w = m.worker
     out.print(f"[bold]{artifact}[/bold]  (schema {m.schema_version}, warmstart {m.warmstart_version})")
+    out.print(f"  signature {signed}")
     out.print(f"  created   {m.created:%Y-%m-%d %H:%M:%S %Z}")
     out.print(f"  worker    {w.name or '-'} pid {w.pid}, engine {w.engine}, SDK {'yes' if w.sdk else 'no'}")
     out.print(f"  command   {' '.join(w.command)}")

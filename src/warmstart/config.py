@@ -26,6 +26,9 @@ class Settings:
     zero_pages: bool  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image at checkpoint
     compress: bool  # WARMSTART_COMPRESS: store large pages images compressed where it pays
     debug: bool  # WARMSTART_DEBUG: tracebacks on errors, as --debug
+    key_dir: Path  # WARMSTART_KEY_DIR: this host's artifact signing key (created on first use)
+    trusted_keys: tuple[Path, ...]  # WARMSTART_TRUSTED_KEYS: more public keys (files or directories), ':'-separated
+    insecure_unsigned: bool  # WARMSTART_INSECURE_UNSIGNED: write and accept unsigned artifacts (experts only)
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -57,6 +60,9 @@ def parse(env: Mapping[str, str]) -> Settings:
         zero_pages=_flag(env, "WARMSTART_ZERO_PAGES", True),
         compress=_flag(env, "WARMSTART_COMPRESS", True),
         debug=env.get("WARMSTART_DEBUG", "") not in ("", "0"),
+        key_dir=Path(env.get("WARMSTART_KEY_DIR") or "/var/lib/warmstart/keys"),
+        trusted_keys=tuple(Path(p) for p in env.get("WARMSTART_TRUSTED_KEYS", "").split(":") if p),
+        insecure_unsigned=_flag(env, "WARMSTART_INSECURE_UNSIGNED", False),
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from warmstart import paths, procs
+from warmstart.artifact import signing
 from warmstart.artifact.manifest import (
     IMAGES_DIR,
     MANIFEST_NAME,
@@ -64,7 +65,8 @@ def stage(final: Path) -> Staging:
     _remove_stale_partials(final)
     tmp = final.parent / f".{final.name}{_PARTIAL}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / IMAGES_DIR).mkdir(parents=True)
+    tmp.mkdir(mode=0o700)
+    (tmp / IMAGES_DIR).mkdir(mode=0o700)
     return Staging(final=final, tmp=tmp)
 
 
@@ -136,13 +138,34 @@ def checksum(staging: Staging) -> list[FileEntry]:
     return [FileEntry(path=r, size=n, sha256=digests[r], chunk_bytes=chunks[r]) for r, n in sizes.items()]
 
 
-def commit(staging: Staging, manifest: Manifest) -> Path:
-    """Write the manifest (whose `files` came from `checksum`) and rename the directory into place."""
-    mpath = staging.tmp / MANIFEST_NAME
-    with open(mpath, "w") as f:
-        f.write(manifest.model_dump_json(indent=2))
-        f.flush()
-        os.fsync(f.fileno())
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private(root: Path) -> None:
+    """Every directory of the tree 0700 and every file 0600: an artifact holds process memory (prompts, keys).
+    Symlinks are left as they are, never followed."""
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o700)
+        for n in files:
+            p = Path(dirpath) / n
+            if not p.is_symlink():
+                os.chmod(p, 0o600)
+
+
+def commit(staging: Staging, manifest: Manifest, sign: bool = True) -> Path:
+    """Write the manifest (whose `files` came from `checksum`) and its signature, make the tree private, and
+    rename the directory into place."""
+    data = manifest.model_dump_json(indent=2).encode()
+    _write_private(staging.tmp / MANIFEST_NAME, data)
+    if sign:
+        _write_private(staging.tmp / signing.SIGNATURE_NAME, signing.sign(data))
+    make_private(staging.tmp)
     os.rename(staging.tmp, staging.final)
     dfd = os.open(staging.final.parent, os.O_RDONLY)
     try:

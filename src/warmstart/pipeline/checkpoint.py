@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from warmstart import config
+from warmstart.artifact import signing
 from warmstart.artifact.manifest import Manifest
 from warmstart.pipeline import source as source_mod
 from warmstart.pipeline.checkpoint_job import CheckpointJob, compress_on, zero_pages_on
@@ -32,11 +34,15 @@ class CheckpointResult:
 
 def checkpoint(pid: int, out: Path, *, record: WorkerRecord | None = None, leave_running: bool = False,
                quiesce_timeout_s: float = 30.0, quiesce: bool = True, engine: str | None = None,
-               progress: Progress = quiet, cancel: Cancel | None = None) -> CheckpointResult:
+               progress: Progress = quiet, cancel: Cancel | None = None,
+               insecure_unsigned: bool = False) -> CheckpointResult:
     t0 = time.monotonic()
     runner = Runner("checkpoint", progress, cancel or Cancel())
+    sign = not (insecure_unsigned or config.current().insecure_unsigned)
+    if sign:
+        signing.signing_key()  # made or checked before anything changes
     source = source_mod.inspect(pid, record, engine, quiesce, quiesce_timeout_s, progress)
-    job = CheckpointJob(source, out, quiesce_timeout_s, progress, runner.timings)
+    job = CheckpointJob(source, out, quiesce_timeout_s, progress, runner.timings, sign=sign)
     q, gpu = source.quiescer, bool(source.cuda_pids)
     after_dump = ("quiesce", "cuda_checkpoint")  # the source serves again: nothing of it to undo any more
     with interruptible(runner.cancel):

@@ -42,6 +42,7 @@ class CheckpointJob:
     timeout_s: float
     progress: Progress
     timings: list[StepTiming]  # the runner's: the manifest records them
+    sign: bool = True
     staging: store.Staging | None = None
     saved: Path | None = None  # where an SDK worker saves what it keeps outside its image
     working_set: list[FileRanges] = field(default_factory=list)
@@ -166,7 +167,7 @@ class CheckpointJob:
     def commit(self) -> None:
         assert self.manifest is not None
         self.manifest.steps = list(self.timings)
-        store.commit(self.stage_dir, self.manifest)
+        store.commit(self.stage_dir, self.manifest, sign=self.sign)
         store.remember_verified(self.stage_dir.final, self.manifest)
 
     def stop_source(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart import host
-from warmstart.artifact import store
+from warmstart.artifact import signing, store
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, Manifest
 from warmstart.criu import binary as criu
 from warmstart.errors import IncompatibleArtifact
@@ -26,6 +26,7 @@ class Checked:
     gpu_map: dict[str, str]  # source GPU UUID -> the one it restores onto
     readahead: Readahead | None  # readers of an image that is not in the page cache, while CRIU runs
     seconds: float
+    signer: str | None  # the fingerprint of the key that signed it; None: unsigned, accepted by the caller
 
     @property
     def saved(self) -> Path | None:
@@ -35,10 +36,11 @@ class Checked:
 
 
 def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool, progress: Progress,
-          root: str = "") -> Checked:
+          root: str = "", insecure_unsigned: bool = False) -> Checked:
     """root: where the worker's files are seen from here (a placeholder's /proc/PID/root)."""
     t0 = time.monotonic()
     artifact = artifact.absolute()
+    signer = signing.check(artifact, insecure_unsigned)
     manifest = store.load(artifact)
     binary = criu.find()
     problems = host.check_compatible(manifest.host, host.current(binary.version))
@@ -59,4 +61,4 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
         if ahead:
             ahead.stop()
         raise
-    return Checked(artifact, manifest, binary, gpu_map, ahead, time.monotonic() - t0)
+    return Checked(artifact, manifest, binary, gpu_map, ahead, time.monotonic() - t0, signer)

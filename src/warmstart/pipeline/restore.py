@@ -41,19 +41,20 @@ def _run(job: RestoreJob, where: FreshReplicas | IntoProcess) -> RestoreResult:
 
 def restore(artifact: Path, *, name: str | None = None, replicas: int = 1, port: int | None = None,
             timeout_s: float = 120.0, verify_cache: bool = True, gpu_device: str | None = None,
-            progress: Progress = quiet, cancel: Cancel | None = None) -> RestoreResult:
+            progress: Progress = quiet, cancel: Cancel | None = None, insecure_unsigned: bool = False) -> RestoreResult:
     """Restore `replicas` replicas of an artifact, each in namespaces of its own."""
     if replicas < 1:
         raise UsageError(f"--replicas must be at least 1, not {replicas}", "pass --replicas 1 or more")
-    job = RestoreJob(artifact, gpu_device, replicas, verify_cache, timeout_s, progress, cancel=cancel or Cancel())
+    job = RestoreJob(artifact, gpu_device, replicas, verify_cache, timeout_s, progress, cancel=cancel or Cancel(),
+                     insecure_unsigned=insecure_unsigned)
     return _run(job, FreshReplicas(job, replicas, port, name))
 
 
 def restore_into(artifact: Path, target: int, *, name: str | None = None, timeout_s: float = 120.0,
                  verify_cache: bool = True, gpu_device: str | None = None, progress: Progress = quiet,
-                 cancel: Cancel | None = None) -> RestoreResult:
+                 cancel: Cancel | None = None, insecure_unsigned: bool = False) -> RestoreResult:
     """Restore one replica into the namespaces of a running process (a pod's placeholder) instead of new ones."""
     joinns.check_target(target)
     job = RestoreJob(artifact, gpu_device, 1, verify_cache, timeout_s, progress, root=f"/proc/{target}/root",
-                     cancel=cancel or Cancel())
+                     cancel=cancel or Cancel(), insecure_unsigned=insecure_unsigned)
     return _run(job, IntoProcess(job, target, name))

@@ -79,6 +79,7 @@ class RestoreJob:
     progress: Progress
     root: str = ""  # where the worker's files are seen from here
     cancel: Cancel = field(default_factory=Cancel)
+    insecure_unsigned: bool = False  # accept an unsigned artifact
     t0: float = field(default_factory=time.monotonic)
     checked: preflight.Checked | None = None
     weights: Future[None] | None = None
@@ -109,7 +110,7 @@ class RestoreJob:
 
     def check(self) -> None:
         self.checked = preflight.check(self.artifact, self.gpu_device, self.replicas, self.verify_cache,
-                                       self.progress, self.root)
+                                       self.progress, self.root, self.insecure_unsigned)
 
     def stop_reading(self) -> None:
         if self.checked and self.checked.readahead:
