@@ -97,3 +97,23 @@ def test_the_key_is_made_private_and_a_planted_one_is_refused(tmp_path: Path, mo
     (keys / "artifact.key").symlink_to(tmp_path / "planted")
     with pytest.raises(EnvironmentProblem, match="cannot read the signing key"):
         signing.signing_key()
+
+
+def test_a_key_mounted_as_a_kubernetes_secret_signs_and_is_trusted(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Secret volume's files are symlinks into a timestamped directory; the one configured path is resolved."""
+    from warmstart.artifact import signing
+
+    monkeypatch.setenv("WARMSTART_KEY_DIR", str(tmp_path / "own"))
+    made = signing.signing_key()  # any host's key, as an administrator would put it in the Secret
+    secret = tmp_path / "secret"
+    (secret / "..2026_12_01").mkdir(parents=True)
+    real = secret / "..2026_12_01" / "artifact.key"
+    real.write_bytes((tmp_path / "own" / "artifact.key").read_bytes())
+    real.chmod(0o400)
+    (secret / "artifact.key").symlink_to(real)
+    monkeypatch.setenv("WARMSTART_KEY_DIR", str(tmp_path / "node"))
+    monkeypatch.setenv("WARMSTART_SIGNING_KEY", str(secret / "artifact.key"))
+    sig = json.loads(signing.sign(b"m"))
+    assert sig["key"] == signing.fingerprint(made.public_key()) and sig["key"] in signing.trusted_keys()
+    assert not (tmp_path / "node").exists()  # no key of its own made beside the configured one

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _API = ("Cancel", "CheckpointResult", "ReplicaResult", "RestoreResult", "WorkerRecord",
-        "checkpoint", "restore", "restore_into", "run", "stop", "workers")
+        "checkpoint", "gc", "restore", "restore_into", "run", "stop", "workers")
 
 if TYPE_CHECKING:
     from warmstart.api import (
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         RestoreResult,
         WorkerRecord,
         checkpoint,
+        gc,
         restore,
         restore_into,
         run,
@@ -38,4 +39,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", "Cancel", "CheckpointResult", "ReplicaResult", "RestoreResult", "WorkerRecord",
-           "checkpoint", "restore", "restore_into", "run", "stop", "workers"]
+           "checkpoint", "gc", "restore", "restore_into", "run", "stop", "workers"]

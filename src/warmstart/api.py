@@ -13,12 +13,16 @@ each with the problem, the fix and an exit code (docs/api.md).
 
 from __future__ import annotations
 
+import tempfile
 from os import PathLike
 from pathlib import Path
 
 from warmstart import registry
+from warmstart.artifact import store
 from warmstart.errors import UsageError
+from warmstart.image import inflated
 from warmstart.pipeline import checkpoint as checkpoint_pipeline
+from warmstart.pipeline import lock
 from warmstart.pipeline import restore as restore_pipeline
 from warmstart.pipeline import run as run_pipeline
 from warmstart.pipeline.checkpoint import CheckpointResult
@@ -27,7 +31,7 @@ from warmstart.pipeline.steps import Cancel, Progress, quiet
 from warmstart.registry import WorkerRecord
 
 __all__ = ["Cancel", "CheckpointResult", "Progress", "ReplicaResult", "RestoreResult", "WorkerRecord",
-           "checkpoint", "restore", "restore_into", "run", "stop", "workers"]
+           "checkpoint", "gc", "restore", "restore_into", "run", "stop", "workers"]
 
 
 def run(name: str | None, command: list[str], *, engine: str = "plain", wait: bool = False,
@@ -80,6 +84,16 @@ def restore_into(artifact: str | PathLike[str], target: int, *, name: str | None
 def stop(name: str, grace_s: float = 5.0) -> None:
     """Stop a worker or replica (SIGTERM, then SIGKILL after grace_s) and forget it."""
     registry.stop(name, grace_s=grace_s)
+
+
+def gc() -> list[Path]:
+    """Remove what killed checkpoints and restores left behind (staging directories, inflated images, lock
+    files of processes that are gone); returns what was removed. Checkpoints and restores do it too."""
+    removed = store.remove_stale_partials()
+    for where in {Path("/dev/shm"), Path(tempfile.gettempdir())}:
+        removed += inflated.remove_stale(where)
+    lock.remove_stale()
+    return removed
 
 
 def workers() -> list[WorkerRecord]:

@@ -8,7 +8,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -48,7 +47,7 @@ def run(
                                "quiesces and resumes it (docs/engines/)."),
     wait: bool = typer.Option(False, "--wait", help="Wait until the worker is warm (an engine serves a completion, "
                               "an SDK worker reports ready)."),
-    timeout: float = typer.Option(300.0, help="Seconds --wait waits."),
+    timeout: float = typer.Option(300.0, min=0.1, help="Seconds --wait waits."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Start a worker under management: `warmstart run --name W [--engine vllm] -- python -m ...`."""
@@ -69,7 +68,8 @@ def checkpoint(
     pid: int | None = typer.Option(None, "--pid", help="Checkpoint any process tree by its root pid instead."),
     output: Path = typer.Option(..., "--output", "-o", help="Artifact directory to create."),
     leave_running: bool = typer.Option(False, "--leave-running", help="Keep the worker serving afterwards."),
-    timeout: float = typer.Option(30.0, help="Seconds to wait for the worker to quiesce (and for the GPU lock)."),
+    timeout: float = typer.Option(30.0, min=0.1,
+                                  help="Seconds to wait for the worker to quiesce (and for the GPU lock)."),
     no_quiesce: bool = typer.Option(False, "--no-quiesce",
                                     help="Do not ask an SDK worker to quiesce: its KV cache stays in the image."),
     insecure_unsigned: bool = typer.Option(False, "--insecure-unsigned",
@@ -102,9 +102,10 @@ def restore(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `warmstart checkpoint`."),
     name: str | None = typer.Option(None, "--name", "-n", help="Replica name (with --replicas K: NAME-0 ...)."),
     replicas: int = typer.Option(1, "--replicas", "-k", min=1, help="How many replicas to restore side by side."),
-    port: int | None = typer.Option(None, "--port", "-p",
+    port: int | None = typer.Option(None, "--port", "-p", min=1, max=65535,
                                     help="Host port of replica 0 (then P+1, ...); default: free ports."),
-    timeout: float = typer.Option(120.0, help="Seconds before an unfinished restore is abandoned and cleaned up."),
+    timeout: float = typer.Option(120.0, min=0.1,
+                                  help="Seconds before an unfinished restore is abandoned and cleaned up."),
     gpu: str | None = typer.Option(None, "--gpu", help="GPU index or UUID to restore onto "
                                       "(default: the one it was on, else the first of its model with room)."),
     into: int | None = typer.Option(None, "--into", help="Restore into the namespaces of this running process "
@@ -271,13 +272,13 @@ def ps(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) ->
 
     recs = api.workers()
     if json_out:
-        _emit({"workers": [{**r.model_dump(), "alive": r.alive()} for r in recs]})
+        _emit({"workers": [{**r.model_dump(), "alive": r.alive(), "state": r.state()} for r in recs]})
         return
     t = Table()
     for col in ("name", "kind", "pid", "port", "state", "artifact / command"):
         t.add_column(col)
     for r in recs:
-        t.add_row(r.name, r.kind, str(r.pid), str(r.port or "-"), "running" if r.alive() else "exited",
+        t.add_row(r.name, r.kind, str(r.pid), str(r.port or "-"), r.state(),
                   r.artifact or " ".join(r.command))
     out.print(t)
 
@@ -289,6 +290,20 @@ def stop(name: str = typer.Argument(..., help="Worker or replica name (see `warm
 
     api.stop(name)
     out.print(f"stopped {name}")
+
+
+@app.command()
+def gc(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Remove what killed checkpoints and restores left behind (partial artifacts, inflated images, locks)."""
+    from warmstart import api
+
+    removed = api.gc()
+    if json_out:
+        _emit({"removed": [str(p) for p in removed]})
+        return
+    for p in removed:
+        out.print(f"removed {p}")
+    out.print(f"{len(removed)} left-over director{'y' if len(removed) == 1 else 'ies'} removed")
 
 
 @app.command()
@@ -329,6 +344,13 @@ def cuda_checkpoint_cmd(ctx: typer.Context) -> None:
     raise typer.Exit(cuda_checkpoint.main(list(ctx.args)))
 
 
+def _click_kind(e: BaseException) -> str | None:
+    """Which of click's exceptions this is, by class name: typer >= 0.20 raises those of its own copy of click
+    (typer._click), older ones click's, and both must end the same way."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return next((k for k in ("Exit", "Abort", "NoArgsIsHelpError", "ClickException") if k in names), None)
+
+
 def _exit_code(e: BaseException, debug: bool) -> int:
     """The one line a failure prints, and its exit code (docs/cli.md)."""
     if isinstance(e, WarmstartError):
@@ -336,13 +358,17 @@ def _exit_code(e: BaseException, debug: bool) -> int:
             traceback.print_exc()
         err.print(f"[red]error:[/red] {e.line()}", highlight=False, soft_wrap=True)
         return e.exit_code
-    if isinstance(e, click.exceptions.Exit):
-        return e.exit_code
-    if isinstance(e, click.exceptions.Abort | KeyboardInterrupt):
-        err.print("[red]interrupted[/red]")
+    kind = _click_kind(e)
+    if kind == "Exit":
+        return int(getattr(e, "exit_code", 0))
+    if kind == "Abort" or isinstance(e, KeyboardInterrupt):
+        err.print("[red]error:[/red] interrupted")
         return 130
-    if isinstance(e, click.ClickException):
-        e.show()
+    if kind == "NoArgsIsHelpError":
+        return 2  # the help is already printed
+    if kind == "ClickException":
+        message = getattr(e, "format_message", lambda: str(e))()
+        err.print(f"[red]error:[/red] {message} — see `warmstart --help`", highlight=False, soft_wrap=True)
         return 2
     if isinstance(e, SystemExit):
         raise e

@@ -27,6 +27,7 @@ class Settings:
     compress: bool  # WARMSTART_COMPRESS: store large pages images compressed where it pays
     debug: bool  # WARMSTART_DEBUG: tracebacks on errors, as --debug
     key_dir: Path  # WARMSTART_KEY_DIR: this host's artifact signing key (created on first use)
+    signing_key: Path | None  # WARMSTART_SIGNING_KEY: a private key file to sign with instead (a mounted Secret)
     trusted_keys: tuple[Path, ...]  # WARMSTART_TRUSTED_KEYS: more public keys (files or directories), ':'-separated
     insecure_unsigned: bool  # WARMSTART_INSECURE_UNSIGNED: write and accept unsigned artifacts (experts only)
 
@@ -61,6 +62,7 @@ def parse(env: Mapping[str, str]) -> Settings:
         compress=_flag(env, "WARMSTART_COMPRESS", True),
         debug=env.get("WARMSTART_DEBUG", "") not in ("", "0"),
         key_dir=Path(env.get("WARMSTART_KEY_DIR") or "/var/lib/warmstart/keys"),
+        signing_key=Path(env["WARMSTART_SIGNING_KEY"]) if env.get("WARMSTART_SIGNING_KEY") else None,
         trusted_keys=tuple(Path(p) for p in env.get("WARMSTART_TRUSTED_KEYS", "").split(":") if p),
         insecure_unsigned=_flag(env, "WARMSTART_INSECURE_UNSIGNED", False),
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 from warmstart import config
-from warmstart.errors import UsageError
+from warmstart.errors import EnvironmentProblem, UsageError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
@@ -22,6 +24,29 @@ def workers_dir() -> Path:
 
 def worker_dir(name: str) -> Path:
     return workers_dir() / check_name(name)
+
+
+def private_dir(path: Path) -> Path:
+    """Make `path` (and missing parents) mode 0700 and return it; refuse a symlink, or a directory another user
+    owns or can write: state and logs hold what workers print and run."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(path)
+    except OSError as e:
+        raise EnvironmentProblem(f"cannot create {path}: {e.strerror}",
+                                 "set WARMSTART_HOME to a directory this user can create") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise EnvironmentProblem(f"{path} is not a directory that only this user can write",
+                                 "remove it (it is made again) or chmod 700 it; or set WARMSTART_HOME")
+    return path
+
+
+def state_dir(*parts: str) -> Path:
+    """A directory of the state root, every level of it private."""
+    d = private_dir(home())
+    for part in parts:
+        d = private_dir(d / part)
+    return d
 
 
 def check_name(name: str) -> str:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from warmstart import paths, procs
 from warmstart.errors import UsageError
+from warmstart.worker import protocol
 
 RECORD = "worker.json"
 
@@ -34,12 +36,32 @@ class WorkerRecord(BaseModel):
     def alive(self) -> bool:
         return procs.alive(self.pid, self.started)
 
+    def state(self) -> str:
+        """running, exited, or quiesced: held by a checkpoint (or left so by one that died, until its lease runs
+        out and the worker resumes by itself)."""
+        if not self.alive():
+            return "exited"
+        d = Path(self.control_dir)
+        req, ack = protocol.read_json(d / protocol.REQUEST), protocol.read_json(d / protocol.ACK)
+        if not (ack and ack.get("op") == protocol.QUIESCE and ack.get("ok")):
+            return "running"
+        if req and int(req.get("seq", 0)) > int(ack.get("seq", 0)):
+            return "quiesced (asked to resume)"
+        lease = protocol.read_json(d / protocol.LEASE)
+        if lease and float(lease.get("until", 0)) > time.time():
+            return "quiesced"
+        return "quiesced (its checkpoint is gone: resuming)"
+
 
 def save(rec: WorkerRecord) -> None:
-    d = paths.worker_dir(rec.name)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{RECORD}.tmp"
-    tmp.write_text(rec.model_dump_json(indent=2))
+    d = paths.state_dir("workers", paths.check_name(rec.name))
+    tmp = d / f".{RECORD}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, rec.model_dump_json(indent=2).encode())
+    finally:
+        os.close(fd)
     os.replace(tmp, d / RECORD)
 
 
@@ -92,6 +114,11 @@ def stop(name: str, grace_s: float = 5.0) -> None:
 def forget(name: str) -> None:
     """Drop the record but keep the directory: a failed replica's logs explain the failure."""
     (paths.worker_dir(name) / RECORD).unlink(missing_ok=True)
+
+
+def by_pid(pid: int) -> WorkerRecord | None:
+    """The running worker this tool started or restored whose root process is pid."""
+    return next((r for r in all_records() if r.pid == pid and r.alive()), None)
 
 
 def free_name(base: str) -> str:

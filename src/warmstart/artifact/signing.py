@@ -76,8 +76,29 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
+def _configured_key(path: Path) -> Ed25519PrivateKey:
+    """The key file an administrator named (WARMSTART_SIGNING_KEY). Kubernetes mounts a Secret's files as
+    symlinks into a timestamped directory, so this one path is resolved first; the file it names must still be
+    a private file of this user."""
+    return _parse_private(path.resolve(), _read_private(path.resolve()))
+
+
+def _parse_private(path: Path, pem: bytes) -> Ed25519PrivateKey:
+    try:
+        loaded = serialization.load_pem_private_key(pem, password=None)
+    except ValueError:
+        loaded = None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise EnvironmentProblem(f"{path} is not an Ed25519 private key in PEM",
+                                 f"make one with a checkpoint on any host (WARMSTART_KEY_DIR/{PRIVATE_NAME})")
+    return loaded
+
+
 def signing_key() -> Ed25519PrivateKey:
-    """This host's key, created on first use."""
+    """The key artifacts are signed with: WARMSTART_SIGNING_KEY's, else this host's, created on first use."""
+    configured = config.current().signing_key
+    if configured:
+        return _configured_key(configured)
     d = _key_dir()
     private = d / PRIVATE_NAME
     if not os.path.lexists(private):
@@ -88,9 +109,7 @@ def signing_key() -> Ed25519PrivateKey:
             _write_new(private, pem, 0o600)
         except FileExistsError:
             pass  # another process made it first: use that one
-    loaded = serialization.load_pem_private_key(_read_private(private), password=None)
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise EnvironmentProblem(f"{private} is not an Ed25519 key", f"remove {private}; a new key is made on next use")
+    loaded = _parse_private(private, _read_private(private))
     public = d / PUBLIC_NAME
     if not os.path.lexists(public):
         _write_new(public, loaded.public_key().public_bytes(serialization.Encoding.PEM,
@@ -119,6 +138,8 @@ def trusted_keys() -> dict[str, Ed25519PublicKey]:
     for p in s.trusted_keys:
         paths += sorted(p.glob("*.pub")) if p.is_dir() else [p]
     keys = [k for k in (_load_public(p) for p in paths) if k is not None]
+    if s.signing_key:
+        keys.append(_configured_key(s.signing_key).public_key())
     return {fingerprint(k): k for k in keys}
 
 
@@ -139,7 +160,7 @@ def signer(artifact: Path) -> str | None:
         fp, sig = str(body["key"]), base64.b64decode(str(body["signature"]), validate=True)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ArtifactError(f"{sig_path} is corrupt", "copy the artifact again or checkpoint again") from None
     key = trusted_keys().get(fp)
     if key is None:

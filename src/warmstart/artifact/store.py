@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,15 +47,36 @@ class Staging:
         return self.tmp / IMAGES_DIR
 
 
-def _remove_stale_partials(final: Path) -> None:
-    prefix = f".{final.name}{_PARTIAL}"
-    if not final.parent.is_dir():
-        return
-    for p in final.parent.iterdir():
-        if p.name.startswith(prefix):
-            owner = p.name[len(prefix) :]
-            if owner.isdigit() and not procs.alive(int(owner)):
-                shutil.rmtree(p, ignore_errors=True)
+def _marker(tmp: Path) -> Path:
+    """Where this host notes a staging directory while a checkpoint builds it, so that one killed midway is
+    found and removed later wherever it was written (`remove_stale_partials`)."""
+    return paths.state_dir("partials") / (hashlib.sha256(str(tmp).encode()).hexdigest()[:24] + ".path")
+
+
+def _owner(tmp: Path) -> int | None:
+    name = tmp.name
+    pid = name.rpartition(_PARTIAL)[2] if name.startswith(".") and _PARTIAL in name else ""
+    return int(pid) if pid.isdigit() else None
+
+
+def remove_stale_partials() -> list[Path]:
+    """The staging directories of checkpoints that died (their process is gone): removed; returns them. Only a
+    directory this user owns, named as a staging directory and noted by this host, is removed."""
+    removed = []
+    for marker in paths.state_dir("partials").glob("*.path"):
+        tmp = Path(marker.read_text())
+        pid = _owner(tmp)
+        if pid is not None and procs.alive(pid):
+            continue
+        try:
+            st = os.lstat(tmp)
+            if pid is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                shutil.rmtree(tmp)
+                removed.append(tmp)
+        except FileNotFoundError:
+            pass
+        marker.unlink(missing_ok=True)
+    return removed
 
 
 def stage(final: Path) -> Staging:
@@ -62,9 +84,10 @@ def stage(final: Path) -> Staging:
     if final.exists():
         raise UsageError(f"{final} already exists", "choose a new output directory or remove the old one")
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(final)
+    remove_stale_partials()
     tmp = final.parent / f".{final.name}{_PARTIAL}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    _marker(tmp).write_text(str(tmp))
     tmp.mkdir(mode=0o700)
     (tmp / IMAGES_DIR).mkdir(mode=0o700)
     return Staging(final=final, tmp=tmp)
@@ -72,6 +95,7 @@ def stage(final: Path) -> Staging:
 
 def discard(staging: Staging) -> None:
     shutil.rmtree(staging.tmp, ignore_errors=True)
+    _marker(staging.tmp).unlink(missing_ok=True)
 
 
 def _digest_range(path: Path, start: int, length: int | None) -> bytes:
@@ -167,6 +191,7 @@ def commit(staging: Staging, manifest: Manifest, sign: bool = True) -> Path:
         _write_private(staging.tmp / signing.SIGNATURE_NAME, signing.sign(data))
     make_private(staging.tmp)
     os.rename(staging.tmp, staging.final)
+    _marker(staging.tmp).unlink(missing_ok=True)
     dfd = os.open(staging.final.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -175,7 +200,8 @@ def commit(staging: Staging, manifest: Manifest, sign: bool = True) -> Path:
     return staging.final
 
 
-def load(artifact: Path) -> Manifest:
+def require(artifact: Path) -> Path:
+    """The manifest's path, or an error saying why this is no artifact."""
     artifact = artifact.absolute()
     if not artifact.is_dir():
         raise ArtifactError(f"no artifact at {artifact}", "pass the directory `warmstart checkpoint -o` wrote")
@@ -185,9 +211,14 @@ def load(artifact: Path) -> Manifest:
             f"{artifact} is not a warmstart artifact: {MANIFEST_NAME} is missing (an interrupted checkpoint?)",
             "checkpoint the worker again",
         )
+    return mpath
+
+
+def load(artifact: Path) -> Manifest:
+    mpath = require(artifact)
     try:
         raw = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, a 5000-digit number, nesting deeper than Python's stack
         raise ArtifactError(f"{mpath} is corrupt: {e}", "checkpoint the worker again") from e
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
@@ -242,16 +273,20 @@ def _stamps(artifact: Path, manifest: Manifest) -> dict[str, list[int]]:
 
 def _remember(artifact: Path, stamps: dict[str, list[int]]) -> None:
     cache = _cache_path(artifact)
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    paths.state_dir("verified")
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stamps))
     os.replace(tmp, cache)
 
 
 def remember_verified(artifact: Path, manifest: Manifest) -> None:
-    """Record an artifact this process has just checksummed itself (after `commit`)."""
+    """Record an artifact this process has just checksummed itself (after `commit`). Best effort: without the
+    record (a full state disk) the next restore checksums the files again."""
     artifact = artifact.absolute()
-    _remember(artifact, _stamps(artifact, manifest))
+    try:
+        _remember(artifact, _stamps(artifact, manifest))
+    except OSError:
+        pass
 
 
 def verify(artifact: Path, manifest: Manifest, use_cache: bool = True) -> float:

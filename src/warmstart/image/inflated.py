@@ -33,12 +33,15 @@ def memory_dir(need: int) -> Path:
 _PREFIX = "warmstart-images-"
 
 
-def _remove_stale(where: Path) -> None:
-    """Directories that restores killed before they could clean up left here (their pid is gone)."""
+def remove_stale(where: Path) -> list[Path]:
+    """Directories that restores killed before they could clean up left here (their pid is gone); returns them."""
+    removed = []
     for d in where.glob(f"{_PREFIX}*-*"):
         pid = d.name[len(_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and not procs.alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 class Inflated:
@@ -52,7 +55,7 @@ class Inflated:
         cached = {z: cache.cached(keys.get(z.name), size) for z, size in zipped.items()}
         need = sum(size for z, size in zipped.items() if not cached[z])
         where = memory_dir(need)
-        _remove_stale(where)
+        remove_stale(where)
         self.path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where))
         try:
             for p in images.iterdir():

@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart import config
+from warmstart import config, procs
 from warmstart.artifact import signing
 from warmstart.artifact.manifest import Manifest
 from warmstart.pipeline import source as source_mod
 from warmstart.pipeline.checkpoint_job import CheckpointJob, compress_on, zero_pages_on
+from warmstart.pipeline.lock import worker_lock
 from warmstart.pipeline.steps import Cancel, Progress, Runner, Step, interruptible, quiet
 from warmstart.registry import WorkerRecord
 
@@ -36,8 +37,17 @@ def checkpoint(pid: int, out: Path, *, record: WorkerRecord | None = None, leave
                quiesce_timeout_s: float = 30.0, quiesce: bool = True, engine: str | None = None,
                progress: Progress = quiet, cancel: Cancel | None = None,
                insecure_unsigned: bool = False) -> CheckpointResult:
+    procs.require_alive(pid)
+    with worker_lock(pid):
+        return _checkpoint(pid, out, record, leave_running, quiesce_timeout_s, quiesce, engine, progress,
+                           cancel or Cancel(), insecure_unsigned)
+
+
+def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running: bool, quiesce_timeout_s: float,
+                quiesce: bool, engine: str | None, progress: Progress, cancel: Cancel,
+                insecure_unsigned: bool) -> CheckpointResult:
     t0 = time.monotonic()
-    runner = Runner("checkpoint", progress, cancel or Cancel())
+    runner = Runner("checkpoint", progress, cancel)
     sign = not (insecure_unsigned or config.current().insecure_unsigned)
     if sign:
         signing.signing_key()  # made or checked before anything changes
@@ -48,7 +58,8 @@ def checkpoint(pid: int, out: Path, *, record: WorkerRecord | None = None, leave
     with interruptible(runner.cancel):
         runner.execute([
             Step("stage", "staging the artifact", job.stage, undo=job.unstage),
-            Step("quiesce", f"quiescing {q.name if q else ''}", job.quiesce, undo=job.cancel_quiesce, when=bool(q)),
+            Step("quiesce", f"quiescing {q.name if q else ''}", job.quiesce, undo=job.cancel_quiesce, when=bool(q),
+                 undo_if_failed=True),
             Step("record", "recording the process tree", job.record_tree),
             Step("cuda_checkpoint", f"checkpointing GPU state of {len(source.cuda_pids)} CUDA process(es)",
                  job.cuda_checkpoint, undo=job.cuda_undo, when=gpu),

@@ -105,8 +105,7 @@ class CheckpointJob:
     def dump(self) -> None:
         s, staging = self.source, self.stage_dir
         # Outside the staging directory, so it survives a failed dump (the error names it).
-        log = paths.home() / "logs" / f"dump-{s.pid}-{int(time.time())}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        log = paths.state_dir("logs") / f"dump-{s.pid}-{int(time.time())}.log"
         script = staging.tmp / "shm-hook.sh" if s.shm_use else None
         env = shm.hook(s.shm_use, staging.tmp / SHM_DIR, script, s.shm_root) if script else {}
         try:

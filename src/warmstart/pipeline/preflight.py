@@ -40,6 +40,8 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
     """root: where the worker's files are seen from here (a placeholder's /proc/PID/root)."""
     t0 = time.monotonic()
     artifact = artifact.absolute()
+    store.remove_stale_partials()  # what checkpoints killed on this host left
+    store.require(artifact)
     signer = signing.check(artifact, insecure_unsigned)
     manifest = store.load(artifact)
     binary = criu.find()

@@ -28,9 +28,9 @@ def _run(job: RestoreJob, where: FreshReplicas | IntoProcess) -> RestoreResult:
         with interruptible(runner.cancel):
             runner.execute([
                 Step("verify", "checking the artifact against this host", job.check, undo=job.stop_reading),
-                Step("claim", "claiming names and ports", where.claim, undo=where.release),
+                Step("claim", "claiming names and ports", where.claim, undo=where.release, undo_if_failed=True),
                 Step("inflate", "preparing the image", job.prepare_image, undo=job.drop_inflated),
-                Step("criu_restore", "restoring (CRIU)", where.start, undo=where.kill),
+                Step("criu_restore", "restoring (CRIU)", where.start, undo=where.kill, undo_if_failed=True),
                 Step("bring_up", "bringing the replicas up", lambda: brought.extend(where.bring_up())),
             ])
     finally:

@@ -26,10 +26,10 @@ CONTROL = "control"
 
 
 def prepare_dirs(name: str) -> tuple[Path, Path, Path]:
-    d = paths.worker_dir(name)
-    (d / CONTROL).mkdir(parents=True, exist_ok=True)
+    d = paths.state_dir("workers", paths.check_name(name))
+    paths.private_dir(d / CONTROL)
     log = d / LOG
-    log.touch()
+    os.close(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     return d, d / CONTROL, log
 
 
@@ -46,7 +46,7 @@ def start(name: str, command: list[str], engine: str = "plain", env: dict[str, s
     worker_dir, control_dir, log = prepare_dirs(name)
     full_env = {**os.environ, **(env or {}), **(adapter.env(worker_dir) if adapter else {}),
                 protocol.ENV_CONTROL_DIR: str(control_dir), "WARMSTART_WORKER_NAME": name, "PYTHONUNBUFFERED": "1"}
-    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=full_env,
                                 cwd=cwd, start_new_session=True, close_fds=True,

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart import linux, procs
+from warmstart import linux, procs, registry
 from warmstart.artifact.manifest import WorkerIdentity
 from warmstart.criu import binary as criu
 from warmstart.criu import shm
@@ -19,7 +19,6 @@ from warmstart.quiesce.engine import EngineQuiescer
 from warmstart.quiesce.http import Engine
 from warmstart.quiesce.sdk import SdkQuiescer
 from warmstart.registry import WorkerRecord
-from warmstart.worker import protocol
 
 
 @dataclass
@@ -38,12 +37,6 @@ class Source:
     @property
     def in_own_mounts(self) -> bool:
         return os.readlink(f"/proc/{self.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
-
-
-def _control_dir_of(pid: int) -> Path | None:
-    """A worker's control directory, from its environment (works for workers not started by us too)."""
-    value = procs.environ(pid).get(protocol.ENV_CONTROL_DIR)
-    return Path(value) if value else None
 
 
 def _log_path_of(pid: int) -> str | None:
@@ -98,7 +91,10 @@ def inspect(pid: int, record: WorkerRecord | None, engine: str | None, quiesce: 
     procs.require_alive(pid)
     binary = criu.find()
     _refuse_io_uring(pid)
-    control_dir = Path(record.control_dir) if record else _control_dir_of(pid)
+    # The control directory comes from this tool's own record, never from the process's environment: the
+    # process could name any directory there, and root writes into it.
+    record = record or registry.by_pid(pid)
+    control_dir = Path(record.control_dir) if record else None
     info = control.worker_info(control_dir, pid) if control_dir else None
     identity = _identity(pid, record, control_dir, info, engine)
     cuda_pids = gpu.cuda_pids(pid)

@@ -6,14 +6,14 @@ step may *settle* earlier ones: once it has run, their undo is no longer wanted 
 resumed early needs no resume on failure).
 
 Cancellation is a `Cancel` token: any thread may set it, and `interruptible` sets it on SIGINT, SIGTERM or
-SIGHUP while a pipeline runs on the main thread (signal handlers can only be installed there; the Kubernetes
-agent runs pipelines in worker threads and cancels them through the token). The runner checks it between steps.
+SIGHUP while a pipeline runs on the main thread (signal handlers can only be installed there; a caller that
+runs pipelines in other threads, as the Kubernetes agent does, installs none and may pass its own token). The
+runner checks it between steps.
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +38,9 @@ class Step:
     undo: Callable[[], None] | None = None
     when: bool = True  # a step that does not apply to this worker is skipped, and not timed
     settles: tuple[str, ...] = ()  # once this step has run, these steps' undo is dropped
+    # Undo this step even when it fails: what it started may be half done (a quiesce request the worker may
+    # still act on, the first of several replicas).
+    undo_if_failed: bool = False
 
 
 class Cancel:
@@ -82,6 +85,10 @@ class Runner:
         t0 = time.monotonic()
         try:
             step.run()
+        except BaseException:
+            if step.undo and step.undo_if_failed:
+                self._undo.append((step.name, step.undo))
+            raise
         finally:
             self.timings.append(StepTiming(step=step.name, seconds=round(time.monotonic() - t0, 4)))
         if step.settles:
@@ -97,7 +104,7 @@ class Runner:
             try:
                 undo()
             except Exception as e:  # noqa: BLE001 - reported, then the next undo runs
-                print(f"warmstart: while undoing: {e}", file=sys.stderr)
+                self.progress(f"warning: undoing a step failed: {e}")
 
     def seconds(self, name: str) -> float:
         return sum(t.seconds for t in self.timings if t.step == name)

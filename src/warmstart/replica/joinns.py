@@ -47,7 +47,8 @@ def prepare_files(target: int, log_path: str | None, dirs: list[str], shm_src: P
     if log_path:
         p = target_path(target, log_path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.touch()
+        # The mode warmstart gives worker logs (pipeline/run.py): CRIU refuses a file whose mode changed.
+        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     for d in dirs:
         target_path(target, d).mkdir(parents=True, exist_ok=True)
     if shm_src:

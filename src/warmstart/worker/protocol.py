@@ -16,6 +16,11 @@ from typing import Any
 
 ENV_CONTROL_DIR = "WARMSTART_CONTROL_DIR"
 REQUEST = "request.json"
+# While a checkpoint holds the worker quiesced it renews {"until": unix time} here; a quiesced worker whose lease
+# ran out resumes by itself (the checkpoint died), and acknowledges that as op LEASE_EXPIRED.
+LEASE = "lease.json"
+LEASE_S = 10.0
+LEASE_EXPIRED = "lease-expired"
 ACK = "ack.json"
 WORKER = "worker.json"
 SDK_VERSION = 1
@@ -31,7 +36,16 @@ CANCEL = "cancel"  # the checkpoint gave up: resume if quiesced, else ignore
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    # O_EXCL never follows a symlink planted at tmp; the rename replaces whatever is at path without following it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, json.dumps(obj).encode())
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 

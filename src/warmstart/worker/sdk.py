@@ -25,6 +25,7 @@ from warmstart.worker import protocol as p
 # Poll slowly while serving; fast while quiesced, since that wait is on the restore's critical path.
 _POLL_SERVING_S = 0.05
 _POLL_QUIESCED_S = 0.002
+_LEASE_CHECK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,28 @@ class Controller:
             return
         self._ack(seq, op or "?")
 
+    def _lease_ran_out(self) -> bool:
+        lease = p.read_json(self.dir / p.LEASE)
+        return lease is not None and float(lease.get("until", 0)) < time.time()
+
+    def _resume_unasked(self) -> None:
+        """The checkpoint that quiesced this worker is gone: serve again, as after a cancel."""
+        print("warmstart: the checkpoint that quiesced this worker stopped renewing its lease; resuming",
+              file=sys.stderr, flush=True)
+        self._handle({"seq": self._seq, "op": p.CANCEL, "settings": {}})
+        p.write_json(self.dir / p.ACK, {"seq": self._seq, "op": p.LEASE_EXPIRED, "ok": True, "error": "",
+                                         "at": time.time()})
+
     def _loop(self) -> None:
         stamp: tuple[int, int, int, int] | None = None
+        lease_checked = 0.0
         while True:
             time.sleep(_POLL_QUIESCED_S if self._quiesced else _POLL_SERVING_S)
+            if self._quiesced and time.monotonic() - lease_checked > _LEASE_CHECK_S:
+                lease_checked = time.monotonic()
+                if self._lease_ran_out():
+                    self._resume_unasked()
+                    continue
             try:
                 st = os.stat(self.dir / p.REQUEST)
             except FileNotFoundError:
