@@ -127,6 +127,9 @@ def restore(
     else:
         result = api.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout, gpu=gpu,
                              progress=_progress(json_out), insecure_unsigned=insecure_unsigned)
+    if result.late_interrupt:
+        err.print(f"[yellow]warning:[/yellow] interrupted by {result.late_interrupt} after every replica was up: "
+                  "they stay up (`warmstart stop NAME` stops one)", highlight=False, soft_wrap=True)
     if json_out:
         _emit({"artifact": str(result.artifact), "verify_s": round(result.verify_s, 3),
                "inflate_s": round(result.inflate_s, 3),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import posixpath
 from datetime import datetime, timezone
+from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from warmstart.host import HostInfo
 
@@ -15,10 +17,38 @@ SHM_DIR = "shm"  # the worker's /dev/shm segments, placed in each replica's own 
 SAVED_DIR = "saved"  # what the worker saved outside its image (kept GPU regions), read back by each replica
 
 
+_MAX_PATH = 4096
+_PID_MAX = 1 << 22  # the kernel's largest pid_max
+
+
+def _artifact_path(v: str) -> str:
+    """A file of the artifact: relative, inside images/, shm/ or saved/, with no '..' or '.' part."""
+    parts = v.split("/")
+    inside = parts[0] in (IMAGES_DIR, SHM_DIR, SAVED_DIR) and len(parts) >= 2
+    if not inside or len(v) > _MAX_PATH or "\0" in v or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{v[:200]!r} is not a path inside the artifact's {IMAGES_DIR}/, {SHM_DIR}/ or {SAVED_DIR}/")
+    return v
+
+
+def _worker_path(v: str) -> str:
+    """A path as the worker saw it: absolute and normal (no '..', '.', '//'), so that what a restore binds or
+    creates for it is exactly the path that was checkpointed."""
+    if not v.startswith("/") or len(v) > _MAX_PATH or "\0" in v or posixpath.normpath(v) != v or v.startswith("//"):
+        raise ValueError(f"{v[:200]!r} is not an absolute, normal path")
+    return v
+
+
+ArtifactPath = Annotated[str, AfterValidator(_artifact_path)]
+WorkerPath = Annotated[str, AfterValidator(_worker_path)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Pid = Annotated[int, Field(ge=1, le=_PID_MAX)]
+Count = Annotated[int, Field(ge=0, le=1 << 62)]
+
+
 class FileEntry(BaseModel):
-    path: str  # relative to the artifact directory, '/'-separated
-    size: int
-    sha256: str
+    path: ArtifactPath  # relative to the artifact directory, '/'-separated
+    size: Count
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # 0: SHA-256 of the whole file. N: SHA-256 over the SHA-256 digests of its N-byte pieces, in order
     # (large image files hash on every core, at checkpoint and at verify).
     chunk_bytes: int = Field(default=0, ge=0)
@@ -39,50 +69,52 @@ class StepTiming(BaseModel):
 class WeightsRef(BaseModel):
     """Weights the worker maps from a weight service: not in the image; the restore asks the service for them."""
 
-    socket: str
-    files: list[str]
-    hash: str  # content hash: a restore gets exactly these weights or fails
-    bytes: int
+    socket: WorkerPath
+    files: list[WorkerPath] = Field(max_length=100_000)
+    hash: str = Field(pattern=r"^[0-9a-f]{16,128}$")  # content hash: a restore gets exactly these weights or fails
+    bytes: Count
     device: str
 
 
 class WorkerIdentity(BaseModel):
     """The checkpointed worker, as the restore needs to recreate its surroundings."""
 
-    pid: int
-    command: list[str]
+    pid: Pid
+    command: list[str] = Field(max_length=100_000)
     cwd: str = ""
     name: str | None = None
     engine: str = "plain"  # "plain" (no SDK), "reference", "vllm", "sglang", or an SDK-reported name
     model: str | None = None
     sdk: bool = False
-    control_dir: str | None = None  # the path the worker polls; each replica's own dir is mounted over it
-    control_seq: int = 0  # sequence number of the quiesce request; a resume must come after it
-    log_path: str | None = None  # the worker's stdout/stderr file; each replica's own log is mounted over it
-    listen_ports: list[int] = Field(default_factory=list)
-    port: int | None = None  # the port the SDK reported serving on, forwarded to each replica
-    gpu_bytes_to_remap: int = 0  # GPU memory the worker released on quiesce and maps again on resume (KV cache)
-    private_dirs: list[str] = Field(default_factory=list)  # each replica gets these empty and its own (unix sockets)
+    control_dir: WorkerPath | None = None  # the path the worker polls; each replica's own dir is mounted over it
+    control_seq: Count = 0  # sequence number of the quiesce request; a resume must come after it
+    log_path: WorkerPath | None = None  # the worker's stdout/stderr file; each replica's own log is mounted over it
+    listen_ports: list[Port] = Field(default_factory=list, max_length=1024)
+    port: Port | None = None  # the port the SDK reported serving on, forwarded to each replica
+    gpu_bytes_to_remap: Count = 0  # GPU memory the worker released on quiesce and maps again on resume (KV cache)
+    # Each replica gets these empty and its own (unix sockets).
+    private_dirs: list[WorkerPath] = Field(default_factory=list, max_length=64)
     kv_released: bool = False  # an engine adapter released the KV cache on quiesce; resume must take it back
-    ids: list[int] = Field(default_factory=list)  # every pid and thread id the image restores (its namespace's view)
+    # Every pid and thread id the image restores (its namespace's view).
+    ids: list[Pid] = Field(default_factory=list, max_length=1 << 20)
     weights: list[WeightsRef] = Field(default_factory=list)
 
 
 class GpuState(BaseModel):
     """One CUDA process of the tree and the GPU its memory was checkpointed from."""
 
-    pid: int
+    pid: Pid
     gpu_uuid: str
     gpu_name: str
-    memory_bytes: int = 0
+    memory_bytes: Count = 0
 
 
 class FileRanges(BaseModel):
     """Parts of a file the worker had mapped and touched (its working set), read ahead on a cold restore."""
 
-    path: str  # as the worker sees it
-    size: int  # at checkpoint: a file of another size now is not read
-    ranges: list[tuple[int, int]]  # (offset, length) in bytes
+    path: WorkerPath  # as the worker sees it
+    size: Count  # at checkpoint: a file of another size now is not read
+    ranges: list[tuple[Count, Count]]  # (offset, length) in bytes
 
 
 class CriuSettings(BaseModel):
@@ -101,12 +133,12 @@ class Manifest(BaseModel):
     driver_version: str | None = None  # NVIDIA driver, e.g. "580.159.04"; restore refuses an older one
     cuda_version: str | None = None  # the CUDA version that driver supports, e.g. "13.0"
     steps: list[StepTiming] = Field(default_factory=list)
-    image_bytes: int = 0
+    image_bytes: Count = 0
     files: list[FileEntry] = Field(default_factory=list)
     working_set: list[FileRanges] = Field(default_factory=list)
-    zero_bytes_dropped: int = 0  # pages of zeros taken out of CRIU's image (image/zeropages.py)
-    compressed_raw_bytes: int = 0  # pages images stored compressed (image/codec.py): their raw size ...
-    compressed_bytes: int = 0  # ... and what they take in the artifact
+    zero_bytes_dropped: Count = 0  # pages of zeros taken out of CRIU's image (image/zeropages.py)
+    compressed_raw_bytes: Count = 0  # pages images stored compressed (image/codec.py): their raw size ...
+    compressed_bytes: Count = 0  # ... and what they take in the artifact
 
     def step_seconds(self) -> dict[str, float]:
         return {s.step: s.seconds for s in self.steps}

@@ -81,9 +81,11 @@ def pieces(files: list[FileRanges], root: str = "") -> tuple[tuple[Path, int, in
     for f in files:
         path = Path(root + f.path)
         try:
-            if path.stat().st_size != f.size:
-                continue
+            st = path.stat()
         except OSError:
+            continue
+        # Only the regular files the worker had mapped: a FIFO or a device named here would block or be read.
+        if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
             continue
         out += [(path, off, n) for off, n in f.ranges]
     return tuple(out)

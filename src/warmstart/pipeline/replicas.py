@@ -7,7 +7,9 @@ IntoProcess: one, in the namespaces of a running process, a Kubernetes placehold
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -21,6 +23,19 @@ from warmstart.pipeline.restore_job import ReplicaResult, RestoreJob
 from warmstart.quiesce import restored
 from warmstart.registry import WorkerRecord
 from warmstart.replica import joinns, sandbox
+
+
+def _check_bind_target(path: str) -> None:
+    """A path of the worker's that a replica gets its own copy of. One missing here is created (in the host's
+    file system: a mount namespace shares it) only under warmstart's state directory or the temporary
+    directory, where warmstart itself puts workers' control directories, logs and engine sockets."""
+    if os.path.lexists(path):
+        return
+    roots = (str(paths.home()), tempfile.gettempdir())
+    if not any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots):
+        raise IncompatibleArtifact(f"the worker's path {path} does not exist on this host, and warmstart creates "
+                                   f"such paths only under {' or '.join(roots)}",
+                                   "create it (as the worker had it), or checkpoint a worker started here")
 
 
 @dataclass
@@ -69,6 +84,8 @@ class FreshReplicas:
             own = rdir / "private" / str(k)
             own.mkdir(parents=True, exist_ok=True)
             binds.append((str(own), private))
+        for _, target in binds:
+            _check_bind_target(target)
         pidfile, log = rdir / "restored.pid", rdir / "restore.log"
         images, images_bind = job.sandbox_images(rdir)
         inner = job.inner_port

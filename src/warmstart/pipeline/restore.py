@@ -36,7 +36,10 @@ def _run(job: RestoreJob, where: FreshReplicas | IntoProcess) -> RestoreResult:
     finally:
         job.finish()
         where.close()
-    return job.result(brought, runner.timings)
+    result = job.result(brought, runner.timings)
+    if runner.cancel.is_set():  # too late to undo: the replicas serve, and the caller is told
+        result.late_interrupt = runner.cancel.reason
+    return result
 
 
 def restore(artifact: Path, *, name: str | None = None, replicas: int = 1, port: int | None = None,

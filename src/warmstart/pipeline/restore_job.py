@@ -48,6 +48,7 @@ class RestoreResult:
     seconds: float
     inflate_s: float = 0.0  # inflating compressed pages images before CRIU (image/inflated.py)
     steps: list[StepTiming] = field(default_factory=list)
+    late_interrupt: str | None = None  # a signal or cancel that came once every replica was up: they stay up
 
 
 def _weights_future(m: Manifest, after: Readahead | None) -> Future[None] | None:

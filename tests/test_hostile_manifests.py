@@ -1,0 +1,104 @@
+"""A manifest that would make a restore act outside the artifact, or on numbers out of range, is refused when it
+is loaded (exit 4), before anything starts: a table of hostile manifests, each applied to a real one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_logic import _fake_artifact
+from warmstart.artifact import store
+from warmstart.errors import ArtifactError
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def _set(path: str, value: object) -> Edit:
+    def edit(m: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = m
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        node[int(last) if last.isdigit() else last] = value
+    return edit
+
+
+HOSTILE: list[tuple[str, Edit]] = [
+    ("absolute file path", _set("files.0.path", "/etc/shadow")),
+    ("file path climbing out", _set("files.0.path", "images/../../etc/shadow")),
+    ("file path outside images, shm, saved", _set("files.0.path", "manifest.json")),
+    ("file path with an empty part", _set("files.0.path", "images//x")),
+    ("negative size", _set("files.0.size", -1)),
+    ("a digest that is not SHA-256", _set("files.0.sha256", "abc")),
+    ("relative log path", _set("worker.log_path", "worker.log")),
+    ("log path climbing", _set("worker.log_path", "/run/warmstart/../../etc/passwd")),
+    ("control dir not normal", _set("worker.control_dir", "/tmp//x")),
+    ("private dir relative", _set("worker.private_dirs", ["sockets"])),
+    ("a NUL in a path", _set("worker.log_path", "/tmp/a\x00b")),
+    ("port above 65535", _set("worker.port", 70000)),
+    ("port -1", _set("worker.port", -1)),
+    ("listening port 0", _set("worker.listen_ports", [0])),
+    ("pid 0", _set("worker.pid", 0)),
+    ("an id above pid_max", _set("worker.ids", [1 << 23])),
+    ("weights socket relative", _set("worker.weights", [{"socket": "w.sock", "files": ["/m/a"], "hash": "ab" * 32,
+                                                          "bytes": 1, "device": "cpu"}])),
+    ("weights hash not hex", _set("worker.weights", [{"socket": "/run/w.sock", "files": ["/m/a"], "hash": "../x",
+                                                       "bytes": 1, "device": "cpu"}])),
+    ("working set path relative", _set("working_set", [{"path": "lib.so", "size": 1, "ranges": [[0, 1]]}])),
+    ("working set negative range", _set("working_set", [{"path": "/lib.so", "size": 1, "ranges": [[-4096, 1]]}])),
+]
+
+
+@pytest.mark.parametrize("edit", [e for _, e in HOSTILE], ids=[n for n, _ in HOSTILE])
+def test_a_hostile_manifest_is_refused_at_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: Edit) -> None:
+    art = _fake_artifact(tmp_path, monkeypatch)
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m)
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="corrupt"):
+        store.load(art)
+
+
+def test_a_5000_digit_number_is_corrupt_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    art = _fake_artifact(tmp_path, monkeypatch)
+    text = (art / "manifest.json").read_text()
+    (art / "manifest.json").write_text(text.replace('"image_bytes": 0', '"image_bytes": ' + "9" * 5000, 1))
+    with pytest.raises(ArtifactError, match="corrupt"):
+        store.load(art)
+
+
+def test_nesting_deeper_than_the_stack_is_corrupt_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    art = _fake_artifact(tmp_path, monkeypatch)
+    (art / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ArtifactError, match="corrupt"):
+        store.load(art)
+
+
+def test_the_real_manifest_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table's edits are what makes each one fail: the manifest they start from is valid."""
+    assert store.load(_fake_artifact(tmp_path, monkeypatch)).files
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_a_restore_creates_no_path_outside_its_own_directories(need_criu, home: Path, tmp_path: Path) -> None:
+    """Even a signed manifest (a trusted key's holder gone rogue, or a mistake) cannot make a restore create
+    directories or files elsewhere on the host."""
+    import sys
+
+    from conftest import COUNTER, cli, free_port, one_error_line, resign, wait_http
+
+    port = free_port()
+    assert cli("run", "--name", "src", "--", sys.executable, str(COUNTER), str(port)).returncode == 0
+    wait_http(port)
+    assert cli("checkpoint", "src", "-o", str(tmp_path / "art")).returncode == 0
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    m["worker"]["private_dirs"] = ["/opt/warmstart-planted/dir"]
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(m))
+    resign(tmp_path / "art")
+    one_error_line(cli("restore", str(tmp_path / "art")), 4, "/opt/warmstart-planted/dir", "does not exist")
+    assert not Path("/opt/warmstart-planted").exists()
