@@ -86,3 +86,19 @@ def test_a_quiesce_that_times_out_is_cancelled_and_the_worker_resumes(need_criu,
         time.sleep(0.1)
     assert _state("slow") == "running"
     assert not list(tmp_path.glob(".art*"))
+
+
+def test_a_full_disk_ends_in_one_line_and_leaves_nothing(need_criu, home: Path, tmp_path: Path) -> None:
+    port = _start_slow("slow", 0)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        r = cli("checkpoint", "slow", "-o", str(small / "art"))
+        assert r.returncode in (3, 6), r.stderr  # the disk filled under CRIU (6) or under warmstart (3)
+        line = one_error_line(r, r.returncode)
+        assert "No space left" in line or "no space left" in line, line
+        assert list(small.iterdir()) == []  # no partial artifact
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert http_get(port) == "ok" and _state("slow") == "running"  # resumed, serving

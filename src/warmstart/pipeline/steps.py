@@ -13,6 +13,7 @@ runner checks it between steps.
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from warmstart.artifact.manifest import StepTiming
-from warmstart.errors import Interrupted
+from warmstart.errors import EnvironmentProblem, Interrupted
 
 Progress = Callable[[str], None]
 
@@ -85,15 +86,24 @@ class Runner:
         t0 = time.monotonic()
         try:
             step.run()
+        except OSError as e:
+            self._keep_undo_of_failed(step)
+            problem = _environment_error(step, e)
+            if problem is None:
+                raise
+            raise problem from e
         except BaseException:
-            if step.undo and step.undo_if_failed:
-                self._undo.append((step.name, step.undo))
+            self._keep_undo_of_failed(step)
             raise
         finally:
             self.timings.append(StepTiming(step=step.name, seconds=round(time.monotonic() - t0, 4)))
         if step.settles:
             self._undo = [(n, u) for n, u in self._undo if n not in step.settles]
         if step.undo:
+            self._undo.append((step.name, step.undo))
+
+    def _keep_undo_of_failed(self, step: Step) -> None:
+        if step.undo and step.undo_if_failed:
             self._undo.append((step.name, step.undo))
 
     def unwind(self) -> None:
@@ -108,6 +118,19 @@ class Runner:
 
     def seconds(self, name: str) -> float:
         return sum(t.seconds for t in self.timings if t.step == name)
+
+
+_FULL = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
+
+
+def _environment_error(step: Step, e: OSError) -> EnvironmentProblem | None:
+    """A full or read-only disk is this host's problem, not a bug: one line naming the step, the file and the
+    fix (exit 3). Any other OSError stays what it is."""
+    if e.errno not in _FULL:
+        return None
+    where = f" writing {e.filename}" if e.filename else ""
+    return EnvironmentProblem(f"{step.name} failed: {_FULL[e.errno]}{where}",
+                              "free space there (or write the artifact to another disk with -o), then run it again")
 
 
 @contextmanager
