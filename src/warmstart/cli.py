@@ -296,6 +296,27 @@ def stop(name: str = typer.Argument(..., help="Worker or replica name (see `warm
 
 
 @app.command()
+def doctor(
+    artifacts: Path | None = typer.Option(None, "--artifacts", help="Also check free space where artifacts go."),
+) -> None:
+    """Check this host for what checkpoint and restore need (CRIU, kernel, GPU driver, free space)."""
+    from warmstart import doctor as doc
+
+    rows = doc.checks(artifacts)
+    t = Table(title="warmstart doctor")
+    for col in ("check", "", "found", "fix"):
+        t.add_column(col)
+    for r in rows:
+        mark = "[green]ok[/green]" if r.ok else ("[red]FAIL[/red]" if r.required else "[yellow]warn[/yellow]")
+        t.add_row(r.name, mark, r.detail, "" if r.ok else r.fix)
+    out.print(t)
+    bad = doc.failed(rows)
+    if bad:
+        raise EnvironmentProblem(f"{len(bad)} check(s) failed: {', '.join(r.name for r in bad)}",
+                                 "apply the fix on each FAIL line above, then run `warmstart doctor` again")
+
+
+@app.command()
 def gc(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Remove what killed checkpoints and restores left behind (partial artifacts, inflated images, locks)."""
     from warmstart import api
