@@ -157,3 +157,14 @@ def resign(artifact: Path) -> None:
 
     data = (artifact / "manifest.json").read_bytes()
     (artifact / signing.SIGNATURE_NAME).write_bytes(signing.sign(data))
+
+
+@pytest.fixture()
+def counter_artifact(need_criu, home: Path, tmp_path: Path) -> Path:
+    """A checkpoint of the counter worker (a plain process), at tmp_path/art."""
+    port = free_port()
+    assert cli("run", "--name", "src", "--", sys.executable, str(COUNTER), str(port)).returncode == 0
+    wait_http(port)
+    r = cli("checkpoint", "src", "-o", str(tmp_path / "art"))
+    assert r.returncode == 0, r.stderr
+    return tmp_path / "art"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, SAVED_STATE, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, resign, wait_http
+from conftest import SAVED_STATE, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, resign
 from conftest import one_error_line as _one_error_line
 from warmstart import demo, procs
 
@@ -28,14 +28,6 @@ def _holders() -> set[int]:
             and procs.environ(p).get("WARMSTART_HOME") == home}
 
 
-@pytest.fixture()
-def counter_artifact(need_criu, home: Path, tmp_path: Path) -> Path:
-    port = free_port()
-    assert cli("run", "--name", "src", "--", sys.executable, str(COUNTER), str(port)).returncode == 0
-    wait_http(port)
-    r = cli("checkpoint", "src", "-o", str(tmp_path / "art"))
-    assert r.returncode == 0, r.stderr
-    return tmp_path / "art"
 
 
 def test_unknown_pid(need_criu, home: Path, tmp_path: Path) -> None:

@@ -7,22 +7,13 @@ import hashlib
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, cli, free_port, http_get, one_error_line, wait_http
+from conftest import cli, http_get, one_error_line
 
 
-@pytest.fixture()
-def artifact(need_criu, home: Path, tmp_path: Path) -> Path:
-    port = free_port()
-    assert cli("run", "--name", "src", "--", sys.executable, str(COUNTER), str(port)).returncode == 0
-    wait_http(port)
-    r = cli("checkpoint", "src", "-o", str(tmp_path / "art"))
-    assert r.returncode == 0, r.stderr
-    return tmp_path / "art"
 
 
 def _replicas() -> list[dict]:
@@ -31,39 +22,39 @@ def _replicas() -> list[dict]:
 
 @pytest.mark.criu
 @pytest.mark.slow
-def test_an_artifact_is_signed_private_and_verified(artifact: Path) -> None:
-    assert (artifact / "manifest.sig").is_file()
-    for p in [artifact, *artifact.rglob("*")]:
+def test_an_artifact_is_signed_private_and_verified(counter_artifact: Path) -> None:
+    assert (counter_artifact / "manifest.sig").is_file()
+    for p in [counter_artifact, *counter_artifact.rglob("*")]:
         mode = stat.S_IMODE(p.lstat().st_mode)
         assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
-    r = cli("inspect", str(artifact), "--verify")
+    r = cli("inspect", str(counter_artifact), "--verify")
     assert r.returncode == 0, r.stderr
     assert "signature valid, by trusted key" in " ".join(r.stdout.split())
 
 
 @pytest.mark.criu
 @pytest.mark.slow
-def test_memory_rewritten_with_matching_checksums_is_refused(artifact: Path) -> None:
+def test_memory_rewritten_with_matching_checksums_is_refused(counter_artifact: Path) -> None:
     """The attack the checksums alone did not stop: new bytes in a pages image and its SHA-256 put in the manifest."""
-    m = json.loads((artifact / "manifest.json").read_text())
+    m = json.loads((counter_artifact / "manifest.json").read_text())
     entry = next(f for f in m["files"] if f["path"].startswith("images/pages-") and f["chunk_bytes"] == 0)
-    pages = artifact / entry["path"]
+    pages = counter_artifact / entry["path"]
     data = bytearray(pages.read_bytes())
     data[100] ^= 0xFF
     pages.write_bytes(bytes(data))
     entry["sha256"] = hashlib.sha256(data).hexdigest()
-    (artifact / "manifest.json").write_text(json.dumps(m))
-    one_error_line(cli("restore", str(artifact)), 4, "manifest.json", "does not match its signature")
+    (counter_artifact / "manifest.json").write_text(json.dumps(m))
+    one_error_line(cli("restore", str(counter_artifact)), 4, "manifest.json", "does not match its signature")
     assert _replicas() == []
 
 
 @pytest.mark.criu
 @pytest.mark.slow
-def test_an_unsigned_artifact_needs_the_expert_flag(artifact: Path) -> None:
-    (artifact / "manifest.sig").unlink()
-    one_error_line(cli("restore", str(artifact)), 4, "not signed", "--insecure-unsigned")
+def test_an_unsigned_artifact_needs_the_expert_flag(counter_artifact: Path) -> None:
+    (counter_artifact / "manifest.sig").unlink()
+    one_error_line(cli("restore", str(counter_artifact)), 4, "not signed", "--insecure-unsigned")
     assert _replicas() == []
-    r = cli("restore", str(artifact), "--insecure-unsigned", "--json")
+    r = cli("restore", str(counter_artifact), "--insecure-unsigned", "--json")
     assert r.returncode == 0, r.stderr
     (rep,) = json.loads(r.stdout)["replicas"]
     assert http_get(rep["port"])
@@ -71,11 +62,11 @@ def test_an_unsigned_artifact_needs_the_expert_flag(artifact: Path) -> None:
 
 @pytest.mark.criu
 @pytest.mark.slow
-def test_another_hosts_key_is_trusted_only_when_named(artifact: Path, tmp_path: Path) -> None:
+def test_another_hosts_key_is_trusted_only_when_named(counter_artifact: Path, tmp_path: Path) -> None:
     here = os.environ["WARMSTART_KEY_DIR"]
     elsewhere = {"WARMSTART_KEY_DIR": str(tmp_path / "other-node-keys")}
-    one_error_line(cli("restore", str(artifact), env=elsewhere), 4, "does not trust", "WARMSTART_TRUSTED_KEYS")
-    r = cli("restore", str(artifact), "--json", env={**elsewhere, "WARMSTART_TRUSTED_KEYS": f"{here}/artifact.pub"})
+    one_error_line(cli("restore", str(counter_artifact), env=elsewhere), 4, "does not trust", "WARMSTART_TRUSTED_KEYS")
+    r = cli("restore", str(counter_artifact), "--json", env={**elsewhere, "WARMSTART_TRUSTED_KEYS": f"{here}/artifact.pub"})
     assert r.returncode == 0, r.stderr
 
 

@@ -84,6 +84,16 @@ def resident_pages(fd: int, size: int) -> tuple[int, int] | None:
         libc.munmap(addr, size)
 
 
+def write_new(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Create the file (never following a symlink or reusing one that exists), write it and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def in_network_of(pid: int, fn: Callable[[], T]) -> T:
     """fn() in process pid's network namespace: a thread joins it (setns applies to the calling thread only)."""
     if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):

@@ -26,7 +26,7 @@ def worker_dir(name: str) -> Path:
     return workers_dir() / check_name(name)
 
 
-def private_dir(path: Path) -> Path:
+def private_dir(path: Path, setting: str = "WARMSTART_HOME") -> Path:
     """Make `path` (and missing parents) mode 0700 and return it; refuse a symlink, or a directory another user
     owns or can write: state and logs hold what workers print and run."""
     try:
@@ -34,10 +34,10 @@ def private_dir(path: Path) -> Path:
         st = os.lstat(path)
     except OSError as e:
         raise EnvironmentProblem(f"cannot create {path}: {e.strerror}",
-                                 "set WARMSTART_HOME to a directory this user can create") from None
+                                 f"set {setting} to a directory this user can create") from None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise EnvironmentProblem(f"{path} is not a directory that only this user can write",
-                                 "remove it (it is made again) or chmod 700 it; or set WARMSTART_HOME")
+                                 f"chmod 700 {path}, owned by this user, or set {setting}")
     return path
 
 

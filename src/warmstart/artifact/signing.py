@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from warmstart import config
+from warmstart import config, linux, paths
 from warmstart.artifact.manifest import MANIFEST_NAME
 from warmstart.errors import ArtifactError, EnvironmentProblem
 
@@ -54,26 +54,7 @@ def _read_private(path: Path) -> bytes:
 
 
 def _key_dir() -> Path:
-    d = config.current().key_dir
-    try:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.lstat(d)
-    except OSError as e:
-        raise EnvironmentProblem(f"cannot create the key directory {d}: {e.strerror}",
-                                 "set WARMSTART_KEY_DIR to a directory this user can create") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise EnvironmentProblem(f"the key directory {d} is not a directory only this user can write",
-                                 f"chmod 700 {d}, owned by this user, or set WARMSTART_KEY_DIR")
-    return d
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return paths.private_dir(config.current().key_dir, "WARMSTART_KEY_DIR")
 
 
 def _configured_key(path: Path) -> Ed25519PrivateKey:
@@ -106,13 +87,13 @@ def signing_key() -> Ed25519PrivateKey:
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
         try:
-            _write_new(private, pem, 0o600)
+            linux.write_new(private, pem, 0o600)
         except FileExistsError:
             pass  # another process made it first: use that one
     loaded = _parse_private(private, _read_private(private))
     public = d / PUBLIC_NAME
     if not os.path.lexists(public):
-        _write_new(public, loaded.public_key().public_bytes(serialization.Encoding.PEM,
+        linux.write_new(public, loaded.public_key().public_bytes(serialization.Encoding.PEM,
                                                             serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
     return loaded
 

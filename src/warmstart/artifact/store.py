@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from warmstart import paths, procs
+from warmstart import linux, paths, procs
 from warmstart.artifact import signing
 from warmstart.artifact.manifest import (
     IMAGES_DIR,
@@ -162,15 +162,6 @@ def checksum(staging: Staging) -> list[FileEntry]:
     return [FileEntry(path=r, size=n, sha256=digests[r], chunk_bytes=chunks[r]) for r, n in sizes.items()]
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def make_private(root: Path) -> None:
     """Every directory of the tree 0700 and every file 0600: an artifact holds process memory (prompts, keys).
     Symlinks are left as they are, never followed."""
@@ -186,9 +177,9 @@ def commit(staging: Staging, manifest: Manifest, sign: bool = True) -> Path:
     """Write the manifest (whose `files` came from `checksum`) and its signature, make the tree private, and
     rename the directory into place."""
     data = manifest.model_dump_json(indent=2).encode()
-    _write_private(staging.tmp / MANIFEST_NAME, data)
+    linux.write_new(staging.tmp / MANIFEST_NAME, data)
     if sign:
-        _write_private(staging.tmp / signing.SIGNATURE_NAME, signing.sign(data))
+        linux.write_new(staging.tmp / signing.SIGNATURE_NAME, signing.sign(data))
     make_private(staging.tmp)
     os.rename(staging.tmp, staging.final)
     _marker(staging.tmp).unlink(missing_ok=True)
