@@ -26,7 +26,7 @@ import yaml
 from conftest import COUNTER, REPO, WARMSTART, free_port, get_when_up, http_get
 from warmstart import linux, procs
 from warmstart.k8s import containers, reconcile
-from warmstart.k8s.resources import CheckpointSpec, Storage, condition
+from warmstart.k8s.resources import RESTORED_CONDITION, CheckpointSpec, Storage, condition
 
 CHART = REPO / "deploy" / "helm" / "warmstart"
 EXAMPLE = REPO / "deploy" / "examples" / "vllm.yaml"
@@ -223,6 +223,26 @@ def test_target_is_refused_when_the_checkpoint_does_not_match() -> None:
     assert isinstance(a, reconcile.Refuse) and "volume full" in a.reason
 
 
+def test_an_artifact_outside_the_pods_namespace_is_refused() -> None:
+    for path in ("other-ns/llama-8b", "default/../other-ns/x", "/etc", "default"):
+        ckpt = ready_checkpoint()
+        ckpt["status"]["artifact"] = path
+        a = reconcile.decide(pod("target-pod"), NODE, GPU, {"llama-8b": ckpt}, "c")
+        assert isinstance(a, reconcile.Refuse) and "not inside namespace" in a.reason, (path, a)
+
+
+def test_the_same_refusal_twice_is_recognised() -> None:
+    """A pod update (or the echo of the agent's own patch) that brings the same refusal changes nothing."""
+    failed = ready_checkpoint()
+    failed["status"] = {"phase": "Failed", "reason": "volume full"}
+    p = pod("target-pod")
+    a = reconcile.decide(p, NODE, GPU, {"llama-8b": failed}, "c")
+    assert isinstance(a, reconcile.Refuse) and not reconcile.already_refused(p, a.reason)
+    p["status"].setdefault("conditions", []).append(condition(RESTORED_CONDITION, False, "RestoreFailed", a.reason, "t"))
+    assert reconcile.already_refused(p, a.reason)
+    assert not reconcile.already_refused(p, "another reason")
+
+
 def test_restored_target_is_left_alone() -> None:
     p = pod("target-pod")
     p["status"]["conditions"].append({"type": "warmstart.dev/restored", "status": "True"})
@@ -328,6 +348,9 @@ class MemoryApi:
     def list_namespaced_custom_object(self, group, version, namespace, plural) -> dict:
         return {"items": list(self.checkpoints.values())}
 
+    def list_cluster_custom_object(self, group, version, plural) -> dict:
+        return {"items": list(self.checkpoints.values())}
+
     def create_namespaced_custom_object(self, group, version, namespace, plural, body) -> dict:
         from kubernetes import client
 
@@ -350,6 +373,20 @@ def _agent(api: MemoryApi, artifacts: Path):
     a.core = a.custom = api
     a.busy, a.lock = set(), __import__("threading").Lock()
     return a
+
+
+def test_a_checkpoint_left_checkpointing_by_a_dead_agent_is_failed_at_start_up(tmp_path: Path) -> None:
+    api = MemoryApi(GPU)
+    mine, other = ready_checkpoint(), ready_checkpoint()
+    mine["metadata"].update(name="mine", namespace="warmstart")
+    other["metadata"].update(name="other", namespace="warmstart")
+    mine["status"] = {"phase": "Checkpointing", "node": NODE}
+    other["status"] = {"phase": "Checkpointing", "node": "another-node"}
+    api.checkpoints = {"mine": mine, "other": other}
+    _agent(api, tmp_path).recover()
+    assert mine["status"]["phase"] == "Failed" and "agent restarted" in mine["status"]["reason"]
+    assert other["status"]["phase"] == "Checkpointing"  # another node's agent owns it
+    assert [e.reason for e in api.events] == ["CheckpointFailed"]
 
 
 def _pod(fixture: str, cid: str, **annotations: str) -> dict:

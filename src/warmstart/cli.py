@@ -191,12 +191,14 @@ def agent(
     claim: str = typer.Option(..., "--claim", help="The artifact PersistentVolumeClaim (recorded in Checkpoints)."),
     artifacts: Path = typer.Option(Path("/var/lib/warmstart/artifacts"), "--artifacts",
                                    help="Where that volume is mounted, here and in the pods."),
-    metrics_port: int = typer.Option(9400, "--metrics-port", help="Prometheus metrics port."),
+    metrics_port: int = typer.Option(9400, "--metrics-port", min=1, max=65535, help="Prometheus metrics port."),
+    kubeconfig: str | None = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG",
+                                          help="Run outside a pod, against the cluster this file names."),
 ) -> None:
     """The Kubernetes node agent (run by the Helm chart's DaemonSet): checkpoints sources, restores targets."""
     from warmstart.k8s import agent as node_agent
 
-    node_agent.main(node, claim, artifacts, metrics_port)
+    node_agent.main(node, claim, artifacts, metrics_port, kubeconfig)
 
 
 @app.command(hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

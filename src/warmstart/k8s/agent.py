@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ class Agent:
                 self.checkpoint(pod, action)
             elif isinstance(action, reconcile.Restore):
                 self.restore(pod, action)
-            elif isinstance(action, reconcile.Refuse):
+            elif isinstance(action, reconcile.Refuse) and not reconcile.already_refused(pod, action.reason):
                 self.refuse(pod, action.reason)
         finally:
             with self.lock:
@@ -119,6 +120,9 @@ class Agent:
         t0 = time.monotonic()
         out = self.artifacts / a.spec.storage.path
         try:
+            if not reconcile.inside_namespace(a.spec.storage.path, a.namespace):
+                raise WarmstartError(f"storage path {a.spec.storage.path!r} is outside namespace {a.namespace}'s "
+                                     "directory of the artifact volume")
             out.parent.mkdir(parents=True, exist_ok=True)
             worker = containers.worker_pid(a.container_id)
             res = api.checkpoint(worker, out, leave_running=True, engine=a.spec.engine)
@@ -173,16 +177,40 @@ class Agent:
 
     # ---- the loop ----
 
-    def run(self) -> None:
+    def recover(self) -> None:
+        """Checkpoints this node's agent left Checkpointing when it died end as Failed, with one Event: their
+        pipeline died with that agent (its staging directory is removed by the next checkpoint)."""
+        items = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        for cr in items:
+            st = cr.get("status") or {}
+            if st.get("phase") == "Checkpointing" and st.get("node") == self.node:
+                reason = "the agent restarted while it checkpointed; the source pod was left serving"
+                meta = cr["metadata"]
+                self.set_status(meta["namespace"], meta["name"], {"phase": "Failed", "reason": reason, "conditions": [
+                    condition("Ready", False, "AgentRestarted", reason, _now())]})
+                self.event(cr, KIND, "CheckpointFailed", reason, warning=True)
+
+    def run(self, workers: int = 4) -> None:
+        """Watch this node's pods; handle each event in a bounded pool (a checkpoint takes its worker for
+        seconds to minutes). The watch resumes from the last resourceVersion; a 410 (too old) lists again."""
         selector = f"spec.nodeName={self.node}"
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmstart-agent")
+        version: str | None = None
         while True:
             try:
                 for ev in watch.Watch().stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
-                                               timeout_seconds=300):
+                                               timeout_seconds=300, resource_version=version):
+                    if ev["type"] == "ERROR":
+                        version = None  # 410 Gone: the version is too old, list again
+                        break
+                    version = ev["object"].metadata.resource_version
                     if ev["type"] in ("ADDED", "MODIFIED"):
-                        pod = client.ApiClient().sanitize_for_serialization(ev["object"])
-                        threading.Thread(target=self._safe_handle, args=(pod,), daemon=True).start()
-            except Exception as e:  # the API server went away: watch again
+                        pool.submit(self._safe_handle, client.ApiClient().sanitize_for_serialization(ev["object"]))
+            except client.ApiException as e:
+                version = None if e.status == 410 else version
+                print(f"warmstart agent: watch failed ({e.status} {e.reason}); retrying in 5 s", flush=True)
+                time.sleep(5)
+            except Exception as e:  # noqa: BLE001 - the API server went away: watch again
                 print(f"warmstart agent: watch failed ({e}); retrying in 5 s", flush=True)
                 time.sleep(5)
 
@@ -194,20 +222,33 @@ class Agent:
                   flush=True)
 
 
-def main(node: str, claim: str, artifacts: Path, metrics_port: int) -> None:
+def _load_config(kubeconfig: str | None) -> None:
+    """In a pod, its service account; outside one (or with --kubeconfig / KUBECONFIG), that file."""
+    if not kubeconfig:
+        try:
+            config.load_incluster_config()
+            return
+        except config.ConfigException:
+            pass
+    try:
+        config.load_kube_config(config_file=kubeconfig)
+    except (config.ConfigException, OSError) as e:
+        from warmstart.errors import EnvironmentProblem
+
+        raise EnvironmentProblem(f"no Kubernetes API to talk to: not in a pod, and no usable kubeconfig ({e})",
+                                 "run the agent through the Helm chart's DaemonSet, or pass --kubeconfig") from None
+
+
+def main(node: str, claim: str, artifacts: Path, metrics_port: int, kubeconfig: str | None = None) -> None:
     if _MISSING is not None:
         from warmstart.errors import EnvironmentProblem
 
         raise EnvironmentProblem(f"the agent needs the kubernetes and prometheus-client packages ({_MISSING})",
                                  "pip install 'warmstart[k8s]'")
-    try:
-        config.load_incluster_config()
-    except config.ConfigException as e:
-        from warmstart.errors import EnvironmentProblem
-
-        raise EnvironmentProblem(f"not inside a Kubernetes pod with a service account ({e})",
-                                 "run the agent through the Helm chart's DaemonSet") from None
+    _load_config(kubeconfig)
     start_http_server(metrics_port)
     print(f"warmstart agent on node {node}: artifacts in {artifacts} (claim {claim}), metrics on :{metrics_port}",
           flush=True)
-    Agent(node, claim, artifacts).run()
+    agent = Agent(node, claim, artifacts)
+    agent.recover()
+    agent.run()

@@ -149,8 +149,25 @@ def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) 
     problems = _mismatches(pod, spec, want, node_labels)
     if problems:
         return Refuse(f"Checkpoint {cname} does not match pod {meta['name']}: " + "; ".join(problems))
-    return Restore(name=cname, namespace=meta["namespace"], container_id=status["containerID"],
-                   artifact=st.get("artifact") or want["storage"]["path"])
+    artifact = str(st.get("artifact") or want["storage"]["path"])
+    if not inside_namespace(artifact, meta["namespace"]):
+        return Refuse(f"Checkpoint {cname}'s artifact {artifact!r} is not inside namespace {meta['namespace']}'s "
+                      "own directory of the artifact volume")
+    return Restore(name=cname, namespace=meta["namespace"], container_id=status["containerID"], artifact=artifact)
+
+
+def inside_namespace(path: str, namespace: str) -> bool:
+    """An artifact path a pod of `namespace` may use: relative, normal, under `namespace/` of the volume, so
+    that a Checkpoint in one namespace cannot point its restores at another's artifacts."""
+    parts = path.split("/")
+    return len(parts) >= 2 and parts[0] == namespace and all(p not in ("", ".", "..") for p in parts)
+
+
+def already_refused(pod: Obj, reason: str) -> bool:
+    """The pod already carries this refusal: the same update again (or the echo of the agent's own patch)
+    must change nothing and emit nothing."""
+    return any(c.get("type") == RESTORED_CONDITION and c.get("status") == "False" and c.get("message") == reason
+               for c in pod.get("status", {}).get("conditions") or [])
 
 
 def _mismatches(pod: Obj, spec: Obj, want: Obj, node_labels: dict[str, str]) -> list[str]:
