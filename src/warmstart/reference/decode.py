@@ -1,4 +1,4 @@
-"""Greedy decoding of a Llama model with its KV cache in one caller-owned buffer, as serving engines do.
+"""Decoding of a Llama model (greedy, or sampled) with its KV cache in one caller-owned buffer, as engines do.
 
 Plain tensors by their checkpoint names, no transformers modules (a smaller process to checkpoint). The
 cache is a fixed-size tensor the worker can release on quiesce and map again on resume (on GPU: a CUDA
@@ -10,7 +10,10 @@ replayed; the prompt runs in one pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, Required, TypedDict
+
+Pick = Callable[[Any], int]  # the next token from the last position's logits (a float32 (1, vocab) tensor)
 
 
 class LlamaConfig(TypedDict, total=False):
@@ -71,6 +74,7 @@ class Decoder:
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.next = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(1, self.lm_head.shape[0], dtype=torch.float32, device=self.device)  # its logits
         self.graph: Any = None  # torch.cuda.CUDAGraph, once captured
         if use_graph:
             self._capture()
@@ -84,8 +88,8 @@ class Decoder:
         rotated = self.torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return (x.float() * cos + rotated.float() * sin).to(self.dtype)
 
-    def _forward(self, tokens: Any, pos: Any) -> Any:
-        """Tokens at positions `pos` (n of each): write their K/V into the cache, return the last one's argmax."""
+    def _logits(self, tokens: Any, pos: Any) -> Any:
+        """Tokens at positions `pos` (n of each): write their K/V into the cache, return the last one's logits."""
         torch, w, linear = self.torch, self.w, self.torch.nn.functional.linear
         n = tokens.shape[0]
         x = torch.nn.functional.embedding(tokens, w["model.embed_tokens.weight"])  # (n, H)
@@ -109,11 +113,12 @@ class Decoder:
             h = self._norm(x, w[p + "post_attention_layernorm.weight"])
             gate = torch.nn.functional.silu(linear(h, w[p + "mlp.gate_proj.weight"]))
             x = x + linear(gate * linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
-        logits = linear(self._norm(x[-1:], w["model.norm.weight"]), self.lm_head).float()
-        return logits.argmax(dim=-1)
+        return linear(self._norm(x[-1:], w["model.norm.weight"]), self.lm_head).float()
 
     def _step(self) -> None:
-        self.next.copy_(self._forward(self.token, self.pos))
+        logits = self._logits(self.token, self.pos)
+        self.last.copy_(logits)
+        self.next.copy_(logits.argmax(dim=-1))
 
     def _capture(self) -> None:
         torch = self.torch
@@ -138,18 +143,49 @@ class Decoder:
                 self._step()
         return int(self.next.item())
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation: the prompt in one pass, then one (graphed) step per token."""
+    def fit(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """The prompt's last tokens that leave room for max_new_tokens in the cache (ValueError if none do)."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         keep = self.max_len - max_new_tokens
         if keep < 1:
             raise ValueError(f"max_tokens {max_new_tokens} does not fit the {self.max_len}-token cache")
-        ids = prompt_ids[-keep:]
+        return prompt_ids[-keep:]
+
+    def tokens(self, prompt_ids: list[int], max_new_tokens: int, pick: Pick | None = None) -> Iterator[int]:
+        """The continuation, one token at a time: the prompt in one pass, then one (graphed) step per token.
+        pick: chooses each token from the logits (a sampler); None: greedy (the argmax)."""
+        ids = self.fit(prompt_ids, max_new_tokens)
         torch = self.torch
         with torch.inference_mode():
-            first = self._forward(torch.tensor(ids, device=self.device), self.positions[: len(ids)])
-        out = [int(first.item())]
+            logits = self._logits(torch.tensor(ids, device=self.device), self.positions[: len(ids)])
+            token = int(logits.argmax(dim=-1).item()) if pick is None else pick(logits)
+        yield token
         for pos in range(len(ids), len(ids) + max_new_tokens - 1):
-            out.append(self.run_step(out[-1], pos))
-        return out
+            greedy = self.run_step(token, pos)
+            if pick is None:
+                token = greedy
+            else:
+                with torch.inference_mode():
+                    token = pick(self.last)
+            yield token
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of max_new_tokens (the prompt cut from the left to fit the cache)."""
+        return list(self.tokens(prompt_ids, max_new_tokens))
+
+
+def sampler(temperature: float, top_p: float, generator: Any) -> Pick:
+    """Sampling at `temperature` from the smallest set of tokens whose probability reaches top_p (nucleus),
+    drawn with `generator` (a torch.Generator on the logits' device: seeded, the draws repeat)."""
+    import torch
+
+    def pick(logits: Any) -> int:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the most likely token always stays
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+
+    return pick

@@ -1,13 +1,14 @@
-"""The reference worker: OpenAI-compatible /v1/completions and /health over the reference model.
+"""The reference worker: an OpenAI-compatible API (warmstart.reference.protocol) over the reference model.
 
     python -m warmstart.reference.server --port 8000 [--model DIR] [--kv-cache-mb 256] [--weights-socket S]
 
-It decodes greedily with its KV cache in a preallocated pool, as real engines reserve one (on GPU: bf16,
-the pool a CUDA virtual-memory region, the decode step captured once as a CUDA graph; the weights in a kept
-region that goes through host memory across a checkpoint, see warmstart.reference.load). It takes part in
-warmstart's quiesce/resume protocol: in-flight requests finish before it acknowledges a quiesce, new ones
-wait until it resumes, and the pool's memory is released while quiesced (GPU: unmapped and mapped again at
-the same address, so the graph stays valid; CPU: its pages dropped), so the KV cache is not in the image.
+It decodes greedily (or samples, when asked) with its KV cache in a preallocated pool, as real engines reserve
+one (on GPU: bf16, the pool a CUDA virtual-memory region, the decode step captured once as a CUDA graph; the
+weights in a kept region that goes through host memory across a checkpoint, see warmstart.reference.load). It
+takes part in warmstart's quiesce/resume protocol: in-flight requests (a stream included) finish before it
+acknowledges a quiesce, new ones wait until it resumes, and the pool's memory is released while quiesced (GPU:
+unmapped and mapped again at the same address, so the graph stays valid; CPU: its pages dropped), so the KV cache
+is not in the image.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+from warmstart.reference import protocol
+from warmstart.reference.textstream import TextStream
 from warmstart.worker import ResumeSettings, attach
 
 if TYPE_CHECKING:
@@ -77,10 +82,44 @@ class Engine:
             raise SystemExit(f"the weight files hold {sorted(map(str, wrong))}, not {dtype}: pass --dtype to match")
         return tensors
 
+    @property
+    def max_len(self) -> int:
+        return int(self.decoder.max_len)
+
     def complete(self, prompt: str, max_tokens: int) -> tuple[str, int, int]:
+        """Greedy: (text, prompt tokens, completion tokens); the prompt cut from the left to fit the cache."""
         ids = self.tokenizer.encode(prompt).ids
         new = self.decoder.generate(ids, max_tokens)
-        return self.tokenizer.decode(new, skip_special_tokens=True), len(ids), len(new)
+        return self.detokenize(new), len(ids), len(new)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def encode(self, prompt: str, max_tokens: int) -> list[int]:
+        """The prompt's tokens, or ApiError if there are none or they and max_tokens do not fit the cache."""
+        ids: list[int] = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise protocol.ApiError(400, "The prompt is empty", "prompt")
+        protocol.check_fits(len(ids), max_tokens, self.max_len)
+        return ids
+
+    def runs(self, req: protocol.Request, prompts: list[list[int]]) -> Iterator[tuple[int, TextStream, Iterator[str]]]:
+        """Each choice in turn: (its index, its TextStream, the pieces of its text as they are decoded). The
+        caller holds the gate. Sampled when temperature > 0, all choices from one generator seeded by `seed`."""
+        from warmstart.reference import decode
+
+        pick = None
+        if req.temperature > 0:
+            generator = self.torch.Generator(device=self.decoder.device)
+            if req.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(req.seed)
+            pick = decode.sampler(req.temperature, req.top_p, generator)
+        for i, ids in enumerate(prompts):
+            for j in range(req.n):
+                text = TextStream(self.detokenize, req.stop)
+                yield i * req.n + j, text, text.run(self.decoder.tokens(ids, req.max_tokens, pick))
 
     def quiesce(self) -> None:
         self.gate.acquire()  # waits for in-flight requests; new ones block until resume
@@ -141,53 +180,106 @@ def _discard(t: Any) -> None:  # t: a contiguous CPU torch tensor
         linux.madvise(start, end - start, mmap.MADV_DONTNEED, "the KV pool (MADV_DONTNEED)")
 
 
+class Handler(BaseHTTPRequestHandler):
+    """The HTTP API: GET /health, /v1/models[/ID]; POST /v1/completions, /v1/chat/completions (streamed as
+    server-sent events with "stream": true). A subclass made by make_handler names the engine and the model."""
+
+    protocol_version = "HTTP/1.0"  # one request per connection: nothing open across a checkpoint
+    engine: Engine
+    model_name: str
+
+    def _send(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "warmstart"}
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/health":
+            self._send(200, {"status": "ok", "pid": os.getpid(), "replica": self.engine.replica})
+        elif path == "/v1/models":
+            self._send(200, {"object": "list", "data": [self._model()]})
+        elif path == f"/v1/models/{self.model_name}":
+            self._send(200, self._model())
+        elif path.startswith("/v1/models/"):
+            name = path.removeprefix("/v1/models/")
+            self._error(protocol.ApiError(404, f"The model `{name}` does not exist: this worker serves "
+                                               f"`{self.model_name}`", "model", "model_not_found"))
+        else:
+            self._error(protocol.not_found(f"no route GET {path}"))
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            self._error(protocol.not_found(f"no route POST {path}"))
+            return
+        engine = self.engine
+        try:
+            req = protocol.parse(self._body(), path == "/v1/chat/completions", self.model_name, engine.max_len)
+            prompts = [engine.encode(p, req.max_tokens) for p in req.prompts]
+        except protocol.ApiError as e:
+            self._error(e)
+            return
+        with engine.gate:
+            try:
+                (self._stream if req.stream else self._answer)(req, prompts)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away: nothing to answer
+
+    def _body(self) -> bytes:
+        try:
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            raise protocol.ApiError(400, "Content-Length is not a number") from None
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _error(self, e: protocol.ApiError) -> None:
+        self._send(e.status, e.body())
+
+    def _answer(self, req: protocol.Request, prompts: list[list[int]]) -> None:
+        choices, completion_tokens = [], 0
+        for _, text, deltas in self.engine.runs(req, prompts):
+            for _piece in deltas:
+                pass
+            choices.append((text.text, text.finish_reason))
+            completion_tokens += len(text.ids)
+        usage = protocol.usage(sum(map(len, prompts)), completion_tokens)
+        self._send(200, protocol.Shaper(req.chat, self.model_name).response(choices, usage))
+
+    def _stream(self, req: protocol.Request, prompts: list[list[int]]) -> None:
+        """Server-sent events, one per piece of text, then `data: [DONE]`; the connection's end ends the body."""
+        shaper = protocol.Shaper(req.chat, self.model_name)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        completion_tokens = 0
+        for index, text, deltas in self.engine.runs(req, prompts):
+            if req.chat:
+                self._event(shaper.chunk(index, None, None))  # the assistant's role opens each choice
+            for piece in deltas:
+                self._event(shaper.chunk(index, piece, None))
+            self._event(shaper.chunk(index, "", text.finish_reason))
+            completion_tokens += len(text.ids)
+        if req.include_usage:
+            self._event(shaper.usage_chunk(protocol.usage(sum(map(len, prompts)), completion_tokens)))
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, data: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        pass
+
+
 def make_handler(engine: Engine, model_name: str) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"  # one request per connection: nothing open across a checkpoint
-
-        def _send(self, code: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            if self.path == "/health":
-                self._send(200, {"status": "ok", "pid": os.getpid(), "replica": engine.replica})
-            elif self.path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model"}]})
-            else:
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
-
-        def do_POST(self) -> None:
-            if self.path != "/v1/completions":
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
-                return
-            try:
-                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                prompt, max_tokens = str(req["prompt"]), int(req.get("max_tokens", 16))
-            except (ValueError, KeyError) as e:
-                self._send(400, {"error": {"message": f"bad request: {e}"}})
-                return
-            try:
-                with engine.gate:
-                    text, n_in, n_out = engine.complete(prompt, max_tokens)
-            except ValueError as e:
-                self._send(400, {"error": {"message": str(e)}})
-                return
-            self._send(200, {
-                "id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": None}],
-                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
-            })
-
-        def log_message(self, fmt: str, *args: object) -> None:
-            pass
-
-    return Handler
+    return type("BoundHandler", (Handler,), {"engine": engine, "model_name": model_name})
 
 
 def main(argv: list[str] | None = None) -> None:
