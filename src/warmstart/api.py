@@ -45,6 +45,7 @@ def run(name: str | None, command: list[str], *, engine: str = "plain", wait: bo
         info = run_pipeline.wait_ready(rec, timeout_s)
         if info.port and not rec.port:
             rec.port = info.port
+            registry.save(rec)  # `warmstart ps` shows the port it learned
     return rec
 
 

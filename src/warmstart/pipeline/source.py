@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,40 @@ def _check_engine(pid: int, adapter: Engine, identity: WorkerIdentity, record: W
     return port
 
 
+_ATTACH_GRACE_S = 1.0
+
+
+def _wait_warm(pid: int, record: WorkerRecord | None, control_dir: Path, timeout_s: float,
+               progress: Progress) -> control.WorkerInfo | None:
+    """A worker this tool started that has neither joined the SDK nor opened a listening port may still be
+    starting: wait for one of them (up to timeout_s), so that its artifact does not restore into a replica
+    nobody can reach. One that shows neither is checkpointed as it is, with a warning."""
+    info = control.worker_info(control_dir, pid)
+    if info or not record or record.kind != "run" or engines.for_engine(record.engine):
+        return info  # an engine is checked by its adapter instead
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while not procs.listening_tcp_ports(pid):
+        info = control.worker_info(control_dir, pid)
+        if info:
+            return info
+        if time.monotonic() > deadline:
+            progress(f"warning: worker {record.name} has not joined the SDK nor opened a listening port after "
+                     f"{timeout_s:g} s; checkpointing it as a plain process")
+            return None
+        if not waited:
+            progress(f"waiting for worker {record.name} to be warm (SDK or a listening port)")
+            waited = True
+        procs.require_alive(pid)
+        time.sleep(0.05)
+    # It listens: an SDK worker attaches right after binding its port (the reference server does), so it gets
+    # a moment to do so before it is taken for a plain process.
+    grace = time.monotonic() + _ATTACH_GRACE_S
+    while (info := control.worker_info(control_dir, pid)) is None and time.monotonic() < grace:
+        time.sleep(0.02)
+    return info
+
+
 def inspect(pid: int, record: WorkerRecord | None, engine: str | None, quiesce: bool, timeout_s: float,
             progress: Progress) -> Source:
     procs.require_alive(pid)
@@ -95,7 +130,7 @@ def inspect(pid: int, record: WorkerRecord | None, engine: str | None, quiesce: 
     # process could name any directory there, and root writes into it.
     record = record or registry.by_pid(pid)
     control_dir = Path(record.control_dir) if record else None
-    info = control.worker_info(control_dir, pid) if control_dir else None
+    info = _wait_warm(pid, record, control_dir, timeout_s, progress) if control_dir else None
     identity = _identity(pid, record, control_dir, info, engine)
     cuda_pids = gpu.cuda_pids(pid)
     quiescer: Quiescer | None = None
