@@ -171,6 +171,8 @@ class CheckpointJob:
 
     def stop_source(self) -> None:
         s = self.source
+        if s.quiescer:
+            s.quiescer.release()
         procs.terminate(s.pid, procs.start_time(s.pid), grace_s=2.0)
         if s.record:
             registry.remove(s.record.name)

@@ -30,3 +30,6 @@ class Quiescer(Protocol):
     def resume(self) -> None: ...
 
     def cancel(self) -> None: ...
+
+    def release(self) -> None:
+        """The checkpoint is over and its worker is being stopped: let go of it (no resume)."""

@@ -31,6 +31,9 @@ class EngineQuiescer:
     def resume(self) -> None:
         linux.in_network_of(self.pid, lambda: self.adapter.resume(self.port, self.done, self.timeout_s))
 
+    def release(self) -> None:
+        pass
+
     def cancel(self) -> None:
         try:
             self.resume()

@@ -82,6 +82,9 @@ class SdkQuiescer:
         finally:
             self.lease.stop()
 
+    def release(self) -> None:
+        self.lease.stop()
+
     def cancel(self) -> None:
         self.lease.stop()
         try:
