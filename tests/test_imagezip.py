@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import evict_file
+from conftest import cli, evict_file
 from warmstart.image import cache as image_cache, codec, inflated
 
 
@@ -120,6 +121,24 @@ def test_the_cache_keeps_the_newest_images(tmp_path: Path, cache: Path) -> None:
         os.utime(raw, (1000 + i, 1000 + i))
         image_cache.cache_raw(raw, f"{i:064x}")
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{i:064x}.img" for i in range(2, image_cache.CACHE_KEEP + 2))
+
+
+def test_the_cache_stays_within_its_size_and_is_shown_and_cleared(tmp_path: Path, cache: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMSTART_IMAGE_CACHE_MB", "1")
+    cache.mkdir(mode=0o700)
+    for i in range(3):
+        raw = tmp_path / f"raw-{i}"
+        raw.write_bytes(b"x" * (400 << 10))
+        os.utime(raw, (1000 + i, 1000 + i))
+        image_cache.cache_raw(raw, f"{i:064x}")
+    assert sorted(p.name for p in cache.iterdir()) == [f"{1:064x}.img", f"{2:064x}.img"]  # 0.8 of 1 MiB
+    r = cli("cache", "--json")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["limit_mb"] == 1 and [Path(e["path"]).name for e in shown["images"]] == [f"{2:064x}.img",
+                                                                                            f"{1:064x}.img"]
+    assert cli("cache", "--clear").returncode == 0 and list(cache.iterdir()) == []
 
 
 def test_only_a_checksum_names_a_cached_image(tmp_path: Path, cache: Path) -> None:

@@ -319,6 +319,31 @@ def doctor(
 
 
 @app.command()
+def cache(clear: bool = typer.Option(False, "--clear", help="Remove every cached raw image."),
+          json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Show (or clear) the raw-image cache that lets restores on this node skip inflating."""
+    from warmstart import config
+    from warmstart.image import cache as image_cache
+
+    d = image_cache.cache_dir()
+    if clear:
+        gone = image_cache.clear()
+        out.print(f"removed {len(gone)} cached image(s) from {d}")
+        return
+    rows = image_cache.entries(d) if d else []
+    limit = config.current().image_cache_mb
+    if json_out:
+        _emit({"dir": str(d) if d else None, "limit_mb": limit, "images": [{"path": str(p), "bytes": n}
+                                                                         for p, n in rows]})
+        return
+    total = sum(n for _, n in rows)
+    out.print(f"{d or 'no usable cache'}: {len(rows)} image(s), {total / 1e6:.1f} MB of at most {limit} MiB "
+              f"(WARMSTART_IMAGE_CACHE_MB) and {image_cache.CACHE_KEEP} images")
+    for p, n in rows:
+        out.print(f"  {p.name}  {n / 1e6:.1f} MB")
+
+
+@app.command()
 def gc(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """Remove what killed checkpoints and restores left behind (partial artifacts, inflated images, locks)."""
     from warmstart import api

@@ -23,6 +23,7 @@ class Settings:
     read_threads: int  # WARMSTART_READ_THREADS: threads a restore reads an image with (default: cores, <= 16)
     huge_pages: bool  # WARMSTART_HUGE_PAGES: restore large anonymous areas into transparent huge pages
     image_cache: Path  # WARMSTART_IMAGE_CACHE: raw images of compressed ones, for restores on this node
+    image_cache_mb: int  # WARMSTART_IMAGE_CACHE_MB: the most it holds (the oldest images go first)
     zero_pages: bool  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image at checkpoint
     compress: bool  # WARMSTART_COMPRESS: store large pages images compressed where it pays
     debug: bool  # WARMSTART_DEBUG: tracebacks on errors, as --debug
@@ -41,12 +42,12 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     return value == "1"
 
 
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
+def _count(env: Mapping[str, str], name: str, default: int, most: int = 1024) -> int:
     value = env.get(name, "")
     if value == "":
         return default
-    if not value.isdigit() or not 1 <= int(value) <= 1024:
-        raise UsageError(f"{name} must be a whole number from 1 to 1024, not {value!r}",
+    if not value.isdigit() or len(value) > 12 or not 1 <= int(value) <= most:
+        raise UsageError(f"{name} must be a whole number from 1 to {most}, not {value!r}",
                          f"unset it or set e.g. {name}=8")
     return int(value)
 
@@ -58,6 +59,7 @@ def parse(env: Mapping[str, str]) -> Settings:
         read_threads=_count(env, "WARMSTART_READ_THREADS", min(os.cpu_count() or 1, 16)),
         huge_pages=_flag(env, "WARMSTART_HUGE_PAGES", True),
         image_cache=Path(env.get("WARMSTART_IMAGE_CACHE") or "/var/cache/warmstart/images"),
+        image_cache_mb=_count(env, "WARMSTART_IMAGE_CACHE_MB", 16384, most=1 << 30),
         zero_pages=_flag(env, "WARMSTART_ZERO_PAGES", True),
         compress=_flag(env, "WARMSTART_COMPRESS", True),
         debug=env.get("WARMSTART_DEBUG", "") not in ("", "0"),

@@ -61,14 +61,32 @@ def copy_into_cache(raw: Path, key: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _prune(d: Path) -> None:
+def entries(d: Path) -> list[tuple[Path, int]]:
+    """(image, bytes) of the cache, newest first."""
     images = sorted(d.glob("*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in images[CACHE_KEEP:]:
-        p.unlink(missing_ok=True)
+    return [(p, p.stat().st_size) for p in images]
+
+
+def _prune(d: Path) -> None:
+    """The newest CACHE_KEEP images that fit in WARMSTART_IMAGE_CACHE_MB stay."""
+    budget = config.current().image_cache_mb << 20
+    for i, (p, size) in enumerate(entries(d)):
+        budget -= size
+        if i >= CACHE_KEEP or budget < 0:
+            p.unlink(missing_ok=True)
     for p in d.glob(".*.tmp"):  # copies that a killed restore left half done
         pid = p.name[:-len(".tmp")].rsplit("-", 1)[-1]
         if pid.isdigit() and not procs.alive(int(pid)):
             p.unlink(missing_ok=True)
+
+
+def clear() -> list[Path]:
+    """Remove every cached image (restores then inflate again); returns them."""
+    d = cache_dir()
+    gone = [p for p, _ in entries(d)] if d else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def cached(key: str | None, size: int) -> Path | None:
