@@ -1,0 +1,43 @@
+"""Every usage mistake, run through the installed `warmstart` binary: exit 2, one `error:` line naming the
+problem, no traceback (typer carries its own copy of click, whose exceptions must be caught too)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BINARY = Path(sys.executable).parent / "warmstart"
+
+MISTAKES = [
+    (["bogus"], "No such command"),
+    (["checkpoint"], "Missing option '--output'"),
+    (["checkpoint", "w", "--pid", "1", "-o", "/tmp/x"], "not both"),
+    (["ps", "--bogus"], "No such option"),
+    (["restore", "/tmp/x", "--replicas", "0"], "--replicas"),
+    (["restore", "/tmp/x", "--port", "99999"], "--port"),
+    (["restore", "/tmp/x", "--port", "-5"], "--port"),
+    (["restore", "/tmp/x", "--timeout", "0"], "--timeout"),
+    (["restore", "/tmp/x", "--into", "1", "--replicas", "2"], "--into"),
+    (["run", "--name", "x"], "no command to run"),
+    (["weights", "serve", "--device", "tpu"], "unknown device"),
+]
+
+
+@pytest.mark.parametrize("args,words", MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
+def test_a_usage_mistake_exits_2_with_one_line(args: list[str], words: str, tmp_path: Path) -> None:
+    assert BINARY.is_file(), f"{BINARY} is not installed (scripts/setup.sh installs it)"
+    r = subprocess.run([str(BINARY), *args], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "WARMSTART_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], r.stderr
+
+
+def test_bare_warmstart_shows_the_help_and_exits_2(tmp_path: Path) -> None:
+    r = subprocess.run([str(BINARY)], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "WARMSTART_HOME": str(tmp_path / "home")})
+    assert r.returncode == 2 and "Usage" in r.stdout + r.stderr and "internal error" not in r.stderr
