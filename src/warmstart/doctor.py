@@ -29,7 +29,11 @@ def _criu() -> Check:
         binary = criu.find()
     except WarmstartError as e:
         return Check("CRIU >= 4.2", False, e.problem, e.fix)
-    r = subprocess.run([binary.path, "check"], capture_output=True, text=True, timeout=60)
+    try:
+        r = subprocess.run([binary.path, "check"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check("CRIU >= 4.2 and `criu check`", False, f"{binary.path} check did not finish: {e}",
+                     "run `criu check --all` by hand to see what it waits for")
     last = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
     return Check("CRIU >= 4.2 and `criu check`", r.returncode == 0, f"{binary.path} {binary.version}: {last[0]}",
                  "see `criu check --all`; a kernel without checkpoint/restore support cannot be used")
