@@ -133,10 +133,27 @@ def evict_pages(artifact: Path) -> None:
         evict_file(img)
 
 
+def raw_pages(images: Path) -> list[bytes]:
+    """The pages images' bytes as CRIU reads them (compressed ones inflated, sealed ones opened)."""
+    from warmstart.artifact import encryption, store
+    from warmstart.image import inflated, readahead
+
+    m = store.load(images.parent)
+    key = encryption.artifact_key(images.parent, m.encryption) if m.encryption else None
+    view = inflated.Inflated(images, threads=2, keys={}, key=key, use_cache=False)
+    try:
+        return [p.read_bytes() for p in readahead.pages_images(view.path)]
+    finally:
+        view.remove()
+
+
 def kept_image(artifact: Path) -> Path:
     """Where a restore that inflated the artifact's compressed pages image keeps it (image/codec.py)."""
+    from warmstart.image import codec
+
     files = json.loads((artifact / "manifest.json").read_text())["files"]
-    (key,) = [f["sha256"] for f in files if f["path"].endswith(".img.z")]
+    (key,) = [f["sha256"] for f in files if f["path"].endswith((".img.z", ".img.sealed"))
+              and codec.raw_size(artifact / f["path"]) >= codec.MIN_BYTES]
     return Path(os.environ["WARMSTART_IMAGE_CACHE"]) / f"{key}.img"
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, kept_image, wait_http
+from conftest import (COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, kept_image, raw_pages,
+                      wait_http)
 from warmstart import demo
 from warmstart.criu import binary as criu
-from warmstart.image import codec, inflated
+from warmstart.image import codec
 from warmstart.image import readahead
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
@@ -91,15 +92,6 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
         assert "Read pages with 4 threads" in (home / "workers" / "mem-copy" / "restore.log").read_text()
 
 
-def _raw_pages(images: Path) -> list[bytes]:
-    """The pages images' bytes as CRIU reads them (compressed ones inflated)."""
-    view = inflated.Inflated(images, threads=2, keys={})
-    try:
-        return [p.read_bytes() for p in readahead.pages_images(view.path)]
-    finally:
-        view.remove()
-
-
 def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tmp_path: Path) -> None:
     port = free_port()
     r = cli("run", "--name", "ref", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
@@ -113,7 +105,7 @@ def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tm
     # The worker's heap is stored compressed; each restore below inflates it.
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert 0 < manifest["compressed_bytes"] < manifest["compressed_raw_bytes"]
-    assert codec.compressed(tmp_path / "art" / "images")
+    assert [p for p in codec.packed(tmp_path / "art" / "images") if p.name.startswith("pages-")]
     assert "stored compressed" in cli("inspect", str(tmp_path / "art")).stdout
 
     r = cli("restore", str(tmp_path / "art"), "--replicas", "3", "--name", "rep", "--json")
@@ -158,7 +150,7 @@ def test_state_saved_outside_the_image_comes_back(need_criu, home: Path, tmp_pat
     saved = art / "saved" / "state.bin"
     assert saved.stat().st_size == 8 << 20
     assert "saved/state.bin" in [f["path"] for f in json.loads((art / "manifest.json").read_text())["files"]]
-    assert not any(bytes.fromhex(head) in data for data in _raw_pages(art / "images"))
+    assert not any(bytes.fromhex(head) in data for data in raw_pages(art / "images"))
     now, now_head, read_from = http_get(port).split()
     # The source read it back as soon as CRIU had its image, from the directory that then became the artifact.
     assert [now, now_head] == [digest, head] and Path(read_from).name == "saved" and not Path(read_from).exists()

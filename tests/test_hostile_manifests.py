@@ -4,12 +4,14 @@ is loaded (exit 4), before anything starts: a table of hostile manifests, each a
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import cli, one_error_line, resign
 from test_logic import _fake_artifact
 from warmstart.artifact import store
 from warmstart.errors import ArtifactError
@@ -102,3 +104,32 @@ def test_a_restore_creates_no_path_outside_its_own_directories(need_criu, home: 
     resign(tmp_path / "art")
     one_error_line(cli("restore", str(tmp_path / "art")), 4, "/opt/warmstart-planted/dir", "does not exist")
     assert not Path("/opt/warmstart-planted").exists()
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_a_weights_socket_that_is_no_service_of_this_user_is_not_connected_to(counter_artifact: Path,
+                                                                              tmp_path: Path) -> None:
+    """A signed manifest may still name any path as its weight service: a restore connects only to a socket this
+    user's service made, so not to another user's daemon, and never through a symlink."""
+    import socket as socketlib
+
+    sock = tmp_path / "other.sock"
+    s = socketlib.socket(socketlib.AF_UNIX)
+    s.bind(str(sock))
+    s.listen()
+    os.chown(sock, 65534, 65534)  # another user's daemon
+    (tmp_path / "link.sock").symlink_to(sock)
+    try:
+        for path in (sock, tmp_path / "link.sock"):
+            m = json.loads((counter_artifact / "manifest.json").read_text())
+            m["worker"]["weights"] = [{"socket": str(path), "files": ["/m/a"], "hash": "ab" * 32, "bytes": 1,
+                                       "device": "cpu"}]
+            (counter_artifact / "manifest.json").write_text(json.dumps(m))
+            resign(counter_artifact)
+            one_error_line(cli("restore", str(counter_artifact)), 5, "not the socket of a weight service")
+        s.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            s.accept()  # nobody connected
+    finally:
+        s.close()

@@ -76,7 +76,7 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
     wait_http(port, timeout=120)
     want = http_get(port).split()[0]
     assert cli("checkpoint", "mem", "-o", str(tmp_path / "art")).returncode == 0
-    assert codec.compressed(tmp_path / "art" / "images")
+    assert [p for p in codec.packed(tmp_path / "art" / "images") if p.name.startswith("pages-")]
     evict_pages(tmp_path / "art")
     kept_image(tmp_path / "art").unlink()  # as on a node that did not make the artifact: this restore inflates
     before = set(Path("/dev/shm").glob("warmstart-images-*"))
@@ -138,3 +138,34 @@ def test_pid_counter_lands_in_the_widest_free_run() -> None:
     assert joinns.start_of_widest_gap([2, 3], 32768) == 3  # a container's worker: high pids are free
     assert joinns.start_of_widest_gap([100, 30000], 32768) == 100
     assert joinns.start_of_widest_gap([5000, 5001, 32000], 32768) == 5001
+
+
+def test_paths_in_a_containers_root_resolve_inside_it(tmp_path: Path) -> None:
+    """A placeholder's files are made through /proc/PID/root, where the kernel would resolve an absolute symlink
+    the container planted on the host: they resolve inside the container's root instead (openat2 RESOLVE_IN_ROOT
+    for what is created, the same walk for the control directory's path)."""
+    import os
+
+    from warmstart import linux
+    from warmstart.replica import joinns
+
+    root, host = tmp_path / "root", tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    host.mkdir()
+    (root / "logs").symlink_to(str(host))  # absolute: on the host it names tmp_path/host
+    (root / "up").symlink_to("../../../../../../" + str(host).lstrip("/"))
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileNotFoundError):  # the link's target does not exist in the container's root
+            linux.open_in_root(fd, "/logs/worker.log", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        (root / str(host).lstrip("/")).mkdir(parents=True)
+        os.close(linux.open_in_root(fd, "/logs/worker.log", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        linux.makedirs_in_root(fd, "/up/control/x")
+    finally:
+        os.close(fd)
+    assert list(host.iterdir()) == []  # nothing reached the "host"
+    assert (root / str(host).lstrip("/") / "worker.log").is_file()
+    assert (root / str(host).lstrip("/") / "control" / "x").is_dir()
+    assert joinns.resolve_in_root(root, "/logs/worker.log") == str(host) + "/worker.log"
+    assert joinns.resolve_in_root(root, "/up") == str(host)
+    assert joinns.resolve_in_root(root, "/../../etc/./") == "/etc"

@@ -66,7 +66,8 @@ def test_another_hosts_key_is_trusted_only_when_named(counter_artifact: Path, tm
     here = os.environ["WARMSTART_KEY_DIR"]
     elsewhere = {"WARMSTART_KEY_DIR": str(tmp_path / "other-node-keys")}
     one_error_line(cli("restore", str(counter_artifact), env=elsewhere), 4, "does not trust", "WARMSTART_TRUSTED_KEYS")
-    r = cli("restore", str(counter_artifact), "--json", env={**elsewhere, "WARMSTART_TRUSTED_KEYS": f"{here}/artifact.pub"})
+    shared = {"WARMSTART_TRUSTED_KEYS": f"{here}/artifact.pub", "WARMSTART_ENCRYPTION_KEY": f"{here}/images.key"}
+    r = cli("restore", str(counter_artifact), "--json", env={**elsewhere, **shared})
     assert r.returncode == 0, r.stderr
 
 

@@ -245,6 +245,9 @@ def inspect(
     w = m.worker
     out.print(f"[bold]{artifact}[/bold]  (schema {m.schema_version}, warmstart {m.warmstart_version})")
     out.print(f"  signature {signed}")
+    e = m.encryption
+    out.print(f"  encrypted {e.algorithm}, key {e.key}" if e else
+              "  encrypted no: process memory stored in the clear (WARMSTART_ENCRYPT=0)")
     out.print(f"  created   {m.created:%Y-%m-%d %H:%M:%S %Z}")
     out.print(f"  worker    {w.name or '-'} pid {w.pid}, engine {w.engine}, SDK {'yes' if w.sdk else 'no'}")
     out.print(f"  command   {' '.join(w.command)}")
@@ -258,7 +261,8 @@ def inspect(
               + (" (checksums verified)" if verify else ""))
     saved = sum(f.size for f in m.files if f.path.startswith(SAVED_DIR + "/"))
     if saved:
-        out.print(f"  saved     {saved / 1e6:.1f} MB of it saved by the worker outside CRIU's image ({SAVED_DIR}/)")
+        out.print(f"  saved     {saved / 1e6:.1f} MB of it saved by the worker outside CRIU's image ({SAVED_DIR}/, "
+                  "not encrypted)")
     if m.zero_bytes_dropped:
         out.print(f"  zeros     {m.zero_bytes_dropped / 1e6:.1f} MB of zero pages left out of it (restored as zeros)")
     if m.compressed_raw_bytes:

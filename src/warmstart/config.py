@@ -31,6 +31,10 @@ class Settings:
     signing_key: Path | None  # WARMSTART_SIGNING_KEY: a private key file to sign with instead (a mounted Secret)
     trusted_keys: tuple[Path, ...]  # WARMSTART_TRUSTED_KEYS: more public keys (files or directories), ':'-separated
     insecure_unsigned: bool  # WARMSTART_INSECURE_UNSIGNED: write and accept unsigned artifacts (experts only)
+    encrypt: bool  # WARMSTART_ENCRYPT: seal process memory in the artifact (CRIU's images, /dev/shm segments)
+    encrypt_saved: bool  # WARMSTART_ENCRYPT_SAVED: seal what the worker saved outside its image too (weights)
+    encryption_key: Path | None  # WARMSTART_ENCRYPTION_KEY: a key file to seal with instead of this host's
+    decryption_keys: tuple[Path, ...]  # WARMSTART_DECRYPTION_KEYS: older keys still opened, ':'-separated
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -67,6 +71,10 @@ def parse(env: Mapping[str, str]) -> Settings:
         signing_key=Path(env["WARMSTART_SIGNING_KEY"]) if env.get("WARMSTART_SIGNING_KEY") else None,
         trusted_keys=tuple(Path(p) for p in env.get("WARMSTART_TRUSTED_KEYS", "").split(":") if p),
         insecure_unsigned=_flag(env, "WARMSTART_INSECURE_UNSIGNED", False),
+        encrypt=_flag(env, "WARMSTART_ENCRYPT", True),
+        encrypt_saved=_flag(env, "WARMSTART_ENCRYPT_SAVED", False),
+        encryption_key=Path(env["WARMSTART_ENCRYPTION_KEY"]) if env.get("WARMSTART_ENCRYPTION_KEY") else None,
+        decryption_keys=tuple(Path(p) for p in env.get("WARMSTART_DECRYPTION_KEYS", "").split(":") if p),
     )
 
 

@@ -24,6 +24,8 @@ MS_PRIVATE = 1 << 18
 MAP_FIXED, MAP_NORESERVE, PROT_NONE = 0x10, 0x4000, 0
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
+_SYS_OPENAT2 = 437  # the same number on x86_64 and aarch64
+RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
@@ -82,6 +84,36 @@ def resident_pages(fd: int, size: int) -> tuple[int, int] | None:
         return pages - vec.raw.count(b"\x00"), pages
     finally:
         libc.munmap(addr, size)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
+    """openat2 with RESOLVE_IN_ROOT: `path` opened as if `root_fd` were `/`, so a symlink (absolute or through
+    '..') in another mount namespace's tree (a container's /proc/PID/root) resolves inside it, never on the host."""
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd = int(libc.syscall(_SYS_OPENAT2, root_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def makedirs_in_root(root_fd: int, path: str) -> None:
+    """`mkdir -p path` under root_fd, every component resolved as `open_in_root` does."""
+    at = "/"
+    for part in [p for p in path.split("/") if p]:
+        parent = open_in_root(root_fd, at, os.O_PATH | os.O_DIRECTORY)
+        try:
+            os.mkdir(part, 0o755, dir_fd=parent)
+        except FileExistsError:
+            pass  # a directory, or a symlink the next open resolves inside the root
+        finally:
+            os.close(parent)
+        at = f"{at.rstrip('/')}/{part}"
+    os.close(open_in_root(root_fd, at, os.O_PATH | os.O_DIRECTORY))
 
 
 def write_new(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:

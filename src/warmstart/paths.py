@@ -41,6 +41,22 @@ def private_dir(path: Path, setting: str = "WARMSTART_HOME") -> Path:
     return path
 
 
+def read_private(path: Path, what: str, fix: str) -> bytes:
+    """A key file: regular, this user's, readable by no one else, not followed through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise EnvironmentProblem(f"cannot read the {what} {path}: {e.strerror}", fix) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise EnvironmentProblem(f"the {what} {path} is not a private file of this user (mode "
+                                     f"{stat.S_IMODE(st.st_mode):o})", f"chmod 600 {path}, owned by this user")
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def state_dir(*parts: str) -> Path:
     """A directory of the state root, every level of it private."""
     d = private_dir(home())

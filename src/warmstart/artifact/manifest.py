@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
@@ -122,6 +122,14 @@ class CriuSettings(BaseModel):
     dump_args: list[str]
 
 
+class Encryption(BaseModel):
+    """How the artifact's process memory is sealed (artifact/encryption.py): the key's id and this artifact's salt."""
+
+    algorithm: Literal["aes-256-gcm"]
+    key: str = Field(pattern=r"^[0-9a-f]{16}$")
+    salt: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     warmstart_version: str
@@ -139,6 +147,7 @@ class Manifest(BaseModel):
     zero_bytes_dropped: Count = 0  # pages of zeros taken out of CRIU's image (image/zeropages.py)
     compressed_raw_bytes: Count = 0  # pages images stored compressed (image/codec.py): their raw size ...
     compressed_bytes: Count = 0  # ... and what they take in the artifact
+    encryption: Encryption | None = None  # None: stored in the clear (WARMSTART_ENCRYPT=0)
 
     def step_seconds(self) -> dict[str, float]:
         return {s.step: s.seconds for s in self.steps}

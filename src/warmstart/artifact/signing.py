@@ -37,20 +37,8 @@ def fingerprint(key: Ed25519PublicKey) -> str:
 
 
 def _read_private(path: Path) -> bytes:
-    """A file only its owner (this user) may read or write, opened without following a symlink."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise EnvironmentProblem(f"cannot read the signing key {path}: {e.strerror}",
-                                 f"remove {path} (a new key is made on next use) or fix its permissions") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise EnvironmentProblem(f"the signing key {path} is not a private file of this user (mode "
-                                     f"{stat.S_IMODE(st.st_mode):o})", f"chmod 600 {path}, owned by this user")
-        return os.read(fd, 1 << 16)
-    finally:
-        os.close(fd)
+    return paths.read_private(path, "signing key", f"remove {path} (a new key is made on next use) or fix its "
+                              "permissions")
 
 
 def _key_dir() -> Path:

@@ -103,7 +103,7 @@ def sparse_copy(src: Path, dst: Path) -> int:
     fin = os.open(src, os.O_RDONLY)
     try:
         size = os.fstat(fin).st_size
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fout, size)
             pos = 0

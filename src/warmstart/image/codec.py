@@ -24,9 +24,16 @@ wrote it. Every restore that inflates pays for it and holds the raw bytes in mem
 weights (a CUDA process checkpointed without its worker's help) keeps 0.80 of its bytes under zlib, at ~24 MB/s
 a core: minutes of checkpoint for an 8B model, for a fifth less to read.
 
+Sealed (encrypted) files. With encryption at rest (artifact/encryption.py, on by default) every file of the
+images (and of the worker's /dev/shm segments) is stored sealed instead, as NAME.sealed, compressed chunks and
+all: each chunk is sealed with AES-256-GCM on its own, so a restore opens them on every core while it reads.
+
 Format of pages-N.img.z: MAGIC, the raw size (u64), the chunk size (u32), the number of chunks (u32), each
 chunk's stored length (u32 each; a chunk stored at its raw length is stored raw), then the chunks. Chunks are
 independent, so any number of threads compress and inflate them. The manifest checksums the stored file.
+NAME.sealed is the same with SEALED_MAGIC and an 8-byte nonce prefix after the count; chunk i is sealed with
+nonce prefix + i and, as associated data, the header and NAME, so chunks cannot be moved, dropped or renamed
+unseen; a chunk whose opened length is its raw length was stored uncompressed.
 """
 
 from __future__ import annotations
@@ -36,20 +43,49 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from warmstart.artifact.encryption import ImageKey
 from warmstart.errors import ImageError
 
 MAGIC = b"WSZPAGE1"
+SEALED_MAGIC = b"WSSEAL01"
 SUFFIX = ".z"
+SEALED_SUFFIX = ".sealed"
 CHUNK = 4 << 20
 MIN_BYTES = 32 << 20  # smaller pages images stay as CRIU wrote them: too little to gain
 _WORTH = 0.5  # an image is stored compressed only if it shrinks to this fraction of its size or less
 _CHUNK_WORTH = 0.7  # a chunk is compressed only if its samples shrink to this fraction or less
 _SAMPLE = 16384  # bytes of each of a chunk's four samples
 _HEAD = struct.Struct("<8sQII")
+_SEALED_HEAD = struct.Struct("<8sQII8s")
+_TINY = 64 << 10  # a stored chunk this small may be all zeros
+
+
+@dataclass(frozen=True)
+class _Seal:
+    """How one file's chunks are sealed: the artifact's key, the file's nonce prefix and associated data."""
+
+    key: ImageKey
+    prefix: bytes
+    aad: bytes
+
+    def nonce(self, i: int) -> bytes:
+        return self.prefix + struct.pack("<I", i)
+
+
+@dataclass(frozen=True)
+class Packed:
+    raw: int = 0  # raw bytes of the images stored compressed ...
+    stored: int = 0  # ... and what they take
+    sealed: int = 0  # files sealed
+
+
+def _pages(p: Path) -> bool:
+    return p.name.startswith("pages-") and p.name.endswith(".img")
 
 
 def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path | None = None) -> tuple[int, int]:
@@ -62,8 +98,11 @@ def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path
         size = p.stat().st_size
         if size < MIN_BYTES:
             continue
+        plan = _plan(p, size, threads)
+        if plan is None:
+            continue
         try:
-            got = _compress_one(p, size, threads, keep)
+            got = _write(p, size, plan, None, threads, keep, worth=size * _WORTH)
         except OSError as e:
             warn(f"warning: {p.name} stays uncompressed ({e})")
             continue
@@ -72,35 +111,47 @@ def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path
     return raw, stored
 
 
-def _compress_one(path: Path, size: int, threads: int, keep: Path | None) -> int:
-    plan = _plan(path, size, threads)
-    if plan is None:
-        return 0
-    count = len(plan)
-    out = path.with_name(path.name + SUFFIX)
-    tmp = path.with_name(path.name + SUFFIX + ".tmp")
-    src = os.open(path, os.O_RDONLY)
-    dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        def one(i: int) -> bytes:
-            data = os.pread(src, CHUNK, i * CHUNK)
-            if not plan[i]:
-                return data
-            z = zlib.compress(data, 1)  # releases the GIL: the threads compress side by side
-            return z if len(z) < len(data) else data
+def seal(files: Iterable[Path], key: ImageKey, threads: int, compress: bool, keep: Path | None = None) -> Packed:
+    """Seal each file in place (NAME -> NAME.sealed), its pages images of MIN_BYTES or more compressed where that
+    pays (as `compress`), the chunks of smaller files where they shrink (holes); the raw pages images of MIN_BYTES
+    or more are moved into `keep`, the rest removed. Unlike compressing, a file that cannot be sealed fails the
+    checkpoint (OSError): none stays in the clear."""
+    raw = stored = count = 0
+    for p in sorted(files):
+        size = p.stat().st_size
+        big = _pages(p) and size >= MIN_BYTES
+        if big:
+            plan = (_plan(p, size, threads) if compress else None) or [False] * -(-size // CHUNK)
+        else:
+            plan = _chunk_plan(p, size, threads)
+        got = _write(p, size, plan, key, threads, keep if big else None)
+        count += 1
+        if big and any(plan):
+            raw, stored = raw + size, stored + got
+    return Packed(raw, stored, count)
 
-        lengths: list[int] = []
-        at = _HEAD.size + 4 * count
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            for start in range(0, count, 4 * threads):  # a window at a time: memory stays bounded
-                for chunk in pool.map(one, range(start, min(count, start + 4 * threads))):
-                    os.pwrite(dst, chunk, at)
-                    at += len(chunk)
-                    lengths.append(len(chunk))
-        if at > size * _WORTH:  # the samples were wrong about this one
+
+def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, threads: int, keep: Path | None,
+           worth: float | None = None) -> int:
+    """Write `path` as a compressed (no key) or sealed file beside it, compressing the chunks `plan` names; then
+    the raw file goes (to `keep` or away). Returns the stored size, or 0 where it came out larger than `worth`."""
+    count = len(plan)
+    out = path.with_name(path.name + (SEALED_SUFFIX if key else SUFFIX))
+    tmp = out.with_name(out.name + ".tmp")
+    if key:
+        prefix = os.urandom(8)
+        head = _SEALED_HEAD.pack(SEALED_MAGIC, size, CHUNK, count, prefix)
+        sealing: _Seal | None = _Seal(key, prefix, head + path.name.encode())
+    else:
+        head, sealing = _HEAD.pack(MAGIC, size, CHUNK, count), None
+    src = os.open(path, os.O_RDONLY)
+    dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        at, lengths = _write_chunks(src, dst, len(head) + 4 * count, plan, sealing, threads)
+        if worth is not None and at > worth:  # the samples were wrong about this one
             os.unlink(tmp)
             return 0
-        os.pwrite(dst, _HEAD.pack(MAGIC, size, CHUNK, count) + struct.pack(f"<{count}I", *lengths), 0)
+        os.pwrite(dst, head + struct.pack(f"<{count}I", *lengths), 0)
         os.fsync(dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -117,18 +168,49 @@ def _compress_one(path: Path, size: int, threads: int, keep: Path | None) -> int
     return at
 
 
-def _plan(path: Path, size: int, threads: int) -> list[bool] | None:
-    """Which chunks to compress, from samples of each; None if the image would not shrink to _WORTH of its size."""
+def _write_chunks(src: int, dst: int, at: int, plan: list[bool], sealing: _Seal | None,
+                  threads: int) -> tuple[int, list[int]]:
+    def one(i: int) -> bytes:
+        data = os.pread(src, CHUNK, i * CHUNK)
+        if plan[i]:
+            z = zlib.compress(data, 1)  # releases the GIL: the threads compress side by side
+            data = z if len(z) < len(data) else data
+        return sealing.key.seal(sealing.nonce(i), data, sealing.aad) if sealing else data
+
+    lengths: list[int] = []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, len(plan), 4 * threads):  # a window at a time: memory stays bounded
+            for chunk in pool.map(one, range(start, min(len(plan), start + 4 * threads))):
+                os.pwrite(dst, chunk, at)
+                at += len(chunk)
+                lengths.append(len(chunk))
+    return at, lengths
+
+
+def _ratios(path: Path, size: int, threads: int) -> tuple[list[int], list[float]]:
+    """Each chunk's length, and what zlib keeps of its samples."""
     lengths = [min(CHUNK, size - at) for at in range(0, size, CHUNK)]
     fd = os.open(path, os.O_RDONLY)
     try:
+        if len(lengths) <= 1:
+            return lengths, [_sample_ratio(fd, 0, n) for n in lengths]
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            ratios = list(pool.map(lambda i: _sample_ratio(fd, i * CHUNK, lengths[i]), range(len(lengths))))
+            return lengths, list(pool.map(lambda i: _sample_ratio(fd, i * CHUNK, lengths[i]), range(len(lengths))))
     finally:
         os.close(fd)
+
+
+def _plan(path: Path, size: int, threads: int) -> list[bool] | None:
+    """Which chunks to compress, from samples of each; None if the image would not shrink to _WORTH of its size."""
+    lengths, ratios = _ratios(path, size, threads)
     plan = [r <= _CHUNK_WORTH for r in ratios]
     estimate = sum(n * r if z else n for n, r, z in zip(lengths, ratios, plan, strict=True))
     return plan if estimate <= _WORTH * size else None
+
+
+def _chunk_plan(path: Path, size: int, threads: int) -> list[bool]:
+    """Which chunks of a small image or a /dev/shm segment (mostly holes) to compress: those that shrink."""
+    return [r <= _CHUNK_WORTH for r in _ratios(path, size, threads)[1]]
 
 
 def _sample_ratio(fd: int, offset: int, length: int) -> float:
@@ -143,69 +225,113 @@ def compressed(images: Path) -> list[Path]:
     return sorted(images.glob("pages-*.img" + SUFFIX))
 
 
-def _layout(fd: int, name: str) -> tuple[int, int, list[tuple[int, int]]]:
-    """(raw size, chunk size, [(offset, stored length)]) of a compressed image, checked against its size."""
-    head = os.pread(fd, _HEAD.size, 0)
-    if len(head) < _HEAD.size:
-        raise ImageError(f"{name}: too short for a compressed image")
-    magic, raw, chunk, count = _HEAD.unpack(head)
-    if magic != MAGIC or chunk < 4096 or count != -(-raw // chunk):
-        raise ImageError(f"{name}: not a warmstart compressed image")
-    table = os.pread(fd, 4 * count, _HEAD.size)
+def packed(directory: Path) -> list[Path]:
+    """The files of a directory a restore must inflate or open before CRIU (or a replica) reads them."""
+    return sorted(p for p in directory.iterdir() if p.name.endswith((SUFFIX, SEALED_SUFFIX)))
+
+
+def raw_name(stored: Path) -> str:
+    return stored.name.removesuffix(SEALED_SUFFIX) if stored.name.endswith(SEALED_SUFFIX) \
+        else stored.name.removesuffix(SUFFIX)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    raw: int
+    chunk: int
+    pieces: list[tuple[int, int]]  # (offset, stored length) of each chunk
+    seal: _Seal | None
+
+
+def _layout(fd: int, path: Path, key: ImageKey | None) -> _Layout:
+    """The layout of a compressed or sealed file, checked against its size."""
+    name = path.name
+    head = os.pread(fd, _SEALED_HEAD.size, 0)
+    sealed = head[:8] == SEALED_MAGIC
+    fmt = _SEALED_HEAD if sealed else _HEAD
+    if len(head) < fmt.size:
+        raise ImageError(f"{name}: too short for a compressed or sealed image")
+    magic, raw, chunk, count = fmt.unpack(head[:fmt.size])[:4]
+    if magic not in (MAGIC, SEALED_MAGIC) or chunk < 4096 or count != -(-raw // chunk) or count > 1 << 26:
+        raise ImageError(f"{name}: not a warmstart compressed or sealed image")
+    if sealed and key is None:
+        raise ImageError(f"{name} is sealed, but the manifest names no key to open it")
+    seal = _Seal(key, head[-8:], head + raw_name(path).encode()) if sealed and key else None
+    table = os.pread(fd, 4 * count, fmt.size)
     if len(table) < 4 * count:
         raise ImageError(f"{name}: its chunk table is cut short")
-    at, out = _HEAD.size + 4 * count, []
+    at, pieces = fmt.size + 4 * count, []
     for n in struct.unpack(f"<{count}I", table):
-        out.append((at, n))
+        pieces.append((at, n))
         at += n
     if at != os.fstat(fd).st_size:
         raise ImageError(f"{name}: {os.fstat(fd).st_size} bytes where its chunk table adds up to {at}")
-    return raw, chunk, out
+    return _Layout(raw, chunk, pieces, seal)
 
 
-def inflate(src: Path, dst: Path, threads: int) -> int:
-    """Write the raw image of `src` to the new file `dst`; the bytes written.
+def _chunk(fd: int, lay: _Layout, i: int, name: str) -> bytes:
+    at, n = lay.pieces[i]
+    want = min(lay.chunk, lay.raw - i * lay.chunk)
+    data = os.pread(fd, n, at)
+    if lay.seal:
+        data = lay.seal.key.open(lay.seal.nonce(i), data, lay.seal.aad, f"{name}: chunk {i}")
+    if len(data) != want:
+        try:
+            data = zlib.decompress(data, bufsize=want)
+        except zlib.error as e:
+            raise ImageError(f"{name}: chunk {i} is damaged ({e})") from None
+    if len(data) != want:
+        raise ImageError(f"{name}: chunk {i} holds {len(data)} bytes, not {want}")
+    return data
+
+
+def inflate(src: Path, dst: Path, threads: int, key: ImageKey | None = None) -> int:
+    """Write the raw image of `src` (compressed or sealed) to the new file `dst`; the bytes written.
 
     The threads copy into a shared mapping of `dst`: writes to one tmpfs file would take turns on its lock."""
-    fin = os.open(src, os.O_RDONLY)
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        raw, chunk, pieces = _layout(fin, src.name)
-        fout = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        lay = _layout(fin, src, key)
+        fout = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fout, raw)
-            out = mmap.mmap(fout, raw)
-            view = ctypes.c_char.from_buffer(out)
-            try:
-                base = ctypes.addressof(view)
-
-                def one(i: int) -> None:
-                    at, n = pieces[i]
-                    want = min(chunk, raw - i * chunk)
-                    data = os.pread(fin, n, at)
-                    if n != want:
-                        try:
-                            data = zlib.decompress(data, bufsize=want)
-                        except zlib.error as e:
-                            raise ImageError(f"{src.name}: chunk {i} is damaged ({e})") from None
-                    if len(data) != want:
-                        raise ImageError(f"{src.name}: chunk {i} holds {len(data)} bytes, not {want}")
-                    ctypes.memmove(base + i * chunk, data, want)  # without the GIL, unlike a slice assignment
-
-                with ThreadPoolExecutor(max(1, threads)) as pool:
-                    list(pool.map(one, range(len(pieces))))
-            finally:
-                del view
-                out.close()
+            if lay.raw:
+                _fill(fin, fout, lay, src.name, threads)
         finally:
             os.close(fout)
     finally:
         os.close(fin)
-    return raw
+    return lay.raw
+
+
+def _fill(fin: int, fout: int, lay: _Layout, name: str, threads: int) -> None:
+    os.ftruncate(fout, lay.raw)
+    out = mmap.mmap(fout, lay.raw)
+    view = ctypes.c_char.from_buffer(out)
+    try:
+        base = ctypes.addressof(view)
+
+        def one(i: int) -> None:
+            data = _chunk(fin, lay, i, name)
+            if lay.pieces[i][1] < _TINY and data == bytes(len(data)):
+                return  # a chunk of zeros stays a hole: /dev/shm segments are mostly holes
+            ctypes.memmove(base + i * lay.chunk, data, len(data))  # without the GIL, unlike a slice assignment
+
+        if len(lay.pieces) == 1:
+            one(0)
+        else:
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                list(pool.map(one, range(len(lay.pieces))))
+    finally:
+        del view
+        out.close()
 
 
 def raw_size(src: Path) -> int:
-    fd = os.open(src, os.O_RDONLY)
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        return _layout(fd, src.name)[0]
+        head = os.pread(fd, _HEAD.size, 0)
     finally:
         os.close(fd)
+    if len(head) < _HEAD.size or head[:8] not in (MAGIC, SEALED_MAGIC):
+        raise ImageError(f"{src.name}: not a warmstart compressed or sealed image")
+    return int(_HEAD.unpack(head)[1])

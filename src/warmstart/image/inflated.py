@@ -1,4 +1,5 @@
-"""A restore's view of an image: a directory CRIU reads, with compressed pages images inflated into memory.
+"""A restore's view of a directory of the artifact: CRIU's images (or the worker's /dev/shm segments) with the
+compressed or sealed files inflated into memory, since CRIU and the replicas read plain files.
 
 Links to the artifact's other files and to cached raw images (image/cache.py), and the rest inflated into
 /dev/shm (or the temporary directory when /dev/shm lacks room). Directories that killed restores left behind
@@ -13,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 from warmstart import procs
+from warmstart.artifact.encryption import ImageKey
 from warmstart.image import cache
-from warmstart.image.codec import SUFFIX, compressed, inflate, raw_size
+from warmstart.image.codec import MIN_BYTES, inflate, packed, raw_name, raw_size
 
 _SPARE = 256 << 20  # room left in a memory file system after the inflated images
 
@@ -45,29 +47,32 @@ def remove_stale(where: Path) -> list[Path]:
 
 
 class Inflated:
-    """A directory of what CRIU reads of an image: links to its files, to the cached raw images of compressed
-    ones, and the others inflated. `keys` names each compressed image's checksum (the manifest's). Removed by
-    `remove` (idempotent)."""
+    """A directory of what CRIU reads of an image: links to its plain files, to the cached raw images of
+    compressed or sealed ones, and the others inflated. `keys` names each stored file's checksum (the
+    manifest's); `key` opens sealed files; `use_cache` (CRIU's images only) lets large raw images come from and
+    go to the raw-image cache. Removed by `remove` (idempotent)."""
 
-    def __init__(self, images: Path, threads: int, keys: dict[str, str]) -> None:
-        self._fresh: dict[Path, str] = {}  # the images inflated here, and their checksums
-        zipped = {z: raw_size(z) for z in compressed(images)}
-        cached = {z: cache.cached(keys.get(z.name), size) for z, size in zipped.items()}
-        need = sum(size for z, size in zipped.items() if not cached[z])
-        where = memory_dir(need)
+    def __init__(self, src: Path, threads: int, keys: dict[str, str], key: ImageKey | None = None,
+                 use_cache: bool = True) -> None:
+        self._fresh: dict[Path, str] = {}  # the large images inflated here, and their checksums
+        stored = {z: raw_size(z) for z in packed(src)}
+        cached = {z: cache.cached(keys.get(z.name), size) if use_cache and size >= MIN_BYTES else None
+                  for z, size in stored.items()}
+        where = memory_dir(sum(size for z, size in stored.items() if not cached[z]))
         remove_stale(where)
         self.path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where))
         try:
-            for p in images.iterdir():
-                if p not in zipped:
+            for p in src.iterdir():
+                if p not in stored:
                     (self.path / p.name).symlink_to(p)
             for z, raw in cached.items():
+                out = self.path / raw_name(z)
                 if raw:
-                    (self.path / z.name[: -len(SUFFIX)]).symlink_to(raw)
-                else:
-                    inflate(z, self.path / z.name[: -len(SUFFIX)], threads)
-                    if keys.get(z.name):
-                        self._fresh[self.path / z.name[: -len(SUFFIX)]] = keys[z.name]
+                    out.symlink_to(raw)
+                    continue
+                inflate(z, out, threads, key)
+                if use_cache and keys.get(z.name) and stored[z] >= MIN_BYTES:
+                    self._fresh[out] = keys[z.name]
         except BaseException:
             self.remove()
             raise

@@ -24,12 +24,12 @@ _BUF = 8 << 20
 
 
 def pages_images(images: Path) -> list[Path]:
-    """CRIU's pages images, compressed or not (image/codec.py): all but a few kilobytes of an image's bytes."""
+    """CRIU's pages images, compressed, sealed or not (image/codec.py): all but a few kilobytes of an image's bytes."""
     return sorted(p for p in images.glob("pages-*.img*") if _is_pages(p) and p.stat().st_size > 0)
 
 
 def _is_pages(p: Path) -> bool:
-    return p.match("pages-*.img") or p.match("pages-*.img.z")  # .z: image/codec.py
+    return p.match("pages-*.img") or p.match("pages-*.img.z") or p.match("pages-*.img.sealed")  # image/codec.py
 
 
 def resident_fraction(paths: list[Path]) -> float:

@@ -1,7 +1,7 @@
 """The checkpoint pipeline, as the list of its steps. pipeline/checkpoint_job.py holds what each one does.
 
 inspect (every refusal, nothing changed) ─► stage ─► quiesce ─► CUDA checkpoint ─► CRIU dump ─► [resume the
-source] ─► zero pages ─► compress ─► checksum ─► commit ─► [stop the source]
+source] ─► zero pages ─► compress and encrypt ─► checksum ─► commit ─► [stop the source]
 
 On any failure or interruption the completed steps are undone in reverse: the worker is resumed, its GPU
 state restored, the staging directory removed, so a failed checkpoint leaves the worker serving as before.
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart import config, procs
-from warmstart.artifact import signing
+from warmstart.artifact import encryption, signing
 from warmstart.artifact.manifest import Manifest
 from warmstart.pipeline import source as source_mod
-from warmstart.pipeline.checkpoint_job import CheckpointJob, compress_on, zero_pages_on
+from warmstart.pipeline.checkpoint_job import CheckpointJob, compress_on, encrypt_on, zero_pages_on
 from warmstart.pipeline.lock import worker_lock
 from warmstart.pipeline.steps import Cancel, Progress, Runner, Step, interruptible, quiet
 from warmstart.registry import WorkerRecord
@@ -51,6 +51,8 @@ def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running:
     sign = not (insecure_unsigned or config.current().insecure_unsigned)
     if sign:
         signing.signing_key()  # made or checked before anything changes
+    if encrypt_on():
+        encryption.master_key()
     source = source_mod.inspect(pid, record, engine, quiesce, quiesce_timeout_s, progress)
     job = CheckpointJob(source, out, quiesce_timeout_s, progress, runner.timings, sign=sign)
     q, gpu = source.quiescer, bool(source.cuda_pids)
@@ -69,7 +71,9 @@ def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running:
                  when=leave_running and gpu, settles=after_dump),
             Step("resume", "resuming worker", job.resume_worker, when=leave_running, settles=after_dump),
             Step("zero_pages", "taking pages of zeros out of the image", job.drop_zero_pages, when=zero_pages_on()),
-            Step("compress", "compressing the pages images", job.compress, when=compress_on()),
+            Step("compress", "compressing the pages images", job.compress, when=compress_on() and not encrypt_on()),
+            Step("seal", "encrypting the image" + (", compressed where it pays" if compress_on() else ""), job.seal,
+                 when=encrypt_on()),
             Step("checksum", "checksumming images", job.checksum),
             Step("commit", "writing the manifest", job.commit),
         ])

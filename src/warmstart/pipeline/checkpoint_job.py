@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmstart import __version__, config, host, paths, procs, registry
-from warmstart.artifact import store
+from warmstart.artifact import encryption, store
 from warmstart.artifact.manifest import (
     IMAGES_DIR,
     SAVED_DIR,
     SHM_DIR,
     CriuSettings,
+    Encryption,
     FileRanges,
     GpuState,
     Manifest,
@@ -49,6 +50,7 @@ class CheckpointJob:
     gpu_states: list[GpuState] = field(default_factory=list)
     zero_bytes: int = 0
     packed: tuple[int, int] = (0, 0)  # raw and stored bytes of the pages images stored compressed
+    encryption: Encryption | None = None  # how the image is sealed (the seal step)
     manifest: Manifest | None = None
     paused_from: float = 0.0
     paused_s: float | None = None  # with leave_running: from the quiesce to the worker serving again
@@ -64,8 +66,8 @@ class CheckpointJob:
     def stage(self) -> None:
         self.staging = store.stage(self.out)
         q = self.source.quiescer
-        if q and q.saves_files and self.source.in_own_mounts:
-            self.saved = _saved_dir(self.staging, self.source.pid)
+        if q and q.saves_files and self.source.in_own_mounts and not (encrypt_on() and config.current().encrypt_saved):
+            self.saved = _saved_dir(self.staging, self.source.pid)  # else kept in memory, so in the sealed image
         self.paused_from = time.monotonic()
 
     def unstage(self) -> None:
@@ -147,6 +149,16 @@ class CheckpointJob:
         self.packed = codec.compress(self.stage_dir.images, os.cpu_count() or 1, self.progress,
                                      keep=self.stage_dir.tmp / "raw")
 
+    def seal(self) -> None:
+        staging, threads = self.stage_dir, os.cpu_count() or 1
+        self.encryption, key = encryption.new_artifact_key()
+        images = [p for p in staging.images.iterdir() if p.is_file()]
+        packed = codec.seal(images, key, threads, compress=compress_on(), keep=staging.tmp / "raw")
+        shm_dir = staging.tmp / SHM_DIR
+        if shm_dir.is_dir():
+            codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, compress=True)
+        self.packed = (packed.raw, packed.stored)
+
     def checksum(self) -> None:
         staging, s = self.stage_dir, self.source
         if self.saved and not any(self.saved.iterdir()):
@@ -155,7 +167,7 @@ class CheckpointJob:
             warmstart_version=__version__, worker=s.identity, host=host.current(s.criu.version),
             criu=CriuSettings(version=s.criu.version, dump_args=criu.dump_args(s.pid, Path("IMAGES"), Path("LOG"))),
             gpus=self.gpu_states, working_set=self.working_set, zero_bytes_dropped=self.zero_bytes,
-            compressed_raw_bytes=self.packed[0], compressed_bytes=self.packed[1])
+            compressed_raw_bytes=self.packed[0], compressed_bytes=self.packed[1], encryption=self.encryption)
         if s.cuda_pids:
             self.manifest.driver_version = driver.driver_version()
             self.manifest.cuda_version = driver.cuda_version()
@@ -195,14 +207,19 @@ def compress_on() -> bool:
     return config.current().compress
 
 
+def encrypt_on() -> bool:
+    return config.current().encrypt
+
+
 def _cache_raw_images(raw: Path, manifest: Manifest) -> None:
-    """The raw images of those compressed go to the image cache, keyed by the compressed files' checksums: this
-    node restores the artifact without inflating them while they are in its page cache."""
+    """The raw images of those compressed or sealed go to the image cache, keyed by the stored files' checksums:
+    this node restores the artifact without inflating them while they are in its page cache."""
     if not raw.is_dir():
         return
     keys = {f.path: f.sha256 for f in manifest.files}
     for p in raw.iterdir():
-        key = keys.get(f"{IMAGES_DIR}/{p.name}{codec.SUFFIX}")
+        key = next((keys[k] for k in (f"{IMAGES_DIR}/{p.name}{s}" for s in (codec.SUFFIX, codec.SEALED_SUFFIX))
+                    if k in keys), None)
         if key:
             cache.cache_raw(p, key)
     shutil.rmtree(raw, ignore_errors=True)

@@ -3,15 +3,18 @@ the checksums. Once the host is known to fit, a cold image's readahead starts be
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart import host
-from warmstart.artifact import signing, store
+from warmstart.artifact import encryption, signing, store
+from warmstart.artifact.encryption import ImageKey
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, Manifest
 from warmstart.criu import binary as criu
-from warmstart.errors import IncompatibleArtifact
+from warmstart.errors import IncompatibleArtifact, WorkerError
 from warmstart.gpu import placement
 from warmstart.image import readahead, workingset
 from warmstart.image.readahead import Readahead
@@ -27,12 +30,26 @@ class Checked:
     readahead: Readahead | None  # readers of an image that is not in the page cache, while CRIU runs
     seconds: float
     signer: str | None  # the fingerprint of the key that signed it; None: unsigned, accepted by the caller
+    key: ImageKey | None  # opens its sealed files; None: stored in the clear
 
     @property
     def saved(self) -> Path | None:
         """What the worker saved outside its image (kept GPU regions), read by each replica as it resumes."""
         d = self.artifact / SAVED_DIR
         return d if d.is_dir() else None
+
+
+def _weight_services(m: Manifest) -> None:
+    """The restore (root) connects to each weight service the manifest names: only to a socket that a service
+    of this user made, not to whatever a path names."""
+    for ref in m.worker.weights:
+        fix = f"start `warmstart weights serve --socket {ref.socket}` as this user, then restore again"
+        try:
+            st = os.lstat(ref.socket)
+        except OSError as e:
+            raise WorkerError(f"cannot reach the weight service at {ref.socket} ({e.strerror})", fix) from None
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise WorkerError(f"{ref.socket} is not the socket of a weight service this user runs", fix)
 
 
 def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool, progress: Progress,
@@ -44,12 +61,14 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
     store.require(artifact)
     signer = signing.check(artifact, insecure_unsigned)
     manifest = store.load(artifact)
+    key = encryption.artifact_key(artifact, manifest.encryption) if manifest.encryption else None
     binary = criu.find()
     problems = host.check_compatible(manifest.host, host.current(binary.version))
     if problems:
         raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
                                    "restore it on a host like the one it was made on, or checkpoint on this one")
     criu.restore_env()  # its settings are checked before anything starts
+    _weight_services(manifest)
     saved = artifact / SAVED_DIR
     ahead = readahead.start_if_cold(artifact / IMAGES_DIR, criu.read_threads(),
                                     then=tuple(sorted(saved.iterdir())) if saved.is_dir() else (),
@@ -63,4 +82,4 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
         if ahead:
             ahead.stop()
         raise
-    return Checked(artifact, manifest, binary, gpu_map, ahead, time.monotonic() - t0, signer)
+    return Checked(artifact, manifest, binary, gpu_map, ahead, time.monotonic() - t0, signer, key)

@@ -85,6 +85,7 @@ class RestoreJob:
     checked: preflight.Checked | None = None
     weights: Future[None] | None = None
     inflated: Inflated | None = None
+    shm_view: Inflated | None = None  # the worker's /dev/shm segments, opened (sealed ones)
     inflate_s: float = 0.0
     criu_done: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,6 +107,8 @@ class RestoreJob:
 
     @property
     def shm_src(self) -> Path | None:
+        if self.shm_view:
+            return self.shm_view.path
         d = self.ok.artifact / SHM_DIR
         return d if d.is_dir() else None
 
@@ -118,21 +121,24 @@ class RestoreJob:
             self.checked.readahead.stop()
 
     def prepare_image(self) -> None:
-        """Right before CRIU starts: the weights' load, and the compressed pages images inflated."""
+        """Right before CRIU starts: the weights' load, and the compressed or sealed files inflated."""
         self.weights = _weights_future(self.ok.manifest, self.ok.readahead)
-        if not codec.compressed(self.ok.artifact / IMAGES_DIR):
+        images, shm = self.ok.artifact / IMAGES_DIR, self.ok.artifact / SHM_DIR
+        if not codec.packed(images) and not (shm.is_dir() and codec.packed(shm)):
             return
-        self.progress("inflating the compressed pages images")
+        self.progress("opening the sealed image" if self.ok.key else "inflating the compressed pages images")
         t = time.monotonic()
         files = self.ok.manifest.files
-        keys = {Path(f.path).name: f.sha256 for f in files if f.path.endswith(codec.SUFFIX)}
+        keys = {Path(f.path).name: f.sha256 for f in files if f.path.startswith(IMAGES_DIR + "/")}
         try:
-            self.inflated = Inflated(self.ok.artifact / IMAGES_DIR, criu.read_threads(), keys)
+            self.inflated = Inflated(images, criu.read_threads(), keys, self.ok.key)
+            if shm.is_dir() and codec.packed(shm):
+                self.shm_view = Inflated(shm, criu.read_threads(), {}, self.ok.key, use_cache=False)
         except ImageError as e:
             raise ArtifactError(f"artifact {self.ok.artifact}: {e}",
                                 "copy the artifact again or checkpoint again") from None
         except OSError as e:
-            raise StepFailed(f"cannot inflate the artifact's compressed pages images: {e}",
+            raise StepFailed(f"cannot inflate the artifact's images: {e}",
                              "make room in /dev/shm, or set TMPDIR to a directory with room") from None
         self.inflate_s = time.monotonic() - t
 
@@ -165,6 +171,8 @@ class RestoreJob:
         into the raw-image cache first, in a thread that outlives the restore call: the copy (~0.7 s for 0.84 GB)
         must not delay reporting the workers ready, and the thread is not a daemon, so a `warmstart restore`
         process exits only once it is done."""
+        if self.shm_view:
+            self.shm_view.remove()
         if not self.inflated:
             return
         with self.lock:

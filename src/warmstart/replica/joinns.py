@@ -13,6 +13,7 @@ system (its log file, control directory, per-replica directories, /dev/shm segme
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -38,21 +39,54 @@ def check_target(pid: int) -> None:
 
 
 def target_path(target: int, path: str) -> Path:
-    """A path as the target's mount namespace sees it, reachable from here."""
-    return Path(f"/proc/{target}/root") / path.lstrip("/")
+    """A path as the target's mount namespace sees it, reachable from here: its symlinks resolved inside the
+    target's root (through /proc/PID/root the kernel would resolve an absolute one on the host)."""
+    root = Path(f"/proc/{target}/root")
+    return root / resolve_in_root(root, path).lstrip("/")
+
+
+def resolve_in_root(root: Path, path: str) -> str:
+    parts, links = [p for p in path.split("/") if p], 0
+    out: list[str] = []
+    while parts:
+        part = parts.pop(0)
+        if part in (".", ".."):
+            if part == ".." and out:
+                out.pop()
+            continue
+        here = root.joinpath(*out, part)
+        if not here.is_symlink():
+            out.append(part)
+            continue
+        links += 1
+        if links > 40:
+            raise OSError(errno.ELOOP, "too many symlinks", path)
+        link = os.readlink(here)
+        parts[:0] = [p for p in link.split("/") if p]
+        if link.startswith("/"):
+            out = []
+    return "/" + "/".join(out)
 
 
 def prepare_files(target: int, log_path: str | None, dirs: list[str], shm_src: Path | None) -> None:
-    """Create what the restored worker reopens by path in the target's file system."""
-    if log_path:
-        p = target_path(target, log_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        # The mode warmstart gives worker logs (pipeline/run.py): CRIU refuses a file whose mode changed.
-        os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-    for d in dirs:
-        target_path(target, d).mkdir(parents=True, exist_ok=True)
-    if shm_src:
-        shm.place(shm_src, target_path(target, "/dev/shm"))
+    """Create what the restored worker reopens by path in the target's file system. Every path resolves inside
+    the target's root: a symlink the container holds cannot send root's writes onto the host."""
+    root = os.open(f"/proc/{target}/root", os.O_PATH | os.O_DIRECTORY)
+    try:
+        if log_path:
+            linux.makedirs_in_root(root, os.path.dirname(log_path))
+            # The mode warmstart gives worker logs (pipeline/run.py): CRIU refuses a file whose mode changed.
+            os.close(linux.open_in_root(root, log_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        for d in dirs:
+            linux.makedirs_in_root(root, d)
+        if shm_src:
+            held = linux.open_in_root(root, "/dev/shm", os.O_PATH | os.O_DIRECTORY)
+            try:
+                shm.place(shm_src, Path(f"/proc/self/fd/{held}"))
+            finally:
+                os.close(held)
+    finally:
+        os.close(root)
 
 
 def restore(target: int, criu_bin: Criu, restore_args: list[str], log: Path, pidfile: Path, timeout_s: float,

@@ -189,10 +189,13 @@ def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None, images: 
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     if images:
         linux.mount(images[0], images[1], None, linux.MS_BIND)
-    # Each replica gets its own POSIX shared memory and semaphores: names the source used must not clash.
+    # Each replica gets its own POSIX shared memory and semaphores: names the source used must not clash. The
+    # segments may come from the host's /dev/shm (opened sealed ones): held open, they stay reachable under it.
+    held = os.open(shm_src, os.O_RDONLY | os.O_DIRECTORY) if shm_src else None
     linux.mount("tmpfs", "/dev/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
-    if shm_src:
-        shm.place(shm_src)
+    if held is not None:
+        shm.place(Path(f"/proc/self/fd/{held}"))
+        os.close(held)
     for src, dst in binds:
         d = Path(dst)
         if not d.exists():  # the source worker's paths may not exist on this host

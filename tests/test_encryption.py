@@ -1,0 +1,142 @@
+"""Encryption at rest (artifact/encryption.py, image/codec.py's sealed files): with real CRIU through the CLI, and
+the sealed format and key handling on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import COUNTER, cli, free_port, http_get, one_error_line, wait_http
+
+
+def _holds(artifact: Path, needle: bytes) -> list[str]:
+    """The artifact's files whose bytes contain `needle`, as `grep -a` would find them."""
+    return [str(p.relative_to(artifact)) for p in artifact.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def _checkpoint_with_secret(tmp_path: Path, name: str, env: dict[str, str]) -> tuple[Path, bytes, int]:
+    secret = f"sk-test-{secrets.token_hex(12)}"
+    port = free_port()
+    r = cli("run", "--name", name, "--", sys.executable, str(COUNTER), str(port), env={**env, "API_KEY": secret})
+    assert r.returncode == 0, r.stderr
+    wait_http(port)
+    art = tmp_path / name
+    r = cli("checkpoint", name, "-o", str(art), "--leave-running", env=env)
+    assert r.returncode == 0, r.stderr
+    return art, secret.encode(), port
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_the_workers_memory_is_not_in_the_artifact_in_the_clear(need_criu, home: Path, tmp_path: Path) -> None:
+    art, secret, _ = _checkpoint_with_secret(tmp_path, "sealed", {})
+    assert _holds(art, secret) == []
+    assert all(p.name.endswith(".sealed") for p in (art / "images").iterdir())
+    assert "encrypted aes-256-gcm" in " ".join(cli("inspect", str(art)).stdout.split())
+    r = cli("restore", str(art), "--json")
+    assert r.returncode == 0, r.stderr
+    (rep,) = json.loads(r.stdout)["replicas"]
+    assert http_get(rep["port"])
+    # The same worker with encryption off: the test sees the secret where it is, so its check above can fail.
+    clear, secret, _ = _checkpoint_with_secret(tmp_path, "clear", {"WARMSTART_ENCRYPT": "0"})
+    assert _holds(clear, secret), "the secret should be in an unencrypted image"
+    assert "encrypted no" in " ".join(cli("inspect", str(clear)).stdout.split())
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_a_host_without_the_key_refuses_before_anything_starts(counter_artifact: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.key"
+    other.write_text(secrets.token_hex(32))
+    other.chmod(0o600)
+    r = cli("restore", str(counter_artifact), env={"WARMSTART_ENCRYPTION_KEY": str(other)})
+    one_error_line(r, 4, "is encrypted with key", "WARMSTART_DECRYPTION_KEYS")
+    assert not [w for w in json.loads(cli("ps", "--json").stdout)["workers"] if w["kind"] == "replica"]
+    # Rotation: a new key seals new artifacts; the old one, named as a decryption key, still opens this one.
+    old = Path(os.environ["WARMSTART_KEY_DIR"]) / "images.key"
+    r = cli("restore", str(counter_artifact), "--json",
+            env={"WARMSTART_ENCRYPTION_KEY": str(other), "WARMSTART_DECRYPTION_KEYS": str(old)})
+    assert r.returncode == 0, r.stderr
+
+
+def _sealed(tmp_path: Path, data: bytes, name: str = "pages-1.img") -> tuple[Path, object]:
+    from warmstart.artifact import encryption
+    from warmstart.image import codec
+
+    key = encryption.derive(secrets.token_bytes(32), secrets.token_bytes(16))
+    src = tmp_path / name
+    src.write_bytes(data)
+    codec.seal([src], key, threads=2, compress=True)
+    assert not src.exists()
+    return tmp_path / (name + codec.SEALED_SUFFIX), key
+
+
+def test_a_sealed_file_round_trips_and_keeps_its_holes(tmp_path: Path) -> None:
+    from warmstart.image import codec
+
+    data = os.urandom(3 << 20) + bytes(9 << 20) + os.urandom(5000)  # data, a run of zeros, a short last chunk
+    sealed, key = _sealed(tmp_path, data)
+    assert sealed.stat().st_size < len(data) // 2  # the zeros compressed away before sealing
+    out = tmp_path / "out"
+    assert codec.inflate(sealed, out, threads=2, key=key) == len(data)  # type: ignore[arg-type]
+    assert out.read_bytes() == data
+    assert out.stat().st_blocks * 512 < len(data) - (4 << 20)  # the zero chunk stayed a hole
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("harm", ["flip a byte", "swap two chunks", "rename", "another key"])
+def test_a_sealed_file_that_was_altered_is_refused(tmp_path: Path, harm: str) -> None:
+    from warmstart.artifact import encryption
+    from warmstart.errors import ImageError
+    from warmstart.image import codec
+
+    chunk = codec.CHUNK
+    sealed, key = _sealed(tmp_path, os.urandom(chunk) + os.urandom(chunk))  # two chunks, both stored raw
+    body = bytearray(sealed.read_bytes())
+    head = len(body) - 2 * (chunk + 16)
+    if harm == "flip a byte":
+        body[head + 1000] ^= 1
+    elif harm == "swap two chunks":
+        first = body[head:head + chunk + 16]
+        body[head:head + chunk + 16] = body[head + chunk + 16:]
+        body[head + chunk + 16:] = first
+    elif harm == "rename":
+        sealed = sealed.rename(tmp_path / "pages-2.img.sealed")
+    else:
+        key = encryption.derive(secrets.token_bytes(32), secrets.token_bytes(16))
+    if harm in ("flip a byte", "swap two chunks"):
+        sealed.write_bytes(bytes(body))
+    with pytest.raises(ImageError, match="fails its authentication"):
+        codec.inflate(sealed, tmp_path / "out", threads=2, key=key)  # type: ignore[arg-type]
+
+
+def test_the_key_is_made_private_and_a_planted_or_bad_one_is_refused(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from warmstart.artifact import encryption
+    from warmstart.errors import EnvironmentProblem
+
+    keys = tmp_path / "keys"
+    monkeypatch.setenv("WARMSTART_KEY_DIR", str(keys))
+    monkeypatch.delenv("WARMSTART_ENCRYPTION_KEY", raising=False)
+    first = encryption.master_key()
+    assert encryption.master_key() == first and len(first) == 32
+    assert stat.S_IMODE((keys / "images.key").stat().st_mode) == 0o600
+    (keys / "images.key").chmod(0o644)
+    with pytest.raises(EnvironmentProblem, match="not a private file"):
+        encryption.master_key()
+    (keys / "images.key").unlink()
+    (keys / "images.key").symlink_to(tmp_path / "planted")
+    with pytest.raises(EnvironmentProblem, match="cannot read the encryption key"):
+        encryption.master_key()
+    bad = tmp_path / "bad.key"
+    bad.write_text("not hex")
+    bad.chmod(0o600)
+    monkeypatch.setenv("WARMSTART_ENCRYPTION_KEY", str(bad))
+    with pytest.raises(EnvironmentProblem, match="64 hex digits"):
+        encryption.master_key()
