@@ -41,3 +41,10 @@ def test_bare_warmstart_shows_the_help_and_exits_2(tmp_path: Path) -> None:
     r = subprocess.run([str(BINARY)], capture_output=True, text=True, timeout=60,
                        env={"PATH": "/usr/bin:/bin", "WARMSTART_HOME": str(tmp_path / "home")})
     assert r.returncode == 2 and "Usage" in r.stdout + r.stderr and "internal error" not in r.stderr
+
+
+def test_version() -> None:
+    from warmstart import __version__
+
+    r = subprocess.run([sys.executable, "-m", "warmstart", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"warmstart {__version__}", r.stdout + r.stderr

@@ -34,8 +34,18 @@ def _emit(data: dict[str, Any]) -> None:
     out.print_json(json.dumps(data, default=str))
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from warmstart import __version__
+
+        out.print(f"warmstart {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and internal detail on errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and internal detail on errors."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print warmstart's version and exit.")) -> None:
     _state["debug"] = debug
 
 
