@@ -278,6 +278,9 @@ def inspect(
     if m.compressed_raw_bytes:
         out.print(f"  packed    {m.compressed_raw_bytes / 1e6:.1f} MB of pages stored compressed in "
                   f"{m.compressed_bytes / 1e6:.1f} MB (inflated into memory for each restore)")
+    for t in m.transforms:
+        out.print(f"  {t.transform:<9} {'applied' if t.applied else 'skipped'}{' for ' + t.image if t.image else ''}: "
+                  f"{t.reason}", highlight=False)
     if m.working_set:
         ws = workingset.total_bytes(m.working_set)
         out.print(f"  libraries {ws / 1e6:.1f} MB of {len(m.working_set)} mapped files, read ahead on a cold restore")
