@@ -138,7 +138,7 @@ def test_the_cache_stays_within_its_size_and_is_shown_and_cleared(tmp_path: Path
     shown = json.loads(r.stdout)
     assert shown["limit_mb"] == 1 and [Path(e["path"]).name for e in shown["images"]] == [f"{2:064x}.img",
                                                                                             f"{1:064x}.img"]
-    assert cli("cache", "--clear").returncode == 0 and list(cache.iterdir()) == []
+    assert cli("cache", "images", "--clear").returncode == 0 and list(cache.iterdir()) == []
 
 
 def test_only_a_checksum_names_a_cached_image(tmp_path: Path, cache: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import cli, free_port
+from conftest import cli, free_port, http_get
 from warmstart.reference.textstream import TextStream
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
@@ -134,9 +134,12 @@ def _check_errors(c: Any) -> None:
 def test_openai_client_against_a_cold_worker_and_its_restored_replica(need_criu, home: Path,
                                                                       tmp_path: Path) -> None:
     port = free_port()
-    r = cli("run", "--name", "oai", "--wait", "--", sys.executable, "-m", "warmstart.reference.server",
+    r = cli("run", "--name", "oai", "--wait", "--json", "--", sys.executable, "-m", "warmstart.reference.server",
             "--port", str(port))
     assert r.returncode == 0, r.stderr
+    cold = {"status": "ok", "model": MODEL, "name": "oai", "restored": False, "replica": None, "port": port,
+            "pid": json.loads(r.stdout)["pid"], "device": "cpu", "max_len": 256}
+    assert json.loads(http_get(port, "/health")) == cold
     c = _client(port)
     assert [m.id for m in c.models.list()] == [MODEL] and c.models.retrieve(MODEL).id == MODEL
     greedy = _check_completions(c)
@@ -148,12 +151,16 @@ def test_openai_client_against_a_cold_worker_and_its_restored_replica(need_criu,
     assert before["greedy_streamed"] == before["greedy"] and before["chat_streamed"] == before["chat"]
     assert before["sampled_streamed"] == dict(enumerate(before["sampled"]))
 
-    r = cli("checkpoint", "oai", "-o", str(tmp_path / "art"))
+    r = cli("checkpoint", "oai", "-o", str(tmp_path / "art"), "--leave-running")
     assert r.returncode == 0, r.stderr
+    assert json.loads(http_get(port, "/health")) == cold  # resumed where it was: still the same worker
     r = cli("restore", str(tmp_path / "art"), "--name", "oai-rep", "--json")
     assert r.returncode == 0, r.stderr
     (rep,) = json.loads(r.stdout)["replicas"]
     assert _answers(rep["port"]) == before
+    # What a user of the replica can act on: its own name and index, and the host port that reaches it.
+    assert json.loads(http_get(rep["port"], "/health")) == {**cold, "name": "oai-rep", "restored": True,
+                                                             "replica": 0, "port": rep["port"]}
 
 
 def test_streamed_text_waits_for_whole_characters_and_stop_strings() -> None:

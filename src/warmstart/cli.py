@@ -335,29 +335,103 @@ def doctor(
                                  "apply the fix on each FAIL line above, then run `warmstart doctor` again")
 
 
+_CACHES = ("all", "images", "models")
+
+
 @app.command()
-def cache(clear: bool = typer.Option(False, "--clear", help="Remove every cached raw image."),
+def cache(which: str = typer.Argument("all", metavar="images|models|all",
+                                      help="Which cache: the raw images, the reference worker's models, or both."),
+          clear: bool = typer.Option(False, "--clear", help="Empty it (restores inflate again; the reference "
+                                     "worker builds its model again; models in use stay)."),
           json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """Show (or clear) the raw-image cache that lets restores on this node skip inflating."""
-    from warmstart import config
+    """Show (or clear) this node's caches: raw images that let restores skip inflating, and the reference
+    worker's models."""
+    if which not in _CACHES:
+        raise UsageError(f"no cache named {which!r}", "name images, models or all (the default)")
+    shown = [c for c in ("images", "models") if which in ("all", c)]
+    if clear:
+        for c in shown:
+            out.print(_clear_images() if c == "images" else _clear_models(), highlight=False, soft_wrap=True)
+        return
+    if json_out:
+        _emit({k: v for c in shown for k, v in (_images_json() if c == "images" else _models_json()).items()})
+        return
+    t = Table(title="warmstart cache", caption="limits: WARMSTART_IMAGE_CACHE_MB, WARMSTART_MODEL_CACHE_MB")
+    t.add_column("cache")
+    t.add_column("directory / entry", overflow="fold")
+    t.add_column("size", justify="right")
+    t.add_column("last used")
+    t.add_column("limit / state")
+    for c in shown:
+        (_images_rows if c == "images" else _models_rows)(t)
+    out.print(t)
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def _mtime(p: Path) -> float | None:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _images_rows(t: Table) -> None:
     from warmstart.image import cache as image_cache
 
     d = image_cache.cache_dir()
-    if clear:
-        gone = image_cache.clear()
-        out.print(f"removed {len(gone)} cached image(s) from {d}")
-        return
     rows = image_cache.entries(d) if d else []
     limit = config.current().image_cache_mb
-    if json_out:
-        _emit({"dir": str(d) if d else None, "limit_mb": limit, "images": [{"path": str(p), "bytes": n}
-                                                                         for p, n in rows]})
-        return
-    total = sum(n for _, n in rows)
-    out.print(f"{d or 'no usable cache'}: {len(rows)} image(s), {total / 1e6:.1f} MB of at most {limit} MiB "
-              f"(WARMSTART_IMAGE_CACHE_MB) and {image_cache.CACHE_KEEP} images")
+    t.add_row("[bold]images[/bold]", str(d or "no usable cache (WARMSTART_IMAGE_CACHE)"),
+              f"{sum(n for _, n in rows) / 1e6:.1f} MB", "", f"{limit} MiB, {image_cache.CACHE_KEEP} images")
     for p, n in rows:
-        out.print(f"  {p.name}  {n / 1e6:.1f} MB")
+        t.add_row("", p.name, f"{n / 1e6:.1f} MB", _when(_mtime(p)), "")
+
+
+def _models_rows(t: Table) -> None:
+    from warmstart.reference import modelcache
+
+    rows = modelcache.entries()
+    t.add_row("[bold]models[/bold]", str(modelcache.root()), f"{sum(e.bytes for e in rows) / 1e6:.1f} MB", "",
+              f"{config.current().model_cache_mb} MiB")
+    for e in rows:
+        t.add_row("", e.path.name, f"{e.bytes / 1e6:.1f} MB", _when(e.used), "in use" if e.in_use else "")
+
+
+def _images_json() -> dict[str, Any]:
+    from warmstart.image import cache as image_cache
+
+    d = image_cache.cache_dir()
+    rows = image_cache.entries(d) if d else []
+    return {"dir": str(d) if d else None, "limit_mb": config.current().image_cache_mb,
+            "images": [{"path": str(p), "bytes": n} for p, n in rows]}
+
+
+def _models_json() -> dict[str, Any]:
+    from warmstart.reference import modelcache
+
+    return {"models": {"dir": str(modelcache.root()), "limit_mb": config.current().model_cache_mb,
+                       "models": [{"path": str(e.path), "bytes": e.bytes, "used": e.used, "in_use": e.in_use}
+                                  for e in modelcache.entries()]}}
+
+
+def _clear_images() -> str:
+    from warmstart.image import cache as image_cache
+
+    d = image_cache.cache_dir()
+    return f"removed {len(image_cache.clear())} cached image(s) from {d or 'no usable cache'}"
+
+
+def _clear_models() -> str:
+    from warmstart.reference import modelcache
+
+    removed, kept = modelcache.clear()
+    in_use = f"; kept {len(kept)} in use: {', '.join(p.name for p in kept)}" if kept else ""
+    return f"removed {len(removed)} model(s) from {modelcache.root()}{in_use}"
 
 
 @app.command()

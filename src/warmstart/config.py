@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart.errors import UsageError
+from warmstart.reference import modelcache
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Settings:
     encrypt_saved: bool  # WARMSTART_ENCRYPT_SAVED: seal what the worker saved outside its image too (weights)
     encryption_key: Path | None  # WARMSTART_ENCRYPTION_KEY: a key file to seal with instead of this host's
     decryption_keys: tuple[Path, ...]  # WARMSTART_DECRYPTION_KEYS: older keys still opened, ':'-separated
+    model_cache_mb: int  # WARMSTART_MODEL_CACHE_MB: the most the reference worker's model cache holds
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -75,6 +77,7 @@ def parse(env: Mapping[str, str]) -> Settings:
         encrypt_saved=_flag(env, "WARMSTART_ENCRYPT_SAVED", False),
         encryption_key=Path(env["WARMSTART_ENCRYPTION_KEY"]) if env.get("WARMSTART_ENCRYPTION_KEY") else None,
         decryption_keys=tuple(Path(p) for p in env.get("WARMSTART_DECRYPTION_KEYS", "").split(":") if p),
+        model_cache_mb=modelcache.limit_mb(env),  # parsed there: the worker reads it too
     )
 
 

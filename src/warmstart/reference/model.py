@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from warmstart.reference import modelcache
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -38,10 +40,6 @@ TINY = ModelShape()
 # The GPU benchmark's shapes (random bf16 weights): TinyLlama-1.1B and Llama-3-8B.
 LLAMA_1B = ModelShape(2048, 5632, 22, 32, 4, 32000, 2048, init_std=0.02)
 LLAMA_8B = ModelShape(4096, 14336, 32, 32, 8, 128256, 8192, init_std=0.02)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("WARMSTART_CACHE", Path.home() / ".cache" / "warmstart"))
 
 
 def _tokenizer(vocab_size: int) -> Any:  # PreTrainedTokenizerFast (imported lazily: transformers is heavy)
@@ -94,7 +92,13 @@ def build(out: Path, shape: ModelShape = TINY, dtype: str = "float32", device: s
 
 
 def ensure(shape: ModelShape = TINY, dtype: str = "float32", device: str = "cpu") -> Path:
-    out = cache_dir() / "models" / f"reference-{shape.key()}-{dtype}"
+    """The model's directory in the model cache, built if missing; making it removes the least recently used
+    others if the cache is then over WARMSTART_MODEL_CACHE_MB (warmstart.reference.modelcache)."""
+    out = modelcache.root() / f"reference-{shape.key()}-{dtype}"
     if (out / "config.json").is_file():
+        modelcache.touch(out)
         return out
-    return build(out, shape, dtype, device)
+    limit = modelcache.limit_mb(os.environ)  # a bad value fails now, not after the build
+    build(out, shape, dtype, device)
+    modelcache.prune(keep=out, limit=limit)
+    return out

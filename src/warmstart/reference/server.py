@@ -9,6 +9,11 @@ takes part in warmstart's quiesce/resume protocol: in-flight requests (a stream 
 acknowledges a quiesce, new ones wait until it resumes, and the pool's memory is released while quiesced (GPU:
 unmapped and mapped again at the same address, so the graph stays valid; CPU: its pages dropped), so the KV cache
 is not in the image.
+
+GET /health answers what a user can act on: {"status": "ok", "model" (the id to ask for), "name" (warmstart's name
+for this worker or replica), "restored", "replica" (its index, for a restored one), "port" (where a user reaches it:
+the port it listens on, or a restored replica's host port; null if no host port forwards to it), "pid" (its process
+id; in a restored replica, the checkpointed worker's, kept in the replica's own pid namespace), "device", "max_len"}.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -30,6 +37,21 @@ from warmstart.worker import ResumeSettings, attach
 if TYPE_CHECKING:
     from warmstart.gpumem.region import GpuRegion
     from warmstart.weights.client import SharedWeights
+
+
+@dataclass
+class Identity:
+    """Which worker this is and where a user reaches it, as /health reports it."""
+
+    name: str | None = field(default_factory=lambda: os.environ.get("WARMSTART_WORKER_NAME"))  # `warmstart run`'s
+    port: int | None = None  # the port it listens on; after a restore, the replica's host port (None: none)
+    restored: bool = False
+    replica: int | None = None
+
+    def resumed(self, settings: ResumeSettings) -> None:
+        if settings.restored:  # not after a checkpoint that left this same process running
+            self.restored, self.replica, self.port = True, settings.replica, settings.port
+            self.name = settings.name or self.name
 
 
 class Engine:
@@ -65,7 +87,7 @@ class Engine:
         self.kv_cache_bytes = nbytes
         self.decoder = decode.Decoder(tensors, config, pool, max_len, use_graph=graph and self.region is not None)
         self.gate = threading.Lock()  # held by each request, and by the worker while quiesced
-        self.replica: int | None = None
+        self.identity = Identity()
 
     def _shared_weights(self, model_dir: str, device: str, dtype: str, socket_path: str) -> dict[str, Any]:
         """Every tensor aliasing the weight service's memory: no load, no copy."""
@@ -134,8 +156,7 @@ class Engine:
 
     def resume(self, settings: ResumeSettings) -> None:
         self._bring_back()
-        if settings.restored:
-            self.replica = settings.replica
+        self.identity.resumed(settings)
         self.gate.release()
 
     def _release(self) -> None:
@@ -202,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/health":
-            self._send(200, {"status": "ok", "pid": os.getpid(), "replica": self.engine.replica})
+            self._send(200, self._health())
         elif path == "/v1/models":
             self._send(200, {"object": "list", "data": [self._model()]})
         elif path == f"/v1/models/{self.model_name}":
@@ -213,6 +234,11 @@ class Handler(BaseHTTPRequestHandler):
                                                f"`{self.model_name}`", "model", "model_not_found"))
         else:
             self._error(protocol.not_found(f"no route GET {path}"))
+
+    def _health(self) -> dict[str, Any]:
+        e, me = self.engine, self.engine.identity
+        return {"status": "ok", "model": self.model_name, "name": me.name, "restored": me.restored,
+                "replica": me.replica, "port": me.port, "pid": os.getpid(), "device": e.device, "max_len": e.max_len}
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -282,6 +308,18 @@ def make_handler(engine: Engine, model_name: str) -> type[BaseHTTPRequestHandler
     return type("BoundHandler", (Handler,), {"engine": engine, "model_name": model_name})
 
 
+def _reference_model() -> str:
+    """The reference model's directory, built on first use; one line and exit 2 for a bad cache setting."""
+    from warmstart.errors import WarmstartError
+    from warmstart.reference import model
+
+    try:
+        return str(model.ensure())
+    except WarmstartError as e:
+        print(f"error: {e.line()}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
@@ -302,14 +340,13 @@ def main(argv: list[str] | None = None) -> None:
         # for decode-sized matrix products, and ~70 MB less GPU memory for the checkpoint to copy.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
     if args.model is None:
-        from warmstart.reference import model
-
-        args.model = str(model.ensure())
+        args.model = _reference_model()
     engine = Engine(args.model, args.kv_cache_mb, args.device, dtype, args.max_len, not args.no_graph,
                     args.weights_socket, not args.no_pack)
     engine.complete("warm-up", 2)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(engine, "warmstart-reference"))
     server.daemon_threads = True
+    engine.identity.port = server.server_address[1]
     attach(engine.quiesce, engine.resume, port=server.server_address[1], engine="reference", model=args.model)
     print(f"reference worker ready on {args.host}:{server.server_address[1]}", flush=True)
     server.serve_forever()
