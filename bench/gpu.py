@@ -32,6 +32,9 @@ from warmstart.image import workingset
 from warmstart.errors import UsageError
 from warmstart.reference import model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import guard  # noqa: E402
+
 SHAPES = {"1b": model.LLAMA_1B, "8b": model.LLAMA_8B}
 KV_MB = {"1b": 4096, "8b": 4096}
 PROMPT = "Restore the worker and keep every token the same"
@@ -387,6 +390,8 @@ def main() -> None:
     ap.add_argument("--ab", action="store_true", help="also restore as CRIU without the page-read patch does")
     ap.add_argument("--no-pack", action="store_true", help="the worker saves its bf16 weights unpacked")
     ap.add_argument("--cold", type=int, default=1, metavar="N", help="restores from a cold page cache (default 1)")
+    ap.add_argument("--no-guard", action="store_true", help="report figures slower than the last recorded run, "
+                    "but exit 0")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -407,6 +412,21 @@ def main() -> None:
     text = table(results, facts)
     (args.out / f"table-{tag}.md").write_text(text + "\n")
     print(text)
+    raise SystemExit(guard.report(f"gpu_{tag.replace('-', '_')}", figures(results), enforce=not args.no_guard))
+
+
+def figures(results: list[dict]) -> dict[str, float]:
+    """What the guard compares, per shape: the checkpoint and its steps, each restore to ready and first token."""
+    out: dict[str, float] = {}
+    for r in results:
+        s = r["shape"]
+        out[f"{s}.checkpoint_s"] = r["checkpoint"]["seconds"]
+        out.update(guard.flat(f"{s}.checkpoint.steps", r["checkpoint"]["steps"]))
+        for kind in ("restore_warm", "restore_cold"):
+            rep = r[kind]["replicas"][0]
+            out[f"{s}.{kind}.ready_s"] = rep["ready_s"]
+            out[f"{s}.{kind}.first_token_s"] = rep["first_token_s"]
+    return out
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _sealed(tmp_path: Path, data: bytes, name: str = "pages-1.img") -> tuple[Pat
     key = encryption.derive(secrets.token_bytes(32), secrets.token_bytes(16))
     src = tmp_path / name
     src.write_bytes(data)
-    codec.seal([src], key, threads=2, compress=True)
+    codec.seal([src], key, threads=2, mode="1")
     assert not src.exists()
     return tmp_path / (name + codec.SEALED_SUFFIX), key
 

@@ -75,7 +75,7 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
     assert r.returncode == 0, r.stderr
     wait_http(port, timeout=120)
     want = http_get(port).split()[0]
-    assert cli("checkpoint", "mem", "-o", str(tmp_path / "art")).returncode == 0
+    assert cli("checkpoint", "mem", "-o", str(tmp_path / "art"), env={"WARMSTART_COMPRESS": "1"}).returncode == 0
     assert [p for p in codec.packed(tmp_path / "art" / "images") if p.name.startswith("pages-")]
     evict_pages(tmp_path / "art")
     kept_image(tmp_path / "art").unlink()  # as on a node that did not make the artifact: this restore inflates

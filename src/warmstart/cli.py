@@ -6,7 +6,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 from warmstart import config
 from warmstart.errors import EnvironmentProblem, UsageError, WarmstartError
 from warmstart.pipeline.steps import Progress, quiet
+
+if TYPE_CHECKING:
+    from warmstart.artifact.manifest import Manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Checkpoint warm inference workers and restore them, many times, in seconds.")
@@ -233,6 +236,28 @@ def _signature(artifact: Path, verify: bool, insecure_unsigned: bool) -> str:
     return f"valid, by trusted key {fp}" if fp else "[red]none[/red] (restore refuses it without --insecure-unsigned)"
 
 
+def _print_image(m: Manifest) -> None:
+    """What inspect says of the image: what is outside it, and what the checkpoint did to it."""
+    from warmstart.artifact.manifest import SAVED_DIR
+    from warmstart.image import workingset
+
+    saved = sum(f.size for f in m.files if f.path.startswith(SAVED_DIR + "/"))
+    if saved:
+        out.print(f"  saved     {saved / 1e6:.1f} MB of it saved by the worker outside CRIU's image ({SAVED_DIR}/, "
+                  "not encrypted)")
+    if m.zero_bytes_dropped:
+        out.print(f"  zeros     {m.zero_bytes_dropped / 1e6:.1f} MB of zero pages left out of it (restored as zeros)")
+    if m.compressed_raw_bytes:
+        out.print(f"  packed    {m.compressed_raw_bytes / 1e6:.1f} MB of pages stored compressed in "
+                  f"{m.compressed_bytes / 1e6:.1f} MB (inflated into memory for each restore)")
+    for t in m.transforms:
+        out.print(f"  {t.transform:<9} {'applied' if t.applied else 'skipped'}{' for ' + t.image if t.image else ''}: "
+                  f"{t.reason}", highlight=False)
+    if m.working_set:
+        ws = workingset.total_bytes(m.working_set)
+        out.print(f"  libraries {ws / 1e6:.1f} MB of {len(m.working_set)} mapped files, read ahead on a cold restore")
+
+
 @app.command()
 def inspect(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
@@ -242,8 +267,6 @@ def inspect(
 ) -> None:
     """Show what an artifact holds and where it came from."""
     from warmstart.artifact import store
-    from warmstart.artifact.manifest import SAVED_DIR
-    from warmstart.image import workingset
 
     signed = _signature(artifact, verify, insecure_unsigned)
     m = store.load(artifact)
@@ -269,21 +292,7 @@ def inspect(
         out.print(f"  GPU       {g.gpu_name} {g.gpu_uuid} (pid {g.pid}, {g.memory_bytes / 1e6:.0f} MB)")
     out.print(f"  image     {m.image_bytes / 1e6:.1f} MB in {len(m.files)} files"
               + (" (checksums verified)" if verify else ""))
-    saved = sum(f.size for f in m.files if f.path.startswith(SAVED_DIR + "/"))
-    if saved:
-        out.print(f"  saved     {saved / 1e6:.1f} MB of it saved by the worker outside CRIU's image ({SAVED_DIR}/, "
-                  "not encrypted)")
-    if m.zero_bytes_dropped:
-        out.print(f"  zeros     {m.zero_bytes_dropped / 1e6:.1f} MB of zero pages left out of it (restored as zeros)")
-    if m.compressed_raw_bytes:
-        out.print(f"  packed    {m.compressed_raw_bytes / 1e6:.1f} MB of pages stored compressed in "
-                  f"{m.compressed_bytes / 1e6:.1f} MB (inflated into memory for each restore)")
-    for t in m.transforms:
-        out.print(f"  {t.transform:<9} {'applied' if t.applied else 'skipped'}{' for ' + t.image if t.image else ''}: "
-                  f"{t.reason}", highlight=False)
-    if m.working_set:
-        ws = workingset.total_bytes(m.working_set)
-        out.print(f"  libraries {ws / 1e6:.1f} MB of {len(m.working_set)} mapped files, read ahead on a cold restore")
+    _print_image(m)
     out.print("  steps     " + ", ".join(f"{k} {v:.3f}s" for k, v in m.step_seconds().items()))
 
 

@@ -25,8 +25,9 @@ class Settings:
     huge_pages: bool  # WARMSTART_HUGE_PAGES: restore large anonymous areas into transparent huge pages
     image_cache: Path  # WARMSTART_IMAGE_CACHE: raw images of compressed ones, for restores on this node
     image_cache_mb: int  # WARMSTART_IMAGE_CACHE_MB: the most it holds (the oldest images go first)
-    zero_pages: bool  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image at checkpoint
-    compress: bool  # WARMSTART_COMPRESS: store large pages images compressed where it pays
+    zero_pages: str  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image: auto (where it pays), 1, 0
+    compress: str  # WARMSTART_COMPRESS: store large pages images compressed: auto (where it pays), 1, 0
+    disk_mbps: int  # WARMSTART_DISK_MBPS: the disk's rate, for deciding what pays (image/plan.py)
     debug: bool  # WARMSTART_DEBUG: tracebacks on errors, as --debug
     key_dir: Path  # WARMSTART_KEY_DIR: this host's artifact signing key (created on first use)
     signing_key: Path | None  # WARMSTART_SIGNING_KEY: a private key file to sign with instead (a mounted Secret)
@@ -48,6 +49,14 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     return value == "1"
 
 
+def _mode(env: Mapping[str, str], name: str) -> str:
+    """auto (decided per image from what it costs and saves here: image/plan.py), 1 (always) or 0 (never)."""
+    value = env.get(name, "") or "auto"
+    if value not in ("auto", "0", "1"):
+        raise UsageError(f"{name} must be auto, 0 or 1, not {value!r}", f"unset it or set {name}=auto")
+    return value
+
+
 def _count(env: Mapping[str, str], name: str, default: int, most: int = 1024) -> int:
     value = env.get(name, "")
     if value == "":
@@ -66,8 +75,9 @@ def parse(env: Mapping[str, str]) -> Settings:
         huge_pages=_flag(env, "WARMSTART_HUGE_PAGES", True),
         image_cache=Path(env.get("WARMSTART_IMAGE_CACHE") or "/var/cache/warmstart/images"),
         image_cache_mb=_count(env, "WARMSTART_IMAGE_CACHE_MB", 16384, most=1 << 30),
-        zero_pages=_flag(env, "WARMSTART_ZERO_PAGES", True),
-        compress=_flag(env, "WARMSTART_COMPRESS", True),
+        zero_pages=_mode(env, "WARMSTART_ZERO_PAGES"),
+        compress=_mode(env, "WARMSTART_COMPRESS"),
+        disk_mbps=_count(env, "WARMSTART_DISK_MBPS", 1500, most=1 << 20),
         debug=env.get("WARMSTART_DEBUG", "") not in ("", "0"),
         key_dir=Path(env.get("WARMSTART_KEY_DIR") or "/var/lib/warmstart/keys"),
         signing_key=Path(env["WARMSTART_SIGNING_KEY"]) if env.get("WARMSTART_SIGNING_KEY") else None,

@@ -122,6 +122,15 @@ class CriuSettings(BaseModel):
     dump_args: list[str]
 
 
+class TransformChoice(BaseModel):
+    """Whether the checkpoint applied one of its image transforms (image/plan.py), and the figures why."""
+
+    transform: Literal["zero_pages", "compress"]
+    image: str | None = Field(default=None, max_length=255)  # the pages image it was decided for; None: all
+    applied: bool
+    reason: str = Field(max_length=1000)
+
+
 class Encryption(BaseModel):
     """How the artifact's process memory is sealed (artifact/encryption.py): the key's id and this artifact's salt."""
 
@@ -148,6 +157,7 @@ class Manifest(BaseModel):
     compressed_raw_bytes: Count = 0  # pages images stored compressed (image/codec.py): their raw size ...
     compressed_bytes: Count = 0  # ... and what they take in the artifact
     encryption: Encryption | None = None  # None: stored in the clear (WARMSTART_ENCRYPT=0)
+    transforms: list[TransformChoice] = Field(default_factory=list, max_length=4096)
 
     def step_seconds(self) -> dict[str, float]:
         return {s.step: s.seconds for s in self.steps}

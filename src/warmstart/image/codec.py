@@ -42,6 +42,7 @@ import ctypes
 import mmap
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart.artifact.encryption import ImageKey
+from warmstart.artifact.manifest import TransformChoice
 from warmstart.errors import ImageError
+from warmstart.image import plan as planning
 
 MAGIC = b"WSZPAGE1"
 SEALED_MAGIC = b"WSSEAL01"
@@ -88,17 +91,18 @@ def _pages(p: Path) -> bool:
     return p.name.startswith("pages-") and p.name.endswith(".img")
 
 
-def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path | None = None) -> tuple[int, int]:
+def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path | None = None,
+             mode: str = "1", choices: list[TransformChoice] | None = None) -> tuple[int, int]:
     """Compress each pages image of MIN_BYTES or more in place (pages-N.img -> pages-N.img.z) where that
-    saves enough (module docstring); the raw image is moved into `keep` (for `cache_raw`) or removed. Returns
-    (raw bytes, stored bytes) of those compressed. One that cannot be written (a full disk) stays raw, with a
-    warning."""
+    pays (`mode` "auto": image/plan.py; "1": where samples say it halves the image); the raw image is moved
+    into `keep` (for `cache_raw`) or removed. Returns (raw bytes, stored bytes) of those compressed. One that
+    cannot be written (a full disk) stays raw, with a warning. Each decision is appended to `choices`."""
     raw = stored = 0
     for p in sorted(images.glob("pages-*.img")):
         size = p.stat().st_size
         if size < MIN_BYTES:
             continue
-        plan = _plan(p, size, threads)
+        plan = _plan(p, size, threads, mode, sealing=False, choices=choices)
         if plan is None:
             continue
         try:
@@ -111,17 +115,18 @@ def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path
     return raw, stored
 
 
-def seal(files: Iterable[Path], key: ImageKey, threads: int, compress: bool, keep: Path | None = None) -> Packed:
+def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Path | None = None,
+         choices: list[TransformChoice] | None = None) -> Packed:
     """Seal each file in place (NAME -> NAME.sealed), its pages images of MIN_BYTES or more compressed where that
-    pays (as `compress`), the chunks of smaller files where they shrink (holes); the raw pages images of MIN_BYTES
-    or more are moved into `keep`, the rest removed. Unlike compressing, a file that cannot be sealed fails the
-    checkpoint (OSError): none stays in the clear."""
+    pays (as `compress`, `mode` "0" never), the chunks of smaller files where they shrink (holes); the raw pages
+    images of MIN_BYTES or more are moved into `keep`, the rest removed. Unlike compressing, a file that cannot
+    be sealed fails the checkpoint (OSError): none stays in the clear."""
     raw = stored = count = 0
     for p in sorted(files):
         size = p.stat().st_size
         big = _pages(p) and size >= MIN_BYTES
         if big:
-            plan = (_plan(p, size, threads) if compress else None) or [False] * -(-size // CHUNK)
+            plan = _plan(p, size, threads, mode, sealing=True, choices=choices) or [False] * -(-size // CHUNK)
         else:
             plan = _chunk_plan(p, size, threads)
         got = _write(p, size, plan, key, threads, keep if big else None)
@@ -187,38 +192,63 @@ def _write_chunks(src: int, dst: int, at: int, plan: list[bool], sealing: _Seal 
     return at, lengths
 
 
-def _ratios(path: Path, size: int, threads: int) -> tuple[list[int], list[float]]:
-    """Each chunk's length, and what zlib keeps of its samples."""
+@dataclass(frozen=True)
+class _Sampled:
+    lengths: list[int]  # of each chunk
+    ratios: list[float]  # what zlib keeps of each chunk's samples
+    zlib_mbps: float  # zlib's rates on those samples, on one core
+    inflate_mbps: float
+
+
+def _ratios(path: Path, size: int, threads: int) -> _Sampled:
     lengths = [min(CHUNK, size - at) for at in range(0, size, CHUNK)]
     fd = os.open(path, os.O_RDONLY)
     try:
         if len(lengths) <= 1:
-            return lengths, [_sample_ratio(fd, 0, n) for n in lengths]
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            return lengths, list(pool.map(lambda i: _sample_ratio(fd, i * CHUNK, lengths[i]), range(len(lengths))))
+            got = [_sample_ratio(fd, 0, n) for n in lengths]
+        else:
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                got = list(pool.map(lambda i: _sample_ratio(fd, i * CHUNK, lengths[i]), range(len(lengths))))
     finally:
         os.close(fd)
+    n, zs, inf = sum(g[1] for g in got), sum(g[2] for g in got), sum(g[3] for g in got)
+    return _Sampled(lengths, [g[0] for g in got], n / 1e6 / max(zs, 1e-9), n / 1e6 / max(inf, 1e-9))
 
 
-def _plan(path: Path, size: int, threads: int) -> list[bool] | None:
-    """Which chunks to compress, from samples of each; None if the image would not shrink to _WORTH of its size."""
-    lengths, ratios = _ratios(path, size, threads)
-    plan = [r <= _CHUNK_WORTH for r in ratios]
-    estimate = sum(n * r if z else n for n, r, z in zip(lengths, ratios, plan, strict=True))
-    return plan if estimate <= _WORTH * size else None
+def _plan(path: Path, size: int, threads: int, mode: str, sealing: bool,
+          choices: list[TransformChoice] | None) -> list[bool] | None:
+    """Which chunks to compress, from samples of each; None to store the image uncompressed (`mode` "0"; "1": it
+    would not shrink to _WORTH of its size; "auto": image/plan.py says it does not pay on this host)."""
+    if mode == "0":
+        return None
+    s = _ratios(path, size, threads)
+    chunks = [r <= _CHUNK_WORTH for r in s.ratios]
+    estimate = int(sum(n * r if z else n for n, r, z in zip(s.lengths, s.ratios, chunks, strict=True)))
+    if mode == "1":
+        return chunks if estimate <= _WORTH * size else None
+    choice = planning.compression(path.name, planning.Samples(size, estimate, s.zlib_mbps, s.inflate_mbps),
+                                  planning.host(), sealing)
+    if choices is not None:
+        choices.append(choice)
+    return chunks if choice.applied else None
 
 
 def _chunk_plan(path: Path, size: int, threads: int) -> list[bool]:
     """Which chunks of a small image or a /dev/shm segment (mostly holes) to compress: those that shrink."""
-    return [r <= _CHUNK_WORTH for r in _ratios(path, size, threads)[1]]
+    return [r <= _CHUNK_WORTH for r in _ratios(path, size, threads).ratios]
 
 
-def _sample_ratio(fd: int, offset: int, length: int) -> float:
-    """What zlib keeps of four samples spread over one chunk: zlib is slow on what does not compress (tens of
-    MB/s), so the whole chunk is compressed only when this says it pays."""
+def _sample_ratio(fd: int, offset: int, length: int) -> tuple[float, int, float, float]:
+    """What zlib keeps of four samples spread over one chunk, the samples' bytes, and the seconds zlib took to
+    compress and inflate them: zlib is slow on what does not compress (tens of MB/s), so the whole chunk is
+    compressed only when this says it pays."""
     step = max(1, length // 4)
     sample = b"".join(os.pread(fd, min(_SAMPLE, length - i), offset + i) for i in range(0, length, step))
-    return len(zlib.compress(sample, 1)) / max(1, len(sample))
+    t0 = time.perf_counter()
+    z = zlib.compress(sample, 1)
+    t1 = time.perf_counter()
+    zlib.decompress(z)
+    return len(z) / max(1, len(sample)), len(sample), t1 - t0, time.perf_counter() - t1
 
 
 def compressed(images: Path) -> list[Path]:

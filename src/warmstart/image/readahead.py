@@ -83,9 +83,9 @@ class Readahead:
                 return
             off += got
 
-    def wait(self) -> None:
-        """Until every piece is read (or the readers were stopped)."""
-        futures.wait(self._done)
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Until every piece is read (or the readers were stopped); False if `timeout_s` passed first."""
+        return not futures.wait(self._done, timeout=timeout_s).not_done
 
     def stop(self) -> None:
         """Stop reading and close the files (waits for reads in progress, at most one buffer each). Idempotent."""

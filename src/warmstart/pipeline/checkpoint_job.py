@@ -24,6 +24,7 @@ from warmstart.artifact.manifest import (
     GpuState,
     Manifest,
     StepTiming,
+    TransformChoice,
     WeightsRef,
 )
 from warmstart.criu import binary as criu
@@ -32,6 +33,7 @@ from warmstart.errors import ImageError, WarmstartError, WorkerError
 from warmstart.gpu import driver
 from warmstart.gpu import processes as gpu
 from warmstart.image import cache, codec, workingset, zeropages
+from warmstart.image import plan as planning
 from warmstart.pipeline.source import Source
 from warmstart.pipeline.steps import Progress
 
@@ -51,6 +53,7 @@ class CheckpointJob:
     zero_bytes: int = 0
     packed: tuple[int, int] = (0, 0)  # raw and stored bytes of the pages images stored compressed
     encryption: Encryption | None = None  # how the image is sealed (the seal step)
+    transforms: list[TransformChoice] = field(default_factory=list)  # what image/plan.py decided, and why
     manifest: Manifest | None = None
     paused_from: float = 0.0
     paused_s: float | None = None  # with leave_running: from the quiesce to the worker serving again
@@ -140,6 +143,12 @@ class CheckpointJob:
     # ---- the image ----
 
     def drop_zero_pages(self) -> None:
+        mode = config.current().zero_pages
+        if mode == "auto":
+            choice = planning.zero_pages(self.stage_dir.images, later_pass=encrypt_on() or compress_on())
+            self.transforms.append(choice)
+            if not choice.applied:
+                return
         try:
             self.zero_bytes = zeropages.drop(self.stage_dir.images)
         except ImageError as e:
@@ -147,16 +156,18 @@ class CheckpointJob:
 
     def compress(self) -> None:
         self.packed = codec.compress(self.stage_dir.images, os.cpu_count() or 1, self.progress,
-                                     keep=self.stage_dir.tmp / "raw")
+                                     keep=self.stage_dir.tmp / "raw", mode=config.current().compress,
+                                     choices=self.transforms)
 
     def seal(self) -> None:
         staging, threads = self.stage_dir, os.cpu_count() or 1
         self.encryption, key = encryption.new_artifact_key()
         images = [p for p in staging.images.iterdir() if p.is_file()]
-        packed = codec.seal(images, key, threads, compress=compress_on(), keep=staging.tmp / "raw")
+        packed = codec.seal(images, key, threads, config.current().compress, keep=staging.tmp / "raw",
+                            choices=self.transforms)
         shm_dir = staging.tmp / SHM_DIR
         if shm_dir.is_dir():
-            codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, compress=True)
+            codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, "0")
         self.packed = (packed.raw, packed.stored)
 
     def checksum(self) -> None:
@@ -167,7 +178,8 @@ class CheckpointJob:
             warmstart_version=__version__, worker=s.identity, host=host.current(s.criu.version),
             criu=CriuSettings(version=s.criu.version, dump_args=criu.dump_args(s.pid, Path("IMAGES"), Path("LOG"))),
             gpus=self.gpu_states, working_set=self.working_set, zero_bytes_dropped=self.zero_bytes,
-            compressed_raw_bytes=self.packed[0], compressed_bytes=self.packed[1], encryption=self.encryption)
+            compressed_raw_bytes=self.packed[0], compressed_bytes=self.packed[1], encryption=self.encryption,
+            transforms=self.transforms)
         if s.cuda_pids:
             self.manifest.driver_version = driver.driver_version()
             self.manifest.cuda_version = driver.cuda_version()
@@ -200,11 +212,11 @@ class CheckpointJob:
 
 
 def zero_pages_on() -> bool:
-    return config.current().zero_pages
+    return config.current().zero_pages != "0"
 
 
 def compress_on() -> bool:
-    return config.current().compress
+    return config.current().compress != "0"
 
 
 def encrypt_on() -> bool:

@@ -156,15 +156,13 @@ class RestoreJob:
         return work / "images", (str(self.inflated.path), str(work / "images"))
 
     def restored_by_criu(self) -> None:
-        """One replica's CRIU has read the image. Once all have, the inflated images go, and the readahead
-        has nothing left to do unless the worker has saved files."""
+        """One replica's CRIU has read the image. Once all have, the inflated images go; the readahead goes on
+        with what the worker reads once it runs (its libraries' working set, its saved files)."""
         with self.lock:
             self.criu_done += 1
             if self.criu_done < self.replicas:
                 return
         self.drop_inflated(keep=True)
-        if not self.ok.saved:
-            self.stop_reading()
 
     def drop_inflated(self, keep: bool = False) -> None:
         """The memory the inflated images hold goes back. With `keep` (every CRIU read them), they are copied
@@ -198,7 +196,16 @@ class RestoreJob:
         cuda_s = time.monotonic() - t
         self._weights_ready()
         restored.wait_serving(m.worker, rec.pid, Path(rec.control_dir), rec.port, rec.alive, self.deadline, in_net)
+        self._working_set_read()
         return cuda_s
+
+    def _working_set_read(self) -> None:
+        """A replica is ready once what the warm worker touched to serve is read too: otherwise its first
+        request after a cold restore faults those pages in one at a time (seconds for an engine's libraries)."""
+        ahead = self.ok.readahead
+        if ahead and not ahead.wait(max(0.0, self.deadline - time.monotonic())):
+            self.progress("warning: the working set was not read ahead before the timeout; the first requests "
+                          "read it from disk")
 
     def _weights_ready(self) -> None:
         if self.weights is None:
