@@ -157,7 +157,6 @@ def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, thread
             os.unlink(tmp)
             return 0
         os.pwrite(dst, head + struct.pack(f"<{count}I", *lengths), 0)
-        os.fsync(dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
