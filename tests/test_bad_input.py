@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAVED_STATE, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, resign
+from conftest import REPO, SAVED_STATE, SLOW_QUIESCE, WARMSTART, cli, free_port, http_get, resign, wait_http
 from conftest import one_error_line as _one_error_line
 from warmstart import demo, procs
 
@@ -191,3 +191,32 @@ def test_a_source_that_does_not_resume_after_the_dump_is_named_with_the_finished
                     "did not acknowledge 'resume' within 2 s")
     assert cli("inspect", str(tmp_path / "art"), "--verify").returncode == 0
     assert http_get(port) == "ok"
+
+
+def test_a_checkpoint_interrupted_inside_a_long_step_stops_at_once(need_criu, home: Path, tmp_path: Path) -> None:
+    """The image passes (and the checksums) look at the interruption every chunk, not only between steps: the
+    command says it is stopping and is gone long before the step would have ended (compressing and sealing
+    1 GB takes several seconds on 2 cores)."""
+    step = "encrypting the image"
+    port = free_port()
+    r = cli("run", "--name", "big", "--", sys.executable, str(REPO / "tests" / "workers" / "memory.py"), str(port),
+            "1024")
+    assert r.returncode == 0, r.stderr
+    wait_http(port, timeout=120)
+    want = http_get(port)
+    out = tmp_path / "art"
+    proc = subprocess.Popen([*WARMSTART, "checkpoint", "big", "-o", str(out)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WARMSTART_COMPRESS": "1", "WARMSTART_ZERO_PAGES": "0"})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if step in line:
+            time.sleep(0.2)  # inside the step
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert time.monotonic() - sent < 1.0, rest  # the step alone takes over 2 s here
+    assert "SIGINT: stopping the checkpoint" in rest and "Traceback" not in rest, rest
+    assert not out.exists() and not list(tmp_path.glob(".art*"))
+    assert http_get(port) == want

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +99,13 @@ def discard(staging: Staging) -> None:
     _marker(staging.tmp).unlink(missing_ok=True)
 
 
-def _digest_range(path: Path, start: int, length: int | None) -> bytes:
+def _digest_range(path: Path, start: int, length: int | None, stop: Callable[[], None]) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
         left = length
         while left is None or left > 0:
+            stop()
             chunk = f.read(_CHUNK if left is None else min(_CHUNK, left))
             if not chunk:
                 break
@@ -118,7 +120,8 @@ def chunk_size_for(size: int) -> int:
     return TREE_CHUNK if size > 2 * TREE_CHUNK else 0
 
 
-def _hash_all(root: Path, files: list[tuple[str, int, int]]) -> dict[str, str]:
+def _hash_all(root: Path, files: list[tuple[str, int, int]], stop: Callable[[], None] = lambda: None
+              ) -> dict[str, str]:
     """{rel: hex digest} for (rel, size, chunk_bytes) entries.
 
     chunk_bytes 0: SHA-256 of the file. Otherwise: SHA-256 of the concatenated SHA-256 digests of each
@@ -131,7 +134,7 @@ def _hash_all(root: Path, files: list[tuple[str, int, int]]) -> dict[str, str]:
         else:
             tasks.append((rel, 0, None))
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 2)) as pool:
-        digests = list(pool.map(lambda t: _digest_range(root / t[0], t[1], t[2]), tasks))
+        digests = list(pool.map(lambda t: _digest_range(root / t[0], t[1], t[2], stop), tasks))
     parts: dict[str, list[bytes]] = {}
     for (rel, _, _), d in zip(tasks, digests, strict=True):
         parts.setdefault(rel, []).append(d)
@@ -155,10 +158,10 @@ def stored_bytes(root: Path, files: list[FileEntry]) -> int:
                for f in files)
 
 
-def checksum(staging: Staging) -> list[FileEntry]:
+def checksum(staging: Staging, stop: Callable[[], None] = lambda: None) -> list[FileEntry]:
     sizes = {r: (staging.tmp / r).stat().st_size for r in _image_files(staging.tmp)}
     chunks = {r: chunk_size_for(n) for r, n in sizes.items()}
-    digests = _hash_all(staging.tmp, [(r, n, chunks[r]) for r, n in sizes.items()])
+    digests = _hash_all(staging.tmp, [(r, n, chunks[r]) for r, n in sizes.items()], stop)
     return [FileEntry(path=r, size=n, sha256=digests[r], chunk_bytes=chunks[r]) for r, n in sizes.items()]
 
 
@@ -280,7 +283,8 @@ def remember_verified(artifact: Path, manifest: Manifest) -> None:
         pass
 
 
-def verify(artifact: Path, manifest: Manifest, use_cache: bool = True) -> float:
+def verify(artifact: Path, manifest: Manifest, use_cache: bool = True, stop: Callable[[], None] = lambda: None
+           ) -> float:
     """Check every file against the manifest; raise naming the first bad file. Returns bytes hashed.
 
     A successful check is remembered by size, mtime, ctime and inode of every file and the manifest;
@@ -294,7 +298,7 @@ def verify(artifact: Path, manifest: Manifest, use_cache: bool = True) -> float:
                 return 0
         except (FileNotFoundError, json.JSONDecodeError):
             pass
-    digests = _hash_all(artifact, [(f.path, f.size, f.chunk_bytes) for f in manifest.files])
+    digests = _hash_all(artifact, [(f.path, f.size, f.chunk_bytes) for f in manifest.files], stop)
     for f in manifest.files:
         if digests[f.path] != f.sha256:
             raise ArtifactError(

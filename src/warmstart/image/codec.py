@@ -68,6 +68,13 @@ _SEALED_HEAD = struct.Struct("<8sQII8s")
 _TINY = 64 << 10  # a stored chunk this small may be all zeros
 
 
+Stop = Callable[[], None]  # raises to stop a pass (an interrupted pipeline); called every chunk or window
+
+
+def _go_on() -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class _Seal:
     """How one file's chunks are sealed: the artifact's key, the file's nonce prefix and associated data."""
@@ -92,7 +99,7 @@ def _pages(p: Path) -> bool:
 
 
 def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path | None = None,
-             mode: str = "1", choices: list[TransformChoice] | None = None) -> tuple[int, int]:
+             mode: str = "1", choices: list[TransformChoice] | None = None, stop: Stop = _go_on) -> tuple[int, int]:
     """Compress each pages image of MIN_BYTES or more in place (pages-N.img -> pages-N.img.z) where that
     pays (`mode` "auto": image/plan.py; "1": where samples say it halves the image); the raw image is moved
     into `keep` (for `cache_raw`) or removed. Returns (raw bytes, stored bytes) of those compressed. One that
@@ -106,7 +113,7 @@ def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path
         if plan is None:
             continue
         try:
-            got = _write(p, size, plan, None, threads, keep, worth=size * _WORTH)
+            got = _write(p, size, plan, None, threads, keep, stop, worth=size * _WORTH)
         except OSError as e:
             warn(f"warning: {p.name} stays uncompressed ({e})")
             continue
@@ -116,7 +123,7 @@ def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path
 
 
 def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Path | None = None,
-         choices: list[TransformChoice] | None = None) -> Packed:
+         choices: list[TransformChoice] | None = None, stop: Stop = _go_on) -> Packed:
     """Seal each file in place (NAME -> NAME.sealed), its pages images of MIN_BYTES or more compressed where that
     pays (as `compress`, `mode` "0" never), the chunks of smaller files where they shrink (holes); the raw pages
     images of MIN_BYTES or more are moved into `keep`, the rest removed. Unlike compressing, a file that cannot
@@ -129,7 +136,7 @@ def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Pa
             plan = _plan(p, size, threads, mode, sealing=True, choices=choices) or [False] * -(-size // CHUNK)
         else:
             plan = _chunk_plan(p, size, threads)
-        got = _write(p, size, plan, key, threads, keep if big else None)
+        got = _write(p, size, plan, key, threads, keep if big else None, stop)
         count += 1
         if big and any(plan):
             raw, stored = raw + size, stored + got
@@ -137,7 +144,7 @@ def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Pa
 
 
 def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, threads: int, keep: Path | None,
-           worth: float | None = None) -> int:
+           stop: Stop, worth: float | None = None) -> int:
     """Write `path` as a compressed (no key) or sealed file beside it, compressing the chunks `plan` names; then
     the raw file goes (to `keep` or away). Returns the stored size, or 0 where it came out larger than `worth`."""
     count = len(plan)
@@ -152,7 +159,7 @@ def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, thread
     src = os.open(path, os.O_RDONLY)
     dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        at, lengths = _write_chunks(src, dst, len(head) + 4 * count, plan, sealing, threads)
+        at, lengths = _write_chunks(src, dst, len(head) + 4 * count, plan, sealing, threads, stop)
         if worth is not None and at > worth:  # the samples were wrong about this one
             os.unlink(tmp)
             return 0
@@ -173,7 +180,7 @@ def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, thread
 
 
 def _write_chunks(src: int, dst: int, at: int, plan: list[bool], sealing: _Seal | None,
-                  threads: int) -> tuple[int, list[int]]:
+                  threads: int, stop: Stop) -> tuple[int, list[int]]:
     def one(i: int) -> bytes:
         data = os.pread(src, CHUNK, i * CHUNK)
         if plan[i]:
@@ -184,6 +191,7 @@ def _write_chunks(src: int, dst: int, at: int, plan: list[bool], sealing: _Seal 
     lengths: list[int] = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for start in range(0, len(plan), 4 * threads):  # a window at a time: memory stays bounded
+            stop()
             for chunk in pool.map(one, range(start, min(len(plan), start + 4 * threads))):
                 os.pwrite(dst, chunk, at)
                 at += len(chunk)
@@ -314,7 +322,7 @@ def _chunk(fd: int, lay: _Layout, i: int, name: str) -> bytes:
     return data
 
 
-def inflate(src: Path, dst: Path, threads: int, key: ImageKey | None = None) -> int:
+def inflate(src: Path, dst: Path, threads: int, key: ImageKey | None = None, stop: Stop = _go_on) -> int:
     """Write the raw image of `src` (compressed or sealed) to the new file `dst`; the bytes written.
 
     The threads copy into a shared mapping of `dst`: writes to one tmpfs file would take turns on its lock."""
@@ -324,7 +332,7 @@ def inflate(src: Path, dst: Path, threads: int, key: ImageKey | None = None) -> 
         fout = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             if lay.raw:
-                _fill(fin, fout, lay, src.name, threads)
+                _fill(fin, fout, lay, src.name, threads, stop)
         finally:
             os.close(fout)
     finally:
@@ -332,7 +340,7 @@ def inflate(src: Path, dst: Path, threads: int, key: ImageKey | None = None) -> 
     return lay.raw
 
 
-def _fill(fin: int, fout: int, lay: _Layout, name: str, threads: int) -> None:
+def _fill(fin: int, fout: int, lay: _Layout, name: str, threads: int, stop: Stop) -> None:
     os.ftruncate(fout, lay.raw)
     out = mmap.mmap(fout, lay.raw)
     view = ctypes.c_char.from_buffer(out)
@@ -340,6 +348,7 @@ def _fill(fin: int, fout: int, lay: _Layout, name: str, threads: int) -> None:
         base = ctypes.addressof(view)
 
         def one(i: int) -> None:
+            stop()
             data = _chunk(fin, lay, i, name)
             if lay.pieces[i][1] < _TINY and data == bytes(len(data)):
                 return  # a chunk of zeros stays a hole: /dev/shm segments are mostly holes

@@ -16,7 +16,7 @@ from pathlib import Path
 from warmstart import procs
 from warmstart.artifact.encryption import ImageKey
 from warmstart.image import cache
-from warmstart.image.codec import MIN_BYTES, inflate, packed, raw_name, raw_size
+from warmstart.image.codec import MIN_BYTES, Stop, inflate, packed, raw_name, raw_size
 
 _SPARE = 256 << 20  # room left in a memory file system after the inflated images
 
@@ -53,7 +53,7 @@ class Inflated:
     go to the raw-image cache. Removed by `remove` (idempotent)."""
 
     def __init__(self, src: Path, threads: int, keys: dict[str, str], key: ImageKey | None = None,
-                 use_cache: bool = True) -> None:
+                 use_cache: bool = True, stop: Stop = lambda: None) -> None:
         self._fresh: dict[Path, str] = {}  # the large images inflated here, and their checksums
         stored = {z: raw_size(z) for z in packed(src)}
         cached = {z: cache.cached(keys.get(z.name), size) if use_cache and size >= MIN_BYTES else None
@@ -70,7 +70,7 @@ class Inflated:
                 if raw:
                     out.symlink_to(raw)
                     continue
-                inflate(z, out, threads, key)
+                inflate(z, out, threads, key, stop)
                 if use_cache and keys.get(z.name) and stored[z] >= MIN_BYTES:
                     self._fresh[out] = keys[z.name]
         except BaseException:

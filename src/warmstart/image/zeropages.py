@@ -18,13 +18,14 @@ import bisect
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 from warmstart.errors import ImageError
 
 PAGE = 4096
+_COPY_STEP = 64 << 20  # bytes copied between checks for an interruption
 MIN_RUN = 8  # pages: shorter runs are kept, so that the pagemap does not fragment into many small reads
 _ZERO = bytes(PAGE)
 _COMMON_MAGIC, _PAGEMAP_MAGIC, _MM_MAGIC = 0x54564319, 0x56084025, 0x57492820
@@ -44,18 +45,20 @@ class _Kept(NamedTuple):
     removed: int  # bytes dropped
 
 
-def drop(images: Path) -> int:
-    """Cut runs of zero pages out of every process's image in this directory; the bytes taken out."""
+def drop(images: Path, stop: Callable[[], None] = lambda: None) -> int:
+    """Cut runs of zero pages out of every process's image in this directory; the bytes taken out. `stop` is
+    called between processes and between the ranges copied (it raises to interrupt the pass)."""
     removed = 0
     for pagemap in sorted(images.glob("pagemap-*.img")):
         pid = pagemap.name[len("pagemap-"):-len(".img")]
         mm = images / f"mm-{pid}.img"
         if pid.isdigit() and mm.exists():
-            removed += _drop_one(pagemap, mm, images)
+            stop()
+            removed += _drop_one(pagemap, mm, images, stop)
     return removed
 
 
-def _drop_one(pagemap: Path, mm: Path, images: Path) -> int:
+def _drop_one(pagemap: Path, mm: Path, images: Path, stop: Callable[[], None]) -> int:
     head, entries = _read_pagemap(pagemap.read_bytes(), pagemap.name)
     pages = images / f"pages-{_int(_fields(head), 1)}.img"
     areas = _zero_fill_areas(mm.read_bytes(), mm.name)
@@ -67,7 +70,8 @@ def _drop_one(pagemap: Path, mm: Path, images: Path) -> int:
             data = mmap.mmap(fd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         kept = _keep(entries, data, size, areas, pages.name, pagemap.name)
         if kept.removed:
-            _rewrite(pagemap, pages, fd, head, kept)
+            stop()
+            _rewrite(pagemap, pages, fd, head, kept, stop)
     finally:
         if data is not None:
             data.close()
@@ -105,17 +109,19 @@ def _keep(entries: list[bytes], data: mmap.mmap | None, size: int, areas: list[t
     return _Kept(kept_entries, kept_data, removed)
 
 
-def _rewrite(pagemap: Path, pages: Path, fd: int, head: bytes, kept: _Kept) -> None:
+def _rewrite(pagemap: Path, pages: Path, fd: int, head: bytes, kept: _Kept, stop: Callable[[], None]) -> None:
     """Replace the pagemap and the pages image (open as fd) with what is kept of them."""
     new_map, new_pages = pagemap.with_suffix(".tmp"), pages.with_suffix(".tmp")
     try:
         new_map.write_bytes(struct.pack("<II", _COMMON_MAGIC, _PAGEMAP_MAGIC)
                             + b"".join(struct.pack("<I", len(e)) + e for e in [head, *kept.entries]))
-        _copy(fd, new_pages, kept.data)
-    except OSError as e:  # the originals are still whole: a checkpoint can go on with them
+        _copy(fd, new_pages, kept.data, stop)
+    except BaseException as e:  # the originals are still whole: a checkpoint can go on with them
         new_map.unlink(missing_ok=True)
         new_pages.unlink(missing_ok=True)
-        raise ImageError(f"could not write the smaller {pages.name}: {e}") from e
+        if isinstance(e, OSError):
+            raise ImageError(f"could not write the smaller {pages.name}: {e}") from e
+        raise
     os.replace(new_pages, pages)
     os.replace(new_map, pagemap)
 
@@ -147,14 +153,15 @@ def _runs(data: mmap.mmap, offset: int, vaddr: int, n: int, areas: list[tuple[in
         yield start, n - start, False
 
 
-def _copy(fd: int, to: Path, kept: list[tuple[int, int]]) -> None:
+def _copy(fd: int, to: Path, kept: list[tuple[int, int]], stop: Callable[[], None]) -> None:
     """Write the kept (offset, length) ranges of fd, one after another, into a new file."""
     out = os.open(to, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         for off, length in kept:
             done = 0
             while done < length:
-                got = os.copy_file_range(fd, out, length - done, off + done)
+                stop()
+                got = os.copy_file_range(fd, out, min(length - done, _COPY_STEP), off + done)
                 if got <= 0:
                     raise OSError(f"copy_file_range ended at byte {off + done}")
                 done += got

@@ -54,7 +54,8 @@ def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running:
     if encrypt_on():
         encryption.master_key()
     source = source_mod.inspect(pid, record, engine, quiesce, quiesce_timeout_s, progress)
-    job = CheckpointJob(source, out, quiesce_timeout_s, progress, runner.timings, sign=sign)
+    job = CheckpointJob(source, out, quiesce_timeout_s, progress, runner.timings, sign=sign,
+                        stop=runner.cancel.checker("checkpoint"))
     q, gpu = source.quiescer, bool(source.cuda_pids)
     after_dump = ("quiesce", "cuda_checkpoint")  # the source serves again: nothing of it to undo any more
     with interruptible(runner.cancel):

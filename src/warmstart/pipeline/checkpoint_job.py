@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class CheckpointJob:
     progress: Progress
     timings: list[StepTiming]  # the runner's: the manifest records them
     sign: bool = True
+    stop: Callable[[], None] = lambda: None  # the long passes call it every chunk: it raises once interrupted
     staging: store.Staging | None = None
     saved: Path | None = None  # where an SDK worker saves what it keeps outside its image
     working_set: list[FileRanges] = field(default_factory=list)
@@ -150,24 +152,24 @@ class CheckpointJob:
             if not choice.applied:
                 return
         try:
-            self.zero_bytes = zeropages.drop(self.stage_dir.images)
+            self.zero_bytes = zeropages.drop(self.stage_dir.images, self.stop)
         except ImageError as e:
             self.progress(f"warning: pages of zeros stay in the image ({e})")
 
     def compress(self) -> None:
         self.packed = codec.compress(self.stage_dir.images, os.cpu_count() or 1, self.progress,
                                      keep=self.stage_dir.tmp / "raw", mode=config.current().compress,
-                                     choices=self.transforms)
+                                     choices=self.transforms, stop=self.stop)
 
     def seal(self) -> None:
         staging, threads = self.stage_dir, os.cpu_count() or 1
         self.encryption, key = encryption.new_artifact_key()
         images = [p for p in staging.images.iterdir() if p.is_file()]
         packed = codec.seal(images, key, threads, config.current().compress, keep=staging.tmp / "raw",
-                            choices=self.transforms)
+                            choices=self.transforms, stop=self.stop)
         shm_dir = staging.tmp / SHM_DIR
         if shm_dir.is_dir():
-            codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, "0")
+            codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, "0", stop=self.stop)
         self.packed = (packed.raw, packed.stored)
 
     def checksum(self) -> None:
@@ -183,7 +185,7 @@ class CheckpointJob:
         if s.cuda_pids:
             self.manifest.driver_version = driver.driver_version()
             self.manifest.cuda_version = driver.cuda_version()
-        self.manifest.files = store.checksum(staging)
+        self.manifest.files = store.checksum(staging, self.stop)
         _cache_raw_images(staging.tmp / "raw", self.manifest)
         self.manifest.image_bytes = store.stored_bytes(staging.tmp, self.manifest.files)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _weight_services(m: Manifest) -> None:
 
 
 def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool, progress: Progress,
-          root: str = "", insecure_unsigned: bool = False) -> Checked:
+          root: str = "", insecure_unsigned: bool = False, stop: Callable[[], None] = lambda: None) -> Checked:
     """root: where the worker's files are seen from here (a placeholder's /proc/PID/root)."""
     t0 = time.monotonic()
     artifact = artifact.absolute()
@@ -77,7 +78,7 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
         gpu_map = placement.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
                                       manifest.worker.gpu_bytes_to_remap)
         progress("verifying artifact checksums")
-        store.verify(artifact, manifest, use_cache=verify_cache)
+        store.verify(artifact, manifest, use_cache=verify_cache, stop=stop)
     except BaseException:
         if ahead:
             ahead.stop()

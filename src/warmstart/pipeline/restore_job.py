@@ -114,7 +114,8 @@ class RestoreJob:
 
     def check(self) -> None:
         self.checked = preflight.check(self.artifact, self.gpu_device, self.replicas, self.verify_cache,
-                                       self.progress, self.root, self.insecure_unsigned)
+                                       self.progress, self.root, self.insecure_unsigned,
+                                       self.cancel.checker("restore"))
 
     def stop_reading(self) -> None:
         if self.checked and self.checked.readahead:
@@ -131,9 +132,10 @@ class RestoreJob:
         files = self.ok.manifest.files
         keys = {Path(f.path).name: f.sha256 for f in files if f.path.startswith(IMAGES_DIR + "/")}
         try:
-            self.inflated = Inflated(images, criu.read_threads(), keys, self.ok.key)
+            stop = self.cancel.checker("restore")
+            self.inflated = Inflated(images, criu.read_threads(), keys, self.ok.key, stop=stop)
             if shm.is_dir() and codec.packed(shm):
-                self.shm_view = Inflated(shm, criu.read_threads(), {}, self.ok.key, use_cache=False)
+                self.shm_view = Inflated(shm, criu.read_threads(), {}, self.ok.key, use_cache=False, stop=stop)
         except ImageError as e:
             raise ArtifactError(f"artifact {self.ok.artifact}: {e}",
                                 "copy the artifact again or checkpoint again") from None

@@ -8,7 +8,9 @@ resumed early needs no resume on failure).
 Cancellation is a `Cancel` token: any thread may set it, and `interruptible` sets it on SIGINT, SIGTERM or
 SIGHUP while a pipeline runs on the main thread (signal handlers can only be installed there; a caller that
 runs pipelines in other threads, as the Kubernetes agent does, installs none and may pass its own token). The
-runner checks it between steps.
+runner checks it between steps and says at once that it is stopping; the long steps (the image passes,
+checksums, inflating) check it every chunk. CRIU's dump is let finish: killing it while its parasite code is in
+the worker can take the worker down.
 """
 
 from __future__ import annotations
@@ -45,15 +47,27 @@ class Step:
 
 
 class Cancel:
-    """Asks a running pipeline to stop at its next step boundary, from any thread."""
+    """Asks a running pipeline to stop, from any thread: at its next step boundary, or sooner inside a long step
+    that calls `check` (the image passes check every chunk)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        self._listeners: list[Callable[[str], None]] = []
 
     def set(self, reason: str = "its caller") -> None:
+        first = not self._event.is_set()
         self.reason = self.reason or reason
         self._event.set()
+        for listen in self._listeners if first else []:
+            listen(self.reason)
+
+    def on_set(self, listen: Callable[[str], None]) -> None:
+        self._listeners.append(listen)
+
+    def checker(self, what: str) -> Callable[[], None]:
+        """A callable for long loops: raises Interrupted once this is set."""
+        return lambda: self.check(what)
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -72,6 +86,7 @@ class Runner:
     _undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
 
     def execute(self, steps: Iterable[Step]) -> None:
+        self.cancel.on_set(lambda why: self.progress(f"{why}: stopping the {self.what} and undoing what it started"))
         try:
             for step in steps:
                 if step.when:
