@@ -48,3 +48,16 @@ def test_version() -> None:
 
     r = subprocess.run([sys.executable, "-m", "warmstart", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == f"warmstart {__version__}", r.stdout + r.stderr
+
+
+def test_help_shows_flags_as_flags_and_runs_usage_its_command() -> None:
+    def helptext(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "warmstart", *args, "--help"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    run = helptext("run")
+    assert "Usage: warmstart run [OPTIONS] -- CMD [ARGS]..." in run
+    for text in (run, helptext(), helptext("restore"), helptext("checkpoint")):
+        assert "<bool>" not in text and "--help" in text

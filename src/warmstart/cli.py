@@ -19,7 +19,8 @@ from warmstart.pipeline.steps import Progress, quiet
 if TYPE_CHECKING:
     from warmstart.artifact.manifest import Manifest
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain help (rich_markup_mode=None): typer's rich help shows a flag as `--wait <bool>`, as if it took a value.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Checkpoint warm inference workers and restore them, many times, in seconds.")
 out = Console()
 err = Console(stderr=True)
@@ -52,7 +53,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
     _state["debug"] = debug
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] -- CMD [ARGS]...")
 def run(
     ctx: typer.Context,
     name: str | None = typer.Option(None, "--name", "-n", help="Name for the worker (default: the program's name)."),
@@ -160,7 +162,8 @@ def restore(
     out.print(t)
 
 
-weights_app = typer.Typer(no_args_is_help=True, help="The weight service: weights resident, mapped by workers.")
+weights_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="The weight service: weights resident, mapped by workers.")
 app.add_typer(weights_app, name="weights")
 
 
@@ -516,7 +519,10 @@ def _exit_code(e: BaseException, debug: bool) -> int:
         err.print("[red]error:[/red] interrupted")
         return 130
     if kind == "NoArgsIsHelpError":
-        return 2  # the help is already printed
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            print(ctx.get_help())
+        return 2
     if kind == "ClickException":
         message = getattr(e, "format_message", lambda: str(e))()
         err.print(f"[red]error:[/red] {message} — see `warmstart --help`", highlight=False, soft_wrap=True)
