@@ -275,8 +275,10 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool, out: Path,
                          "saved_bytes": saved_bytes, "working_set_bytes": workingset.total_bytes(m.working_set),
                          "zero_bytes_dropped": m.zero_bytes_dropped,
                          "compressed_raw_bytes": m.compressed_raw_bytes, "compressed_bytes": m.compressed_bytes,
-                         "steps": m.step_seconds()}
+                         "steps": m.step_seconds(), "transforms": [t.model_dump() for t in m.transforms]}
     log(f"{key}: checkpoint with KV release: {ck.seconds:.2f} s, {m.image_bytes / 1e9:.2f} GB ({m.step_seconds()})")
+    for t in m.transforms:
+        log(f"{key}:   {t.transform} {'applied' if t.applied else 'skipped'} {t.image or ''}: {t.reason}")
 
     images = [art / f.path for f in m.files]
     res["restore_warm"] = restore_once(art, f"{name}-warm", cold=False, replicas=1, want=want)

@@ -3,7 +3,8 @@ host, not by size alone: its cores, the disk's rate (WARMSTART_DISK_MBPS) and zl
 image's own samples (image/codec.py). Each decision and its figures go into the manifest (`transforms`) and
 `warmstart inspect` shows them.
 
-Compression is chosen only if neither the checkpoint nor a cold restore gets slower:
+Compression is chosen only if neither the checkpoint nor a cold restore gets slower (by the estimate; within 5%
+of the pass's time counts as not slower):
 - a cold restore reads `raw` bytes at the disk's rate, or reads `stored` bytes while inflating `raw` on every
   core side by side, whichever is slower; compression must make that shorter;
 - the checkpoint: with encryption on, the sealing pass writes the image anyway (at the disk's rate: AES-GCM on
@@ -28,6 +29,7 @@ from warmstart import config
 from warmstart.artifact.manifest import TransformChoice
 
 _ZERO_WORTH = 0.5
+_NOISE = 0.05  # an estimated cost within this fraction of the pass's own time is no cost: the rates are estimates
 _PAGE = 4096
 _ZERO = bytes(_PAGE)
 
@@ -58,7 +60,7 @@ def compression(name: str, s: Samples, h: Host, sealing: bool) -> TransformChoic
     restore = max(s.stored / disk, s.raw / (s.inflate_mbps * 1e6 * cores))
     zlib_pass = max(s.stored / disk, s.raw / (s.zlib_mbps * 1e6 * cores))
     cost = zlib_pass - read_raw if sealing else zlib_pass
-    applied = restore < read_raw and cost <= 0
+    applied = restore < read_raw and cost <= _NOISE * read_raw
     reason = (f"{s.raw / 1e6:.0f} MB to ~{s.stored / 1e6:.0f} MB: a cold restore {restore:.2f} s instead of "
               f"{read_raw:.2f} s, the checkpoint {cost:+.2f} s (zlib {s.zlib_mbps:.0f} and inflate "
               f"{s.inflate_mbps:.0f} MB/s a core, {cores} cores, disk {h.disk_mbps:.0f} MB/s)")
