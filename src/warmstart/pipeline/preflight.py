@@ -15,9 +15,9 @@ from warmstart.artifact import encryption, signing, store
 from warmstart.artifact.encryption import ImageKey
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, Manifest
 from warmstart.criu import binary as criu
-from warmstart.errors import IncompatibleArtifact, WorkerError
+from warmstart.errors import ImageError, IncompatibleArtifact, WorkerError
 from warmstart.gpu import placement
-from warmstart.image import readahead, workingset
+from warmstart.image import cache, codec, readahead, workingset
 from warmstart.image.readahead import Readahead
 from warmstart.pipeline.steps import Progress
 
@@ -38,6 +38,21 @@ class Checked:
         """What the worker saved outside its image (kept GPU regions), read by each replica as it resumes."""
         d = self.artifact / SAVED_DIR
         return d if d.is_dir() else None
+
+
+def _cached_images(artifact: Path, m: Manifest) -> frozenset[Path]:
+    """The stored (compressed or sealed) images whose raw image this node's cache holds in memory: the restore
+    links that, so reading the stored file ahead would only take the disk from what is needed."""
+    out = set()
+    for f in m.files:
+        p = artifact / f.path
+        if f.path.startswith(IMAGES_DIR + "/") and p.name.endswith((codec.SUFFIX, codec.SEALED_SUFFIX)):
+            try:
+                if cache.cached(f.sha256, codec.raw_size(p)):
+                    out.add(p)
+            except (OSError, ImageError):
+                pass  # the verify step names what is wrong with it
+    return frozenset(out)
 
 
 def _weight_services(m: Manifest) -> None:
@@ -73,7 +88,8 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
     saved = artifact / SAVED_DIR
     ahead = readahead.start_if_cold(artifact / IMAGES_DIR, criu.read_threads(),
                                     then=tuple(sorted(saved.iterdir())) if saved.is_dir() else (),
-                                    ranges=workingset.pieces(manifest.working_set, root))
+                                    ranges=workingset.pieces(manifest.working_set, root),
+                                    skip=_cached_images(artifact, manifest))
     try:
         gpu_map = placement.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
                                       manifest.worker.gpu_bytes_to_remap)
