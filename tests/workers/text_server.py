@@ -4,7 +4,7 @@ import http.server
 from typing import Callable
 
 
-def serve(port: int, text: Callable[[], str]) -> None:
+def serve(port: int, text: Callable[[], str], host: str = "127.0.0.1") -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = text().encode()
@@ -16,4 +16,4 @@ def serve(port: int, text: Callable[[], str]) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    http.server.ThreadingHTTPServer((host, port), Handler).serve_forever()
