@@ -472,3 +472,13 @@ def test_agent_marks_a_checkpoint_on_a_full_volume_failed_and_leaves_the_source_
             assert not [p for p in vol.rglob("*") if p.is_file()]  # nothing half-written left
     finally:
         subprocess.run(["umount", str(vol)], check=False)
+
+
+def test_a_refused_or_failed_target_is_not_restored_again() -> None:
+    """A False restored condition is final: the pod's next update (a probe, the container restarting after the
+    half-restored worker was killed) must not start another restore into it (the live run's restore loop)."""
+    p = pod("target-pod")
+    assert isinstance(reconcile.decide(p, NODE, GPU, {"llama-8b": ready_checkpoint()}, "c"), reconcile.Restore)
+    p["status"]["conditions"].append(condition(RESTORED_CONDITION, False, "RestoreFailed", "CRIU restore failed", "t"))
+    a = reconcile.decide(p, NODE, GPU, {"llama-8b": ready_checkpoint()}, "c")
+    assert isinstance(a, reconcile.Ignore) and "CRIU restore failed" in a.reason and "delete it" in a.reason

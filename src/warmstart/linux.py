@@ -25,6 +25,8 @@ MAP_FIXED, MAP_NORESERVE, PROT_NONE = 0x10, 0x4000, 0
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 _SYS_OPENAT2 = 437  # the same number on x86_64 and aarch64
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429  # likewise (the unified table)
+_OPEN_TREE_CLONE, _MOVE_MOUNT_F_EMPTY_PATH, _AT_FDCWD = 1, 4, -100
 RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -58,6 +60,29 @@ def setns(path: str, nstype: int) -> None:
         check(libc.setns(fd, nstype), f"setns {path}")
     finally:
         os.close(fd)
+
+
+def bind_from(mnt_ns: str, src: str, dst: str) -> None:
+    """Bind `src` of the mount namespace at `mnt_ns` onto `dst` here, which mount(2) refuses across namespaces:
+    a detached copy is taken from inside that namespace (open_tree) and attached here (move_mount). For a
+    single-threaded process (setns of a mount namespace wants one)."""
+    here = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+    try:
+        setns(mnt_ns, CLONE_NEWNS)
+        try:
+            tree = libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, src.encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+            err = ctypes.get_errno()
+        finally:
+            check(libc.setns(here, CLONE_NEWNS), "setns back")
+    finally:
+        os.close(here)
+    if tree < 0:
+        raise OSError(err, f"open_tree {src}: {os.strerror(err)}")
+    try:
+        check(libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, dst.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
+              f"move_mount {dst}")
+    finally:
+        os.close(tree)
 
 
 def prctl(what: str, option: int, *args: object) -> None:

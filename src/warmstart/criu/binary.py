@@ -181,13 +181,25 @@ def run(criu: Criu, args: list[str], log: Path, what: str, timeout: float | None
     while its parasite code is inside the worker can take the worker down with it. The caller defers
     SIGINT/SIGTERM around this call instead.
     """
-    # enter: run CRIU inside that process's pid and mount namespaces (a container's), where the paths it is
-    # given (CRIU itself, images, log) must resolve too.
-    prefix = ["nsenter", f"--target={enter}", "--pid", "--mount", "--"] if enter else []
+    # enter: run CRIU inside that process's namespaces (a container's), where the paths it is given (CRIU itself,
+    # images) must resolve too. The log is this side's file: CRIU gets it as an open fd. CRIU shares the
+    # worker's network, IPC and UTS namespaces too, so the image holds none of them: a restore into a
+    # placeholder joins the placeholder's instead of writing the source's hostname and IPC sysctls into it
+    # (a pod's /proc/sys is read-only).
+    prefix = ["nsenter", f"--target={enter}", "--pid", "--mount", "--net", "--ipc", "--uts", "--"] if enter else []
     if args[0] == "restore":
         env = {**restore_env(), **(env or {})}
-    proc = subprocess.Popen([*prefix, criu.path, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, **env} if env else None)
+    fds: tuple[int, ...] = ()
+    if enter:
+        fds = (os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),)
+        args = [f"/proc/self/fd/{fds[0]}" if a == str(log) else a for a in args]
+    try:
+        proc = subprocess.Popen([*prefix, criu.path, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True, env={**os.environ, **env} if env else None,
+                                pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:

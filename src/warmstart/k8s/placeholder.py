@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 
+from warmstart import linux
 from warmstart.criu import seccomp
 
 
@@ -53,12 +54,22 @@ def _spawn(command: list[str]) -> int:
     if pid == 0:
         try:
             os.setsid()
-            seccomp.refuse_io_uring()
+            _refuse_io_uring()
             os.execvp(command[0], command)
         except BaseException as e:
             print(f"warmstart placeholder: cannot start {command[0]}: {e}", file=sys.stderr)
         os._exit(127)
     return pid
+
+
+def _refuse_io_uring() -> None:
+    """The io_uring filter, also where root lacks CAP_SYS_ADMIN (a container's, unprivileged): the kernel then
+    takes a seccomp filter only from a process with no_new_privs set."""
+    try:
+        seccomp.refuse_io_uring()
+    except PermissionError:
+        linux.prctl("PR_SET_NO_NEW_PRIVS", linux.PR_SET_NO_NEW_PRIVS, 1)
+        seccomp.refuse_io_uring()
 
 
 def _children() -> list[int]:

@@ -133,6 +133,10 @@ def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) 
     cname = _meta(pod, "labels")[TARGET_LABEL]
     if _condition(pod, RESTORED_CONDITION):
         return Ignore(f"pod {meta['name']} is already restored")
+    failed = next((c for c in pod.get("status", {}).get("conditions") or []
+                   if c.get("type") == RESTORED_CONDITION and c.get("status") == "False"), None)
+    if failed:  # final, as a Failed Checkpoint is: every later update of the pod would restore into it again
+        return Ignore(f"pod {meta['name']} was refused ({failed.get('message', '')}); delete it to try again")
     spec, status = _container(pod)
     if spec is None or not _running(status):
         return Wait(f"placeholder container of {meta['name']} is not running yet")

@@ -170,6 +170,10 @@ def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
         # This pid namespace's own view of /proc.
         linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        # CRIU makes the worker's ghost files (files it held deleted, as a multiprocessing semaphore in /dev/shm)
+        # in the target's file system, and removes them from here: here, /dev/shm is the target's (pid 1 now).
+        if target_path(1, "/dev/shm").is_dir() and os.path.isdir("/dev/shm"):
+            linux.bind_from("/proc/1/ns/mnt", "/dev/shm", "/dev/shm")
         t0 = time.monotonic()
         criu.run(criu_bin, args, log, "restore", timeout=timeout_s)
         send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
