@@ -331,8 +331,16 @@ class MemoryApi:
         self.checkpoints: dict[str, dict] = {}
         self.events: list = []
         self.pod_conditions: dict[str, list] = {}
+        self.pods: dict[str, dict] = {}  # each pod as last handed to the agent
 
     # CoreV1Api
+    def read_namespaced_pod(self, name: str, namespace: str) -> dict:
+        pod = copy.deepcopy(self.pods[name])
+        for c in self.pod_conditions.get(name, []):  # as the API server merges the agent's patches
+            conds = pod["status"].setdefault("conditions", [])
+            conds[:] = [x for x in conds if x["type"] != c["type"]] + [c]
+        return pod
+
     def read_node(self, name: str):
         from kubernetes import client
 
@@ -372,6 +380,12 @@ def _agent(api: MemoryApi, artifacts: Path):
     a.node, a.claim, a.artifacts = NODE, "ws-warmstart-artifacts", artifacts
     a.core = a.custom = api
     a.busy, a.lock = set(), __import__("threading").Lock()
+    handle = a.handle
+
+    def remembered(pod: dict) -> None:
+        api.pods[pod["metadata"]["name"]] = pod
+        handle(pod)
+    a.handle = remembered
     return a
 
 
@@ -482,3 +496,19 @@ def test_a_refused_or_failed_target_is_not_restored_again() -> None:
     p["status"]["conditions"].append(condition(RESTORED_CONDITION, False, "RestoreFailed", "CRIU restore failed", "t"))
     a = reconcile.decide(p, NODE, GPU, {"llama-8b": ready_checkpoint()}, "c")
     assert isinstance(a, reconcile.Ignore) and "CRIU restore failed" in a.reason and "delete it" in a.reason
+
+
+def test_an_event_older_than_the_agents_last_restore_is_decided_on_the_pod_as_it_is(tmp_path: Path) -> None:
+    """A pod update queued while the agent restored into the pod carries it without the restored condition;
+    the agent decides on the pod as the API server has it now, and leaves it restored (the live run's
+    'a worker named ... is running' refusal that turned a restored pod False)."""
+    api = MemoryApi(GPU)
+    api.checkpoints = {"llama-8b": ready_checkpoint()}
+    agent = _agent(api, tmp_path)
+    stale = pod("target-pod")
+    name = stale["metadata"]["name"]
+    api.pods[name] = stale
+    api.pod_conditions[name] = [condition(RESTORED_CONDITION, True, "Restored", "from Checkpoint", "t")]
+    agent.restore = lambda *a: pytest.fail("restored again")  # type: ignore[method-assign]
+    type(agent).handle(agent, stale)  # the Agent's own handle: the API server's copy stays as it is
+    assert [c["status"] for c in api.pod_conditions[name]] == ["True"] and not api.events

@@ -49,6 +49,10 @@ def mount(src: str, dst: str, fstype: str | None, flags: int, data: str | None =
                      data.encode() if data else None), f"mount {dst}")
 
 
+def umount(path: str) -> None:
+    check(libc.umount2(path.encode(), 0), f"umount {path}")
+
+
 def unshare(flags: int) -> None:
     check(libc.unshare(flags), "unshare")
 

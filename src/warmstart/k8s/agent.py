@@ -81,9 +81,12 @@ class Agent:
 
     # ---- decisions and actions ----
 
+    def decide(self, pod: dict[str, Any]) -> reconcile.Action:
+        return reconcile.decide(pod, self.node, self.node_labels(), self.checkpoints(pod["metadata"]["namespace"]),
+                                self.claim)
+
     def handle(self, pod: dict[str, Any]) -> None:
-        ns = pod["metadata"]["namespace"]
-        action = reconcile.decide(pod, self.node, self.node_labels(), self.checkpoints(ns), self.claim)
+        action = self.decide(pod)
         if isinstance(action, (reconcile.Ignore, reconcile.Wait)):
             return
         uid = pod["metadata"]["uid"]
@@ -92,6 +95,12 @@ class Agent:
                 return
             self.busy.add(uid)
         try:
+            # An event queued while this pod was handled carries the pod as it was before: decide again on the
+            # pod as it is now, or a restore just done would be tried again (and its pod marked failed).
+            meta = pod["metadata"]
+            pod = client.ApiClient().sanitize_for_serialization(
+                self.core.read_namespaced_pod(meta["name"], meta["namespace"]))
+            action = self.decide(pod)
             if isinstance(action, reconcile.Checkpoint):
                 self.checkpoint(pod, action)
             elif isinstance(action, reconcile.Restore):
@@ -167,8 +176,12 @@ class Agent:
 
     def refuse(self, pod: dict[str, Any], reason: str) -> None:
         OPS.labels("restore", "failed").inc()
-        self.pod_condition(pod, False, "RestoreFailed", reason)
-        self.event(pod, "Pod", "RestoreFailed", reason, warning=True)
+        self.event(pod, "Pod", "RestoreFailed", reason, warning=True)  # first: it outlives a pod deleted meanwhile
+        try:
+            self.pod_condition(pod, False, "RestoreFailed", reason)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
 
     def pod_condition(self, pod: dict[str, Any], ok: bool, reason: str, message: str) -> None:
         meta = pod["metadata"]

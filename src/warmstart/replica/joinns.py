@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,6 +166,29 @@ def _move_pid_counter(needed: list[int]) -> None:
         raise OSError("cannot set the target namespace's ns_last_pid")
 
 
+def _join_cgroups() -> bool:
+    """Move this process into the target's cgroups (pid 1 here), so that the restored worker is charged to,
+    limited with and stopped with the placeholder's container, not the source's, whose cgroups the image
+    names. A container's /sys/fs/cgroup holds only its own cgroups: each hierarchy is mounted afresh here
+    (this mount namespace is private). False, moving nothing, in a cgroup namespace of our own."""
+    lines = [line.split(":", 2) for line in Path("/proc/1/cgroup").read_text().splitlines()]
+    if any(".." in path.split("/") for _, _, path in lines):
+        return False
+    where = Path(tempfile.mkdtemp(prefix="warmstart-cgroup-"))
+    try:
+        for _, controllers, path in lines:
+            kind = "cgroup" if controllers else "cgroup2"
+            opts = f"none,{controllers}" if controllers.startswith("name=") else controllers or None
+            linux.mount(kind, str(where), kind, 0, opts)
+            try:
+                (where / path.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
+            finally:
+                linux.umount(str(where))
+    finally:
+        where.rmdir()
+    return True
+
+
 def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -> None:
     try:
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -174,6 +198,8 @@ def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -
         # in the target's file system, and removes them from here: here, /dev/shm is the target's (pid 1 now).
         if target_path(1, "/dev/shm").is_dir() and os.path.isdir("/dev/shm"):
             linux.bind_from("/proc/1/ns/mnt", "/dev/shm", "/dev/shm")
+        if _join_cgroups():  # the worker CRIU forks stays in them
+            args = [*args, "--manage-cgroups=ignore"]
         t0 = time.monotonic()
         criu.run(criu_bin, args, log, "restore", timeout=timeout_s)
         send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
