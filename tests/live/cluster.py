@@ -157,9 +157,12 @@ class Cluster:
 
     def processes(self, pod: str, python: str, container: str | None = None) -> list[str]:
         """The command lines of every process in the pod's container but the one asking (pid namespace)."""
-        code = ("import os,json; me=str(os.getpid()); print(json.dumps(sorted(open(f'/proc/{p}/cmdline','rb')"
-                ".read().replace(b'\\0',b' ').decode().strip() for p in os.listdir('/proc') if p.isdigit() "
-                "and p != me)))")
+        code = ("import os, json\nout = []\nfor p in os.listdir('/proc'):\n"
+                "    if p.isdigit() and p != str(os.getpid()):\n"
+                "        try:\n            raw = open(f'/proc/{p}/cmdline', 'rb').read()\n"
+                "        except OSError:\n            continue  # gone meanwhile\n"
+                "        out.append(raw.replace(b'\\0', b' ').decode(errors='replace').strip())\n"
+                "print(json.dumps(sorted(c for c in out if c)))\n")
         out = self.exec(pod, [python, "-c", code], container)
         return list(json.loads(out.strip().splitlines()[-1]))
 
