@@ -49,8 +49,10 @@ def remove_stale(where: Path) -> list[Path]:
 class Inflated:
     """A directory of what CRIU reads of an image: links to its plain files, to the cached raw images of
     compressed or sealed ones, and the others inflated. `keys` names each stored file's checksum (the
-    manifest's); `key` opens sealed files; `use_cache` (CRIU's images only) lets large raw images come from and
-    go to the raw-image cache. Removed by `remove` (idempotent)."""
+    manifest's: those named are copied into the raw-image cache by `remove(keep=True)`); `key` opens sealed
+    files; `use_cache` links large raw images the cache holds instead of inflating them (not where CRIU reads
+    the view from another mount namespace, in which the link does not resolve). Removed by `remove`
+    (idempotent)."""
 
     def __init__(self, src: Path, threads: int, keys: dict[str, str], key: ImageKey | None = None,
                  use_cache: bool = True, stop: Stop = lambda: None) -> None:
@@ -71,7 +73,7 @@ class Inflated:
                     out.symlink_to(raw)
                     continue
                 inflate(z, out, threads, key, stop)
-                if use_cache and keys.get(z.name) and stored[z] >= MIN_BYTES:
+                if keys.get(z.name) and stored[z] >= MIN_BYTES:
                     self._fresh[out] = keys[z.name]
         except BaseException:
             self.remove()

@@ -89,7 +89,7 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
     ahead = readahead.start_if_cold(artifact / IMAGES_DIR, criu.read_threads(),
                                     then=tuple(sorted(saved.iterdir())) if saved.is_dir() else (),
                                     ranges=workingset.pieces(manifest.working_set, root),
-                                    skip=_cached_images(artifact, manifest))
+                                    skip=frozenset() if root else _cached_images(artifact, manifest))
     try:
         gpu_map = placement.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
                                       manifest.worker.gpu_bytes_to_remap)

@@ -133,7 +133,10 @@ class RestoreJob:
         keys = {Path(f.path).name: f.sha256 for f in files if f.path.startswith(IMAGES_DIR + "/")}
         try:
             stop = self.cancel.checker("restore")
-            self.inflated = Inflated(images, criu.read_threads(), keys, self.ok.key, stop=stop)
+            # Into a placeholder, CRIU reads the view from inside the pod's mount namespace, where a link to
+            # this node's cache does not resolve: the images are opened afresh there.
+            self.inflated = Inflated(images, criu.read_threads(), keys, self.ok.key, use_cache=not self.root,
+                                     stop=stop)
             if shm.is_dir() and codec.packed(shm):
                 self.shm_view = Inflated(shm, criu.read_threads(), {}, self.ok.key, use_cache=False, stop=stop)
         except ImageError as e:
