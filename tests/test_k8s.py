@@ -238,7 +238,8 @@ def test_the_same_refusal_twice_is_recognised() -> None:
     p = pod("target-pod")
     a = reconcile.decide(p, NODE, GPU, {"llama-8b": failed}, "c")
     assert isinstance(a, reconcile.Refuse) and not reconcile.already_refused(p, a.reason)
-    p["status"].setdefault("conditions", []).append(condition(RESTORED_CONDITION, False, "RestoreFailed", a.reason, "t"))
+    p["status"].setdefault("conditions", []).append(
+        condition(RESTORED_CONDITION, False, "RestoreFailed", a.reason, "t"))
     assert reconcile.already_refused(p, a.reason)
     assert not reconcile.already_refused(p, "another reason")
 
@@ -427,13 +428,15 @@ def test_agent_checkpoints_a_source_pod_and_restores_it_into_placeholders(need_c
         ckpt = api.checkpoints["llama-8b"]
         assert ckpt["status"]["phase"] == "Ready", ckpt["status"]
         assert ckpt["status"]["sizeBytes"] > 0 and ckpt["status"]["node"] == NODE
+        assert ckpt["status"]["imageID"] == SOURCE_DIGEST  # the source container's, for the image-digest gate
         assert (tmp_path / "artifacts" / ckpt["status"]["artifact"] / "manifest.json").is_file()
         assert [e.reason for e in api.events] == ["Checkpointing", "Checkpointed"]
         assert linux.in_network_of(worker, lambda: http_get(port)).split()[1] == boot  # source still serving
         agent.handle(source)  # once per Checkpoint name
         assert len(api.events) == 2
 
-        target = _pod("target-pod", dst_cid, **{"warmstart.dev/engine": "plain", "warmstart.dev/model": ckpt["spec"]["model"]})
+        target = _pod("target-pod", dst_cid, **{"warmstart.dev/engine": "plain",
+                                                "warmstart.dev/model": ckpt["spec"]["model"]})
         with container(dst_cid, f"exec {ws} placeholder"):
             agent.handle(target)
             cond = api.pod_conditions[target["metadata"]["name"]][-1]
@@ -512,3 +515,82 @@ def test_an_event_older_than_the_agents_last_restore_is_decided_on_the_pod_as_it
     agent.restore = lambda *a: pytest.fail("restored again")  # type: ignore[method-assign]
     type(agent).handle(agent, stale)  # the Agent's own handle: the API server's copy stays as it is
     assert [c["status"] for c in api.pod_conditions[name]] == ["True"] and not api.events
+
+
+# ---- the gates a target's pod and node decide, and the annotation that bypasses gates ----
+
+SOURCE_DIGEST = ("registry.example.com/vllm-warmstart"
+                 "@sha256:3b1a5c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7081920a")  # the fixtures' imageID
+
+
+def digest_checkpoint(image_id: str = SOURCE_DIGEST, **spec: object) -> dict:
+    ckpt = ready_checkpoint(**spec)
+    ckpt["status"]["imageID"] = image_id
+    return ckpt
+
+
+def test_a_source_checkpoint_records_its_containers_image_digest() -> None:
+    a = reconcile.decide(pod("source-pod"), NODE, GPU, {}, "c")
+    assert isinstance(a, reconcile.Checkpoint) and a.image_id == SOURCE_DIGEST
+
+
+def test_a_target_whose_image_digest_differs_is_refused_naming_the_gate_and_the_annotation() -> None:
+    a = reconcile.decide(pod("target-pod"), NODE, GPU, {"llama-8b": digest_checkpoint()}, "c")
+    assert isinstance(a, reconcile.Restore) and a.notices == ()  # the fixture's digests are the same
+    other = digest_checkpoint("registry.example.com/vllm-warmstart@sha256:0000")
+    a = reconcile.decide(pod("target-pod"), NODE, GPU, {"llama-8b": other}, "c")
+    assert isinstance(a, reconcile.Refuse), a
+    assert "gate image-digest:" in a.reason and "sha256:0000" in a.reason
+    assert 'annotation warmstart.dev/skip-gates: "image-digest"' in a.reason and "\n" not in a.reason
+
+
+def test_a_digest_missing_on_either_side_is_a_note_not_a_refusal() -> None:
+    a = reconcile.decide(pod("target-pod"), NODE, GPU, {"llama-8b": ready_checkpoint()}, "c")
+    assert isinstance(a, reconcile.Restore)
+    assert a.notices == ("note: gate image-digest not evaluated: the Checkpoint records no image digest",)
+    p = pod("target-pod")
+    del p["status"]["containerStatuses"][0]["imageID"]
+    a = reconcile.decide(p, NODE, GPU, {"llama-8b": digest_checkpoint()}, "c")
+    assert isinstance(a, reconcile.Restore) and "no imageID" in a.notices[0]
+
+
+def test_the_skip_gates_annotation_bypasses_the_pods_gates_loudly_and_reaches_the_restore() -> None:
+    p = pod("target-pod")
+    p["metadata"]["annotations"]["warmstart.dev/skip-gates"] = "image-digest, gpu-model,kernel"
+    ckpt = digest_checkpoint("sha256:0000", gpuModel="NVIDIA-A100-SXM4-80GB")
+    a = reconcile.decide(p, NODE, GPU, {"llama-8b": ckpt}, "c")
+    assert isinstance(a, reconcile.Restore), a
+    assert a.skip_gates == {"image-digest", "gpu-model", "kernel"}
+    assert [n.split(" bypassed")[0] for n in a.notices] == ["warning: gate gpu-model", "warning: gate image-digest"]
+    p["metadata"]["annotations"]["warmstart.dev/skip-gates"] = "image-digest"  # the GPU still refuses
+    a = reconcile.decide(p, NODE, GPU, {"llama-8b": ckpt}, "c")
+    assert isinstance(a, reconcile.Refuse) and "gate gpu-model:" in a.reason and "image-digest" not in a.reason
+
+
+def test_an_unknown_gate_in_the_annotation_is_refused_naming_the_gates() -> None:
+    p = pod("target-pod")
+    p["metadata"]["annotations"]["warmstart.dev/skip-gates"] = "kernal"
+    a = reconcile.decide(p, NODE, GPU, {"llama-8b": ready_checkpoint()}, "c")
+    assert isinstance(a, reconcile.Refuse) and "kernal" in a.reason and "criu-version" in a.reason
+
+
+def test_the_checkpoints_image_digest_fits_the_crd_schema() -> None:
+    status = _crd_schema()["properties"]["status"]["properties"]
+    assert status["imageID"]["type"] == "string"  # else the API server prunes what the agent writes
+
+
+def test_the_agent_announces_a_restores_gates_and_refuses_with_the_annotation(tmp_path: Path) -> None:
+    from warmstart import gates
+    from warmstart.k8s.agent import _reason
+
+    api = MemoryApi(GPU)
+    agent = _agent(api, tmp_path)
+    a = reconcile.Restore(name="llama-8b", namespace="warmstart", container_id="containerd://" + "0" * 64,
+                          artifact="warmstart/llama-8b", notices=("warning: gate kernel bypassed: x", "note: y"))
+    agent.restore(pod("target-pod"), a)  # no such container here: refused after the announcements
+    assert [(e.type, e.reason, e.message) for e in api.events][:2] == [
+        ("Warning", "RestoreWarning", "gate kernel bypassed: x"), ("Normal", "RestoreNote", "y")]
+    assert api.events[-1].reason == "RestoreFailed"
+    refused = gates.Refused([gates.Refusal("kernel", "kernel 6.11 here", "restore elsewhere")])
+    assert 'annotation warmstart.dev/skip-gates: "kernel"' in _reason(refused) and "--skip-gate" not in _reason(
+        refused)

@@ -21,7 +21,7 @@ LAYERS = [
     {"pipeline"},
     {"quiesce", "gpu", "criu", "image", "replica", "weights"},  # stages
     {"artifact"},  # the artifact's model and store
-    {"config", "errors", "linux", "procs", "host", "paths", "registry"},  # host primitives
+    {"config", "errors", "linux", "procs", "host", "paths", "registry", "gates"},  # host primitives
 ]
 IN_WORKER = {"worker", "gpumem", "reference"}
 STAGE_EDGES = {("replica", "criu")}  # a replica is restored by CRIU

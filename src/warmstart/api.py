@@ -14,6 +14,7 @@ each with the problem, the fix and an exit code (docs/api.md).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Collection
 from os import PathLike
 from pathlib import Path
 
@@ -66,20 +67,24 @@ def checkpoint(worker: str | int, out: str | PathLike[str], *, leave_running: bo
 
 def restore(artifact: str | PathLike[str], *, name: str | None = None, replicas: int = 1, port: int | None = None,
             timeout_s: float = 120.0, gpu: str | None = None, progress: Progress = quiet,
-            cancel: Cancel | None = None, insecure_unsigned: bool = False) -> RestoreResult:
+            cancel: Cancel | None = None, insecure_unsigned: bool = False,
+            skip_gates: Collection[str] = ()) -> RestoreResult:
     """Restore an artifact as `replicas` replicas, each in namespaces of its own, on host ports from `port`.
-    The artifact must be signed by a key this host trusts, unless insecure_unsigned."""
+    The artifact must be signed by a key this host trusts, unless insecure_unsigned. skip_gates: pre-restore
+    gates to bypass (warmstart.gates.GATES; experts only: the restored process may crash), each announced
+    through `progress` as a warning line if it would have refused."""
     return restore_pipeline.restore(Path(artifact), name=name, replicas=replicas, port=port, timeout_s=timeout_s,
                                     gpu_device=gpu, progress=progress, cancel=cancel,
-                                    insecure_unsigned=insecure_unsigned)
+                                    insecure_unsigned=insecure_unsigned, skip_gates=skip_gates)
 
 
 def restore_into(artifact: str | PathLike[str], target: int, *, name: str | None = None, timeout_s: float = 120.0,
                  gpu: str | None = None, progress: Progress = quiet, cancel: Cancel | None = None,
-                 insecure_unsigned: bool = False) -> RestoreResult:
+                 insecure_unsigned: bool = False, skip_gates: Collection[str] = ()) -> RestoreResult:
     """Restore one replica into the namespaces of the running process `target` (a placeholder container's)."""
     return restore_pipeline.restore_into(Path(artifact), target, name=name, timeout_s=timeout_s, gpu_device=gpu,
-                                         progress=progress, cancel=cancel, insecure_unsigned=insecure_unsigned)
+                                         progress=progress, cancel=cancel, insecure_unsigned=insecure_unsigned,
+                                         skip_gates=skip_gates)
 
 
 def stop(name: str, grace_s: float = 5.0) -> None:

@@ -14,10 +14,12 @@ from rich.table import Table
 
 from warmstart import config
 from warmstart.errors import EnvironmentProblem, UsageError, WarmstartError
+from warmstart.gates import GATES, WARNING
 from warmstart.pipeline.steps import Progress, quiet
 
 if TYPE_CHECKING:
     from warmstart.artifact.manifest import Manifest
+    from warmstart.pipeline.restore import RestoreResult
 
 # Plain help (rich_markup_mode=None): typer's rich help shows a flag as `--wait <bool>`, as if it took a value.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -32,6 +34,18 @@ def _progress(json_out: bool) -> Progress:
     if json_out:
         return quiet
     return lambda msg: err.print(f"[dim]… {msg}[/dim]", highlight=False)
+
+
+def _restore_progress(json_out: bool) -> Progress:
+    """A restore's progress, whose warnings (a gate bypassed) reach stderr even with --json."""
+    shown = _progress(json_out)
+
+    def progress(msg: str) -> None:
+        if msg.startswith(WARNING):
+            err.print(f"[yellow]warning:[/yellow] {msg.removeprefix(WARNING)}", highlight=False, soft_wrap=True)
+        else:
+            shown(msg)
+    return progress
 
 
 def _emit(data: dict[str, Any]) -> None:
@@ -128,6 +142,9 @@ def restore(
     insecure_unsigned: bool = typer.Option(False, "--insecure-unsigned",
                                            help="Accept an artifact no trusted key signed (experts only: it runs "
                                            "as root)."),
+    skip_gate: list[str] = typer.Option([], "--skip-gate", metavar="GATE",
+                                        help="Bypass a pre-restore gate (repeatable; experts only: the restored "
+                                        f"process may crash): {', '.join(GATES)}."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Restore an artifact into fresh namespaces, once or as several replicas (or into a placeholder's)."""
@@ -137,11 +154,17 @@ def restore(
         if replicas != 1 or port is not None:
             raise UsageError("--into restores one replica, reached in the target's own network",
                              "drop --replicas and --port, or drop --into")
-        result = api.restore_into(artifact, into, name=name, timeout_s=timeout, gpu=gpu, progress=_progress(json_out),
-                                  insecure_unsigned=insecure_unsigned)
+        result = api.restore_into(artifact, into, name=name, timeout_s=timeout, gpu=gpu,
+                                  progress=_restore_progress(json_out), insecure_unsigned=insecure_unsigned,
+                                  skip_gates=skip_gate)
     else:
         result = api.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout, gpu=gpu,
-                             progress=_progress(json_out), insecure_unsigned=insecure_unsigned)
+                             progress=_restore_progress(json_out), insecure_unsigned=insecure_unsigned,
+                             skip_gates=skip_gate)
+    _render_restore(result, json_out)
+
+
+def _render_restore(result: RestoreResult, json_out: bool) -> None:
     if result.late_interrupt:
         err.print(f"[yellow]warning:[/yellow] interrupted by {result.late_interrupt} after every replica was up: "
                   "they stay up (`warmstart stop NAME` stops one)", highlight=False, soft_wrap=True)

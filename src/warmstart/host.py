@@ -1,6 +1,6 @@
 """Who this host is, as far as restoring a process image cares, and whether an image fits it.
 
-`check_compatible` is a pure function over two `HostInfo` values so that the decision is testable
+`gates` and `check_compatible` are pure functions over two `HostInfo` values so that the decision is testable
 without a second machine.
 """
 
@@ -10,6 +10,9 @@ import platform
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from warmstart import gates
+from warmstart.gates import version_tuple as version_tuple  # the one parser of dotted versions
 
 # CPU features a process may have picked code paths for at start-up (glibc's ifuncs, torch's kernels):
 # a restored process that finds one missing dies with SIGILL at some later instruction.
@@ -55,25 +58,16 @@ def current(criu_version: str = "") -> HostInfo:
     )
 
 
-def version_tuple(v: str) -> tuple[int, ...]:
-    """"4.2.1" -> (4, 2, 1): the one parser of dotted versions (CRIU, the NVIDIA driver, the kernel)."""
-    return tuple(int(p) for p in v.split(".") if p.isdigit())
+def gates_of(source: HostInfo, target: HostInfo) -> list[gates.Result]:
+    """The host's gates for an image made on `source`, restored on `target`."""
+    return [
+        gates.cpu_arch(source.arch, target.arch),
+        gates.cpu_features(source.cpu_model, source.cpu_flags, target.cpu_model, target.cpu_flags),
+        gates.kernel(source.kernel, target.kernel),
+        gates.criu_version(source.criu_version, target.criu_version),
+    ]
 
 
 def check_compatible(source: HostInfo, target: HostInfo) -> list[str]:
     """Reasons the image made on `source` cannot be restored on `target`; empty when it can."""
-    problems = []
-    if source.arch != target.arch:
-        problems.append(f"CPU architecture differs: image {source.arch}, this host {target.arch}")
-    missing = sorted(set(source.cpu_flags) - set(target.cpu_flags))
-    if missing:
-        problems.append(
-            f"this host's CPU ({target.cpu_model}) lacks features the image's CPU ({source.cpu_model}) had: "
-            + ", ".join(missing)
-        )
-    if source.criu_version and target.criu_version:
-        if version_tuple(target.criu_version)[:2] < version_tuple(source.criu_version)[:2]:
-            problems.append(
-                f"CRIU here ({target.criu_version}) is older than the one that made the image ({source.criu_version})"
-            )
-    return problems
+    return [r.problem for r in gates.judge(gates_of(source, target), skip=()).refused]

@@ -1,9 +1,12 @@
 """Which local GPU takes each checkpointed GPU, or a refusal before anything starts: a pure function of what
-the artifact says and what this host has (plan), and its call with this host's GPUs (plan_here)."""
+the artifact says and what this host has (plan), and its call with this host's GPUs (plan_here). Its
+refusals of the driver, the GPU count and the GPU models are gates (warmstart.gates): bypassable by name."""
 
 from __future__ import annotations
 
-from warmstart import host
+from collections.abc import Callable, Collection
+
+from warmstart import gates
 from warmstart.artifact.manifest import GpuState
 from warmstart.errors import IncompatibleArtifact, UsageError
 from warmstart.gpu import driver
@@ -18,14 +21,6 @@ def _pick(requested: str, here: list[driver.Gpu]) -> driver.Gpu:
                      "pass --gpu INDEX or --gpu UUID of one of them")
 
 
-def _check_driver(artifact_driver: str | None, here_driver: str | None) -> None:
-    if artifact_driver and here_driver and host.version_tuple(here_driver) < host.version_tuple(artifact_driver):
-        raise IncompatibleArtifact(
-            f"artifact was checkpointed with NVIDIA driver {artifact_driver}; this host has {here_driver}, "
-            "which is older",
-            f"restore on a node with driver >= {artifact_driver}, or upgrade this one")
-
-
 def _needs(states: list[GpuState], replicas: int, remap_bytes: int) -> tuple[dict[str, int], dict[str, str]]:
     """Bytes each checkpointed GPU needs for every replica, and its model."""
     need: dict[str, int] = {}
@@ -38,18 +33,25 @@ def _needs(states: list[GpuState], replicas: int, remap_bytes: int) -> tuple[dic
     return need, model
 
 
-def _candidates(old: str, model: str, requested: str | None, here: list[driver.Gpu]) -> list[driver.Gpu]:
+def _gates(need: dict[str, int], model: dict[str, str], here: list[driver.Gpu], artifact_driver: str | None,
+           here_driver: str | None, requested: str | None) -> list[gates.Result]:
+    models = sorted(set(model.values()))
+    count = gates.gpu_count(len(need), len(here), models[0])
+    if not here:
+        return [count]  # the driver and the models have nothing to compare with
     if requested is not None:
         target = _pick(requested, here)
-        if target.name != model:
-            raise IncompatibleArtifact(f"artifact was checkpointed on {model}; GPU {requested} is {target.name}",
-                                       "pass a GPU of the same model, or leave out --gpu")
-        return [target]
-    same = [g for g in here if g.name == model]
-    if not same:
-        raise IncompatibleArtifact(
-            f"artifact was checkpointed on {model}; this host has {', '.join(sorted({g.name for g in here}))}",
-            "restore on a node with the same GPU model")
+        kinds = [gates.gpu_model(m, [target.name], f"GPU {requested} is",
+                                 "pass a GPU of the same model, or leave out --gpu") for m in models]
+    else:
+        kinds = [gates.gpu_model(m, [g.name for g in here]) for m in models]
+    return [gates.driver(artifact_driver, here_driver), count, *kinds]
+
+
+def _candidates(old: str, model: str, requested: str | None, here: list[driver.Gpu]) -> list[driver.Gpu]:
+    if requested is not None:
+        return [_pick(requested, here)]
+    same = [g for g in here if g.name == model] or here  # none of its model: the gpu-model gate was bypassed
     return sorted(same, key=lambda g: g.uuid != old)  # its own GPU first, then by index
 
 
@@ -62,21 +64,24 @@ def plan(
     requested: str | None = None,
     replicas: int = 1,
     remap_bytes: int = 0,
+    skip: Collection[str] = (),
+    report: Callable[[str], None] = lambda _: None,
 ) -> dict[str, str]:
     """Old UUID -> new UUID for each checkpointed GPU. Default: the GPU it was on, else the first GPU of the
-    same model with enough free memory for every replica."""
+    same model with enough free memory for every replica. skip: the gates bypassed; report: hears the gates
+    bypassed or not evaluated."""
     states = [s for s in states if s.gpu_name]  # processes that touched CUDA but held no GPU memory
     if not states:
         if requested is not None:
             raise UsageError("the artifact holds no GPU state, so --gpu has nothing to place", "leave out --gpu")
         return {}
-    if not here:
-        raise IncompatibleArtifact(f"artifact needs a {states[0].gpu_name}; this host has no GPU",
-                                   "restore on a node with the same GPU model")
-    _check_driver(artifact_driver, here_driver)
     need, model = _needs(states, replicas, remap_bytes)
     if requested is not None and len(need) > 1:
         raise UsageError(f"the artifact spans {len(need)} GPUs; --gpu names one", "leave out --gpu")
+    gates.enforce(_gates(need, model, here, artifact_driver, here_driver, requested), skip, report)
+    if not here:
+        raise IncompatibleArtifact(f"artifact needs a {states[0].gpu_name}; this host has no GPU to restore it onto",
+                                   "restore on a node with the same GPU model")
     chosen: dict[str, str] = {}
     free = {g.uuid: g.free_bytes for g in here}
     for old, want in need.items():
@@ -94,8 +99,9 @@ def plan(
 
 
 def plan_here(states: list[GpuState], artifact_driver: str | None, requested: str | None, replicas: int,
-              remap_bytes: int = 0) -> dict[str, str]:
+              remap_bytes: int = 0, skip: Collection[str] = (),
+              report: Callable[[str], None] = lambda _: None) -> dict[str, str]:
     if not [s for s in states if s.gpu_name]:
         return plan(states, [], artifact_driver=None, here_driver=None, requested=requested)  # no NVML needed
     return plan(states, driver.gpus(), artifact_driver=artifact_driver, here_driver=driver.driver_version(),
-                requested=requested, replicas=replicas, remap_bytes=remap_bytes)
+                requested=requested, replicas=replicas, remap_bytes=remap_bytes, skip=skip, report=report)

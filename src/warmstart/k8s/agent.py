@@ -15,9 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from warmstart import gates
 from warmstart.errors import WarmstartError
 from warmstart.k8s import containers, reconcile
-from warmstart.k8s.resources import GROUP, KIND, PLURAL, RESTORED_CONDITION, VERSION, condition
+from warmstart.k8s.resources import GROUP, KIND, PLURAL, RESTORED_CONDITION, SKIP_GATES_HINT, VERSION, condition
 
 try:  # the agent's dependencies are the optional extra `k8s`; the rest of warmstart never needs them
     from kubernetes import client, config, watch
@@ -34,6 +35,8 @@ else:
 
 
 def _reason(e: Exception) -> str:
+    if isinstance(e, gates.Refused):
+        return e.line(SKIP_GATES_HINT)
     if isinstance(e, WarmstartError):
         return e.line()
     if isinstance(e, OSError):
@@ -124,7 +127,8 @@ class Agent:
             if e.status == 409:
                 return  # another agent (or an earlier run) owns it
             raise
-        self.set_status(a.namespace, a.name, {"phase": "Checkpointing", "node": self.node, "startedAt": _now()})
+        self.set_status(a.namespace, a.name, {"phase": "Checkpointing", "node": self.node, "startedAt": _now(),
+                                              **({"imageID": a.image_id} if a.image_id else {})})
         self.event(cr, KIND, "Checkpointing", f"checkpointing pod {pod['metadata']['name']} on {self.node}")
         t0 = time.monotonic()
         out = self.artifacts / a.spec.storage.path
@@ -157,10 +161,13 @@ class Agent:
         from warmstart import api
 
         t0 = time.monotonic()
+        for line in a.notices:
+            self.announce(pod, line)
         try:
             target = containers.init_pid(a.container_id)
             name = f"{a.namespace}.{pod['metadata']['name']}"[:63].rstrip(".-_")
-            res = api.restore_into(self.artifacts / a.artifact, target, name=name)
+            res = api.restore_into(self.artifacts / a.artifact, target, name=name, skip_gates=a.skip_gates,
+                                   progress=lambda line: self.announce(pod, line))
         except Exception as e:  # noqa: BLE001 - any failure is a False condition with its reason
             self.refuse(pod, _reason(e))
             return
@@ -173,6 +180,14 @@ class Agent:
             STEP_SECONDS.labels("restore", step).observe(s)
         self.pod_condition(pod, True, "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
         self.event(pod, "Pod", "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
+
+    def announce(self, pod: dict[str, Any], line: str) -> None:
+        """A restore's progress line: a warning (a gate bypassed) is a Warning Event, a note (a gate not
+        evaluated) a Normal one; the rest is not worth an API call."""
+        if line.startswith(gates.WARNING):
+            self.event(pod, "Pod", "RestoreWarning", line.removeprefix(gates.WARNING), warning=True)
+        elif line.startswith(gates.NOTE):
+            self.event(pod, "Pod", "RestoreNote", line.removeprefix(gates.NOTE))
 
     def refuse(self, pod: dict[str, Any], reason: str) -> None:
         OPS.labels("restore", "failed").inc()

@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from warmstart import gates
+from warmstart.errors import UsageError
 from warmstart.k8s.resources import (
     CONTAINER_ANNOTATION,
     GPU_PRODUCT_LABEL,
     GROUP,
     NAME_ANNOTATION,
     RESTORED_CONDITION,
+    SKIP_GATES_ANNOTATION,
+    SKIP_GATES_HINT,
     SOURCE_LABEL,
     TARGET_LABEL,
     CheckpointSpec,
@@ -51,6 +55,7 @@ class Checkpoint:
     namespace: str
     container_id: str
     spec: CheckpointSpec
+    image_id: str = ""  # the container's image digest as its runtime reports it (status.imageID); "": unknown
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class Restore:
     namespace: str
     container_id: str
     artifact: str  # path inside the artifact volume
+    skip_gates: frozenset[str] = frozenset()  # the pod's skip-gates annotation, for the restore's own gates
+    notices: tuple[str, ...] = ()  # gates bypassed (warmstart.gates.WARNING) or not evaluated (NOTE) here
 
 
 Action = Ignore | Wait | Refuse | Checkpoint | Restore
@@ -125,7 +132,8 @@ def _source(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj], 
         args=[*(spec.get("command") or []), *(spec.get("args") or [])],
         storage=Storage(claim=claim, path=f"{meta['namespace']}/{cname}"),
     )
-    return Checkpoint(name=cname, namespace=meta["namespace"], container_id=status["containerID"], spec=cspec)
+    return Checkpoint(name=cname, namespace=meta["namespace"], container_id=status["containerID"], spec=cspec,
+                      image_id=status.get("imageID") or "")
 
 
 def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) -> Action:
@@ -149,15 +157,21 @@ def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) 
         return Refuse(f"Checkpoint {cname} failed: {st.get('reason', 'unknown')}")
     if phase != "Ready":
         return Wait(f"Checkpoint {cname} is {phase}")
+    try:
+        skip = gates.parse_skip([_meta(pod, "annotations").get(SKIP_GATES_ANNOTATION, "")])
+    except UsageError as e:
+        return Refuse(f"annotation {SKIP_GATES_ANNOTATION} of pod {meta['name']}: {e.line()}")
     want = existing["spec"]
-    problems = _mismatches(pod, spec, want, node_labels)
+    verdict = gates.judge(_gates(want, st, status, node_labels), skip)
+    problems = _mismatches(pod, spec, want) + [r.line(SKIP_GATES_HINT) for r in verdict.refused]
     if problems:
         return Refuse(f"Checkpoint {cname} does not match pod {meta['name']}: " + "; ".join(problems))
     artifact = str(st.get("artifact") or want["storage"]["path"])
     if not inside_namespace(artifact, meta["namespace"]):
         return Refuse(f"Checkpoint {cname}'s artifact {artifact!r} is not inside namespace {meta['namespace']}'s "
                       "own directory of the artifact volume")
-    return Restore(name=cname, namespace=meta["namespace"], container_id=status["containerID"], artifact=artifact)
+    return Restore(name=cname, namespace=meta["namespace"], container_id=status["containerID"], artifact=artifact,
+                   skip_gates=skip, notices=tuple(verdict.notices()))
 
 
 def inside_namespace(path: str, namespace: str) -> bool:
@@ -174,14 +188,21 @@ def already_refused(pod: Obj, reason: str) -> bool:
                for c in pod.get("status", {}).get("conditions") or [])
 
 
-def _mismatches(pod: Obj, spec: Obj, want: Obj, node_labels: dict[str, str]) -> list[str]:
-    """Why a restore target (its pod, its container's spec) cannot take a Checkpoint of spec `want`."""
+def _gates(want: Obj, st: Obj, status: Obj, node_labels: dict[str, str]) -> list[gates.Result]:
+    """The gates a target's pod and node decide: the node's GPU label, the placeholder's image digest."""
+    digest = gates.image_digest(st.get("imageID") or "", status.get("imageID") or "")
+    if not want.get("gpuModel"):  # a CPU worker's checkpoint names none
+        return [digest]
+    gpu_here = node_labels.get(GPU_PRODUCT_LABEL, "")
+    return [gates.gpu_model(want["gpuModel"], [gpu_here] if gpu_here else [], "this node's GPU is"), digest]
+
+
+def _mismatches(pod: Obj, spec: Obj, want: Obj) -> list[str]:
+    """Why a restore target (its pod, its container's spec) is not for a Checkpoint of spec `want`: not gates,
+    since they name what the Checkpoint is."""
     problems = []
     if want.get("image") != spec["image"]:
         problems.append(f"image {spec['image']} differs from the checkpoint's {want.get('image')}")
-    gpu_here = node_labels.get(GPU_PRODUCT_LABEL, "")
-    if want.get("gpuModel") and want["gpuModel"] != gpu_here:
-        problems.append(f"GPU {gpu_here or 'none'} on this node, the checkpoint needs {want['gpuModel']}")
     annotations = _meta(pod, "annotations")
     for key, field in ((ENGINE_ANNOTATION, "engine"), (MODEL_ANNOTATION, "model")):
         if key in annotations and annotations[key] != want.get(field):

@@ -2,7 +2,8 @@
 
 A Checkpoint (warmstart.dev/v1alpha1, namespaced) says what a compatible artifact is — engine, model, the
 container image, the GPU model and the engine's arguments, hashed into `spec.identity` — and where it is
-stored. Its status is written only by the node agent that made it.
+stored. Its status is written only by the node agent that made it, including `imageID`: the digest of the
+source container's image as its runtime reported it, which a restore target's image must match (image-digest).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ NAME_ANNOTATION = f"{GROUP}/checkpoint-name"  # on a source pod: the Checkpoint 
 CONTAINER_ANNOTATION = f"{GROUP}/container"  # which container holds the worker (default: the first)
 RESTORED_CONDITION = f"{GROUP}/restored"  # pod condition, for a readinessGate on restore targets
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # node label set by NVIDIA's GPU feature discovery
+SKIP_GATES_ANNOTATION = f"{GROUP}/skip-gates"  # on a restore target: "kernel,driver", gates to bypass
+SKIP_GATES_HINT = f'the pod annotation {SKIP_GATES_ANNOTATION}: "{{gate}}"'  # gates.Refusal.line's bypass
 
 Phase = Literal["Pending", "Checkpointing", "Ready", "Failed"]
 

@@ -1,21 +1,22 @@
-"""Everything that can refuse a restore, before any process starts: the manifest, this host, the GPU plan,
-the checksums. Once the host is known to fit, a cold image's readahead starts beside the remaining checks."""
+"""Everything that can refuse a restore, before any process starts: the manifest, this host's gates, the GPU
+plan (and its gates), the checksums. Once the host is known to fit, a cold image's readahead starts beside
+the remaining checks."""
 
 from __future__ import annotations
 
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart import host
+from warmstart import gates, host
 from warmstart.artifact import encryption, signing, store
 from warmstart.artifact.encryption import ImageKey
 from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR, Manifest
 from warmstart.criu import binary as criu
-from warmstart.errors import ImageError, IncompatibleArtifact, WorkerError
+from warmstart.errors import ImageError, WorkerError
 from warmstart.gpu import placement
 from warmstart.image import cache, codec, readahead, workingset
 from warmstart.image.readahead import Readahead
@@ -69,8 +70,10 @@ def _weight_services(m: Manifest) -> None:
 
 
 def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: bool, progress: Progress,
-          root: str = "", insecure_unsigned: bool = False, stop: Callable[[], None] = lambda: None) -> Checked:
-    """root: where the worker's files are seen from here (a placeholder's /proc/PID/root)."""
+          root: str = "", insecure_unsigned: bool = False, stop: Callable[[], None] = lambda: None,
+          skip: Collection[str] = ()) -> Checked:
+    """root: where the worker's files are seen from here (a placeholder's /proc/PID/root); skip: the gates
+    bypassed (warmstart.gates), each announced through `progress` if it would have refused."""
     t0 = time.monotonic()
     artifact = artifact.absolute()
     store.remove_stale_partials()  # what checkpoints killed on this host left
@@ -79,10 +82,8 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
     manifest = store.load(artifact)
     key = encryption.artifact_key(artifact, manifest.encryption) if manifest.encryption else None
     binary = criu.find()
-    problems = host.check_compatible(manifest.host, host.current(binary.version))
-    if problems:
-        raise IncompatibleArtifact(f"artifact {artifact} cannot be restored here: " + "; ".join(problems),
-                                   "restore it on a host like the one it was made on, or checkpoint on this one")
+    gates.enforce(host.gates_of(manifest.host, host.current(binary.version)), skip, progress,
+                  context=f"artifact {artifact} cannot be restored here: ")
     criu.restore_env()  # its settings are checked before anything starts
     _weight_services(manifest)
     saved = artifact / SAVED_DIR
@@ -92,7 +93,7 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
                                     skip=frozenset() if root else _cached_images(artifact, manifest))
     try:
         gpu_map = placement.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
-                                      manifest.worker.gpu_bytes_to_remap)
+                                      manifest.worker.gpu_bytes_to_remap, skip, progress)
         progress("verifying artifact checksums")
         store.verify(artifact, manifest, use_cache=verify_cache, stop=stop)
     except BaseException:

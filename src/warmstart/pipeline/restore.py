@@ -10,8 +10,10 @@ is interrupted, every replica it started is killed and its names released.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
+from warmstart import gates
 from warmstart.errors import UsageError
 from warmstart.pipeline.replicas import FreshReplicas, IntoProcess
 from warmstart.pipeline.restore_job import KEEP_THREAD, ReplicaResult, RestoreJob, RestoreResult
@@ -44,20 +46,23 @@ def _run(job: RestoreJob, where: FreshReplicas | IntoProcess) -> RestoreResult:
 
 def restore(artifact: Path, *, name: str | None = None, replicas: int = 1, port: int | None = None,
             timeout_s: float = 120.0, verify_cache: bool = True, gpu_device: str | None = None,
-            progress: Progress = quiet, cancel: Cancel | None = None, insecure_unsigned: bool = False) -> RestoreResult:
+            progress: Progress = quiet, cancel: Cancel | None = None, insecure_unsigned: bool = False,
+            skip_gates: Collection[str] = ()) -> RestoreResult:
     """Restore `replicas` replicas of an artifact, each in namespaces of its own."""
     if replicas < 1:
         raise UsageError(f"--replicas must be at least 1, not {replicas}", "pass --replicas 1 or more")
     job = RestoreJob(artifact, gpu_device, replicas, verify_cache, timeout_s, progress, cancel=cancel or Cancel(),
-                     insecure_unsigned=insecure_unsigned)
+                     insecure_unsigned=insecure_unsigned, skip_gates=gates.parse_skip(skip_gates))
     return _run(job, FreshReplicas(job, replicas, port, name))
 
 
 def restore_into(artifact: Path, target: int, *, name: str | None = None, timeout_s: float = 120.0,
                  verify_cache: bool = True, gpu_device: str | None = None, progress: Progress = quiet,
-                 cancel: Cancel | None = None, insecure_unsigned: bool = False) -> RestoreResult:
+                 cancel: Cancel | None = None, insecure_unsigned: bool = False,
+                 skip_gates: Collection[str] = ()) -> RestoreResult:
     """Restore one replica into the namespaces of a running process (a pod's placeholder) instead of new ones."""
+    skip = gates.parse_skip(skip_gates)
     joinns.check_target(target)
     job = RestoreJob(artifact, gpu_device, 1, verify_cache, timeout_s, progress, root=f"/proc/{target}/root",
-                     cancel=cancel or Cancel(), insecure_unsigned=insecure_unsigned)
+                     cancel=cancel or Cancel(), insecure_unsigned=insecure_unsigned, skip_gates=skip)
     return _run(job, IntoProcess(job, target, name))

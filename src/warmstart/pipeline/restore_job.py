@@ -81,6 +81,7 @@ class RestoreJob:
     root: str = ""  # where the worker's files are seen from here
     cancel: Cancel = field(default_factory=Cancel)
     insecure_unsigned: bool = False  # accept an unsigned artifact
+    skip_gates: frozenset[str] = frozenset()  # pre-restore gates bypassed (warmstart.gates)
     t0: float = field(default_factory=time.monotonic)
     checked: preflight.Checked | None = None
     weights: Future[None] | None = None
@@ -115,7 +116,7 @@ class RestoreJob:
     def check(self) -> None:
         self.checked = preflight.check(self.artifact, self.gpu_device, self.replicas, self.verify_cache,
                                        self.progress, self.root, self.insecure_unsigned,
-                                       self.cancel.checker("restore"))
+                                       self.cancel.checker("restore"), self.skip_gates)
 
     def stop_reading(self) -> None:
         if self.checked and self.checked.readahead:
