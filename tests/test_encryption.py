@@ -90,6 +90,24 @@ def test_a_sealed_file_round_trips_and_keeps_its_holes(tmp_path: Path) -> None:
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("size", [5 << 20, (200 << 20) + 12345])  # one piece; a tree of pieces and a short one
+def test_the_checksum_taken_while_sealing_is_the_one_checksum_computes(tmp_path: Path, size: int) -> None:
+    from warmstart.artifact import encryption, store
+    from warmstart.image import codec
+
+    key = encryption.derive(secrets.token_bytes(32), secrets.token_bytes(16))
+    src = tmp_path / "pages-1.img"
+    data = os.urandom(size)
+    src.write_bytes(data)
+    packed = codec.seal([src], key, threads=2, mode="0")  # nothing compressed: the threads write the chunks
+    sealed = tmp_path / ("pages-1.img" + codec.SEALED_SUFFIX)
+    n = sealed.stat().st_size
+    want = store._hash_all(tmp_path, [(sealed.name, n, store.chunk_size_for(n))])[sealed.name]
+    assert packed.digests == {sealed: want}
+    assert codec.inflate(sealed, tmp_path / "out", threads=2, key=key) == size
+    assert (tmp_path / "out").read_bytes() == data
+
+
 @pytest.mark.parametrize("harm", ["flip a byte", "swap two chunks", "rename", "another key"])
 def test_a_sealed_file_that_was_altered_is_refused(tmp_path: Path, harm: str) -> None:
     from warmstart.artifact import encryption

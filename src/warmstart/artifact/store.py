@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,36 @@ def chunk_size_for(size: int) -> int:
     return TREE_CHUNK if size > 2 * TREE_CHUNK else 0
 
 
+class HashWhileWriting:
+    """The checksum `checksum` would compute of a file that is being written front to back, hashed piece by
+    piece on `pool` as the writer passes each piece, so that no pass reads it all again afterwards. The first
+    piece is hashed last: writers of sealed and compressed files write their header there when done."""
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor, stop: Callable[[], None]) -> None:
+        self.path, self.pool, self.stop = path, pool, stop
+        self.pieces: list[Future[bytes]] = []  # of pieces 1, 2, ...
+        self.digest = ""  # set by finish
+
+    def _submit(self, i: int) -> None:
+        self.pieces.append(self.pool.submit(_digest_range, self.path, i * TREE_CHUNK, TREE_CHUNK, self.stop))
+
+    def written(self, upto: int) -> None:
+        """Bytes [0, upto) are written: hash the whole pieces among them not hashed yet."""
+        while (len(self.pieces) + 2) * TREE_CHUNK <= upto:
+            self._submit(len(self.pieces) + 1)
+
+    def finish(self, size: int) -> str:
+        """The file is complete, `size` bytes, nothing of it to change: its checksum (waits for the pieces)."""
+        if not chunk_size_for(size):
+            self.digest = _digest_range(self.path, 0, None, self.stop).hex()
+            return self.digest
+        while (len(self.pieces) + 1) * TREE_CHUNK < size:
+            self._submit(len(self.pieces) + 1)
+        first = _digest_range(self.path, 0, TREE_CHUNK, self.stop)
+        self.digest = hashlib.sha256(first + b"".join(f.result() for f in self.pieces)).hexdigest()
+        return self.digest
+
+
 def _hash_all(root: Path, files: list[tuple[str, int, int]], stop: Callable[[], None] = lambda: None
               ) -> dict[str, str]:
     """{rel: hex digest} for (rel, size, chunk_bytes) entries.
@@ -158,10 +188,13 @@ def stored_bytes(root: Path, files: list[FileEntry]) -> int:
                for f in files)
 
 
-def checksum(staging: Staging, stop: Callable[[], None] = lambda: None) -> list[FileEntry]:
+def checksum(staging: Staging, stop: Callable[[], None] = lambda: None,
+             known: Mapping[Path, str] | None = None) -> list[FileEntry]:
+    """known: checksums of files already hashed as they were written (HashWhileWriting), by path."""
     sizes = {r: (staging.tmp / r).stat().st_size for r in _image_files(staging.tmp)}
     chunks = {r: chunk_size_for(n) for r, n in sizes.items()}
-    digests = _hash_all(staging.tmp, [(r, n, chunks[r]) for r, n in sizes.items()], stop)
+    have = {r: known[staging.tmp / r] for r in sizes if known and staging.tmp / r in known}
+    digests = have | _hash_all(staging.tmp, [(r, n, chunks[r]) for r, n in sizes.items() if r not in have], stop)
     return [FileEntry(path=r, size=n, sha256=digests[r], chunk_bytes=chunks[r]) for r, n in sizes.items()]
 
 

@@ -46,11 +46,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmstart.artifact.encryption import ImageKey
 from warmstart.artifact.manifest import TransformChoice
+from warmstart.artifact.store import HashWhileWriting
 from warmstart.errors import ImageError
 from warmstart.image import plan as planning
 
@@ -67,6 +68,7 @@ _RATE_PIECE = 256 << 10  # zlib's rates are timed on 16 pieces this big
 _HEAD = struct.Struct("<8sQII")
 _SEALED_HEAD = struct.Struct("<8sQII8s")
 _TINY = 64 << 10  # a stored chunk this small may be all zeros
+_TAG = 16  # AES-GCM's tag, after each sealed chunk
 
 
 Stop = Callable[[], None]  # raises to stop a pass (an interrupted pipeline); called every chunk or window
@@ -93,6 +95,7 @@ class Packed:
     raw: int = 0  # raw bytes of the images stored compressed ...
     stored: int = 0  # ... and what they take
     sealed: int = 0  # files sealed
+    digests: dict[Path, str] = field(default_factory=dict)  # the sealed files' checksums, taken as written
 
 
 def _pages(p: Path) -> bool:
@@ -130,24 +133,30 @@ def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Pa
     images of MIN_BYTES or more are moved into `keep`, the rest removed. Unlike compressing, a file that cannot
     be sealed fails the checkpoint (OSError): none stays in the clear."""
     raw = stored = count = 0
-    for p in sorted(files):
-        size = p.stat().st_size
-        big = _pages(p) and size >= MIN_BYTES
-        if big:
-            plan = _plan(p, size, threads, mode, sealing=True, choices=choices) or [False] * -(-size // CHUNK)
-        else:
-            plan = _chunk_plan(p, size, threads)
-        got = _write(p, size, plan, key, threads, keep if big else None, stop)
-        count += 1
-        if big and any(plan):
-            raw, stored = raw + size, stored + got
-    return Packed(raw, stored, count)
+    digests: dict[Path, str] = {}
+    with ThreadPoolExecutor(max(1, threads)) as hashing:
+        for p in sorted(files):
+            size = p.stat().st_size
+            big = _pages(p) and size >= MIN_BYTES
+            if big:
+                plan = _plan(p, size, threads, mode, sealing=True, choices=choices) or [False] * -(-size // CHUNK)
+            else:
+                plan = _chunk_plan(p, size, threads)
+            out = p.with_name(p.name + SEALED_SUFFIX)
+            hasher = HashWhileWriting(out.with_name(out.name + ".tmp"), hashing, stop)
+            got = _write(p, size, plan, key, threads, keep if big else None, stop, hasher=hasher)
+            digests[out] = hasher.digest
+            count += 1
+            if big and any(plan):
+                raw, stored = raw + size, stored + got
+    return Packed(raw, stored, count, digests)
 
 
 def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, threads: int, keep: Path | None,
-           stop: Stop, worth: float | None = None) -> int:
+           stop: Stop, worth: float | None = None, hasher: HashWhileWriting | None = None) -> int:
     """Write `path` as a compressed (no key) or sealed file beside it, compressing the chunks `plan` names; then
-    the raw file goes (to `keep` or away). Returns the stored size, or 0 where it came out larger than `worth`."""
+    the raw file goes (to `keep` or away). Returns the stored size, or 0 where it came out larger than `worth`.
+    `hasher` (of the file written, NAME.tmp) takes its checksum as it is written."""
     count = len(plan)
     out = path.with_name(path.name + (SEALED_SUFFIX if key else SUFFIX))
     tmp = out.with_name(out.name + ".tmp")
@@ -160,11 +169,13 @@ def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, thread
     src = os.open(path, os.O_RDONLY)
     dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        at, lengths = _write_chunks(src, dst, len(head) + 4 * count, plan, sealing, threads, stop)
+        at, lengths = _write_chunks(src, dst, len(head) + 4 * count, plan, sealing, threads, stop, hasher)
         if worth is not None and at > worth:  # the samples were wrong about this one
             os.unlink(tmp)
             return 0
         os.pwrite(dst, head + struct.pack(f"<{count}I", *lengths), 0)
+        if hasher:
+            hasher.finish(at)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -181,22 +192,32 @@ def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, thread
 
 
 def _write_chunks(src: int, dst: int, at: int, plan: list[bool], sealing: _Seal | None,
-                  threads: int, stop: Stop) -> tuple[int, list[int]]:
+                  threads: int, stop: Stop, hasher: HashWhileWriting | None) -> tuple[int, list[int]]:
+    # Sealed and not compressed, every chunk's place is known beforehand: the threads write them too.
+    placed = sealing is not None and not any(plan)
+    base = at
+
     def one(i: int) -> bytes:
         data = os.pread(src, CHUNK, i * CHUNK)
         if plan[i]:
             z = zlib.compress(data, 1)  # releases the GIL: the threads compress side by side
             data = z if len(z) < len(data) else data
-        return sealing.key.seal(sealing.nonce(i), data, sealing.aad) if sealing else data
+        data = sealing.key.seal(sealing.nonce(i), data, sealing.aad) if sealing else data
+        if placed:
+            os.pwrite(dst, data, base + i * (CHUNK + _TAG))
+        return data
 
     lengths: list[int] = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for start in range(0, len(plan), 4 * threads):  # a window at a time: memory stays bounded
             stop()
             for chunk in pool.map(one, range(start, min(len(plan), start + 4 * threads))):
-                os.pwrite(dst, chunk, at)
+                if not placed:
+                    os.pwrite(dst, chunk, at)
                 at += len(chunk)
                 lengths.append(len(chunk))
+            if hasher:
+                hasher.written(at)
     return at, lengths
 
 

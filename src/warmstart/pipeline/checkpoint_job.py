@@ -56,6 +56,7 @@ class CheckpointJob:
     packed: tuple[int, int] = (0, 0)  # raw and stored bytes of the pages images stored compressed
     encryption: Encryption | None = None  # how the image is sealed (the seal step)
     transforms: list[TransformChoice] = field(default_factory=list)  # what image/plan.py decided, and why
+    digests: dict[Path, str] = field(default_factory=dict)  # checksums the seal took as it wrote each file
     manifest: Manifest | None = None
     paused_from: float = 0.0
     paused_s: float | None = None  # with leave_running: from the quiesce to the worker serving again
@@ -169,8 +170,10 @@ class CheckpointJob:
                             choices=self.transforms, stop=self.stop)
         shm_dir = staging.tmp / SHM_DIR
         if shm_dir.is_dir():
-            codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, "0", stop=self.stop)
+            segments = codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, "0", stop=self.stop)
+            self.digests.update(segments.digests)
         self.packed = (packed.raw, packed.stored)
+        self.digests.update(packed.digests)
 
     def checksum(self) -> None:
         staging, s = self.stage_dir, self.source
@@ -185,7 +188,7 @@ class CheckpointJob:
         if s.cuda_pids:
             self.manifest.driver_version = driver.driver_version()
             self.manifest.cuda_version = driver.cuda_version()
-        self.manifest.files = store.checksum(staging, self.stop)
+        self.manifest.files = store.checksum(staging, self.stop, known=self.digests)
         _cache_raw_images(staging.tmp / "raw", self.manifest)
         self.manifest.image_bytes = store.stored_bytes(staging.tmp, self.manifest.files)
 
