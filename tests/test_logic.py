@@ -155,3 +155,14 @@ def test_existing_output_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(UsageError, match="already exists"):
         store.stage(tmp_path / "out")
+
+
+@pytest.mark.parametrize(("mem_kb", "want_mb"), [(24 << 20, 16384), (128 << 20, 32768), (None, 16384)])
+def test_the_image_cache_holds_a_quarter_of_memory_and_at_least_16_gib(tmp_path: Path, mem_kb: int | None,
+                                                                       want_mb: int) -> None:
+    from warmstart import config
+
+    meminfo = tmp_path / "meminfo"
+    if mem_kb is not None:
+        meminfo.write_text(f"MemTotal:       {mem_kb} kB\nMemFree:        1 kB\n")
+    assert config.default_image_cache_mb(meminfo) == want_mb

@@ -145,3 +145,27 @@ def test_a_bad_cache_name_or_limit_is_one_line(caches: Path, tmp_path: Path) -> 
                        text=True, timeout=120, env={**os.environ, "WARMSTART_MODEL_CACHE_MB": "0"})
     one_error_line(r, 2, "WARMSTART_MODEL_CACHE_MB", "'0'")
     assert list(caches.iterdir()) == []
+
+
+def test_the_image_cache_leaves_its_disk_a_reserve_the_oldest_images_going_first(caches: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from warmstart.image import cache
+
+    d = tmp_path / "images"
+    disk = 10 * MiB  # a small disk: free space is what the cached images leave of it
+
+    def free(_: Path) -> int:
+        return disk - sum(p.stat().st_size for p in d.glob("*.img"))
+
+    monkeypatch.setattr(cache, "_free", free)
+    monkeypatch.setattr(cache, "_reserve", lambda _: 5 * MiB)
+    for i, key in enumerate("abc"):
+        raw = tmp_path / f"raw-{key}"
+        raw.write_bytes(b"\1" * (2 * MiB))
+        cache.cache_raw(raw, key * 64)
+        os.utime(d / f"{key * 64}.img", (1000 + i, 1000 + i))
+    assert sorted(p.name[0] for p in d.glob("*.img")) == ["b", "c"]  # a third would leave 4 MiB free
+    big = tmp_path / "inflated"
+    big.write_bytes(b"\1" * (2 * MiB))
+    cache.copy_into_cache(big, "d" * 64)  # it would leave 4 MiB: not copied
+    assert not (d / f"{'d' * 64}.img").exists()

@@ -24,7 +24,7 @@ class Settings:
     read_threads: int  # WARMSTART_READ_THREADS: threads a restore reads an image with (default: cores, <= 16)
     huge_pages: bool  # WARMSTART_HUGE_PAGES: restore large anonymous areas into transparent huge pages
     image_cache: Path  # WARMSTART_IMAGE_CACHE: raw images of compressed ones, for restores on this node
-    image_cache_mb: int  # WARMSTART_IMAGE_CACHE_MB: the most it holds (the oldest images go first)
+    image_cache_mb: int  # WARMSTART_IMAGE_CACHE_MB: the most it holds (the oldest go first); default below
     zero_pages: str  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image: auto (where it pays), 1, 0
     compress: str  # WARMSTART_COMPRESS: store large pages images compressed: auto (where it pays), 1, 0
     disk_mbps: int  # WARMSTART_DISK_MBPS: the disk's rate, for deciding what pays (image/plan.py)
@@ -67,6 +67,17 @@ def _count(env: Mapping[str, str], name: str, default: int, most: int = 1024) ->
     return int(value)
 
 
+def default_image_cache_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """16 GiB, or a quarter of this host's memory where that is more: a cached image pays only while it is in
+    the page cache, and one image of an 8B worker checkpointed without the SDK is 18 GB."""
+    try:
+        line = next(ln for ln in meminfo.read_text().splitlines() if ln.startswith("MemTotal:"))
+        total_mb = int(line.split()[1]) >> 10
+    except (OSError, StopIteration, ValueError, IndexError):
+        total_mb = 0
+    return max(16384, total_mb // 4)
+
+
 def parse(env: Mapping[str, str]) -> Settings:
     return Settings(
         home=Path(env.get("WARMSTART_HOME") or "/run/warmstart"),
@@ -74,7 +85,7 @@ def parse(env: Mapping[str, str]) -> Settings:
         read_threads=_count(env, "WARMSTART_READ_THREADS", min(os.cpu_count() or 1, 16)),
         huge_pages=_flag(env, "WARMSTART_HUGE_PAGES", True),
         image_cache=Path(env.get("WARMSTART_IMAGE_CACHE") or "/var/cache/warmstart/images"),
-        image_cache_mb=_count(env, "WARMSTART_IMAGE_CACHE_MB", 16384, most=1 << 30),
+        image_cache_mb=_count(env, "WARMSTART_IMAGE_CACHE_MB", default_image_cache_mb(), most=1 << 30),
         zero_pages=_mode(env, "WARMSTART_ZERO_PAGES"),
         compress=_mode(env, "WARMSTART_COMPRESS"),
         disk_mbps=_count(env, "WARMSTART_DISK_MBPS", 1500, most=1 << 20),

@@ -2,7 +2,8 @@
 
 The checkpoint moves its raw images here (WARMSTART_IMAGE_CACHE, default /var/cache/warmstart/images); a
 restore on the same node links one that is still in the page cache instead of inflating it, and a restore
-that inflated an image copies it here once CRIU has read it. The newest CACHE_KEEP images are kept. The cache
+that inflated an image copies it here once CRIU has read it. The newest CACHE_KEEP images are kept, within
+WARMSTART_IMAGE_CACHE_MB and leaving RESERVE of the disk free. The cache
 is used only while it belongs to this user and no one else can write to it, and only a SHA-256 names an
 entry, so a manifest cannot point a restore at any other file.
 """
@@ -18,6 +19,7 @@ from warmstart import config, procs
 from warmstart.image import readahead
 
 CACHE_KEEP = 8
+RESERVE = 8 << 30  # the cache leaves this much of its disk free (or a tenth of the disk, where that is less)
 _CACHED = 0.5  # a raw image at least this much in the page cache is used as it is
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
@@ -48,9 +50,9 @@ def cache_raw(raw: Path, key: str) -> None:
 
 def copy_into_cache(raw: Path, key: str) -> None:
     """Copy an image a restore inflated into the cache, as the image whose checksum is `key`; nothing if the
-    cache is unusable or the copy fails (a restore does not depend on it)."""
+    cache is unusable, its disk too full, or the copy fails (a restore does not depend on it)."""
     d = cache_dir() if _KEY.match(key) else None
-    if not d:
+    if not d or _free(d) - raw.stat().st_size < _reserve(d):
         return
     tmp = d / f".{key}-{os.getpid()}.tmp"
     try:
@@ -67,13 +69,30 @@ def entries(d: Path) -> list[tuple[Path, int]]:
     return [(p, p.stat().st_size) for p in images]
 
 
+def _free(d: Path) -> int:
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
+
+
+def _reserve(d: Path) -> int:
+    st = os.statvfs(d)
+    return min(RESERVE, st.f_blocks * st.f_frsize // 10)
+
+
 def _prune(d: Path) -> None:
-    """The newest CACHE_KEEP images that fit in WARMSTART_IMAGE_CACHE_MB stay."""
+    """The newest CACHE_KEEP images that fit in WARMSTART_IMAGE_CACHE_MB stay, as long as the disk keeps its
+    reserve free: the oldest go first."""
     budget = config.current().image_cache_mb << 20
+    kept = []
     for i, (p, size) in enumerate(entries(d)):
         budget -= size
         if i >= CACHE_KEEP or budget < 0:
             p.unlink(missing_ok=True)
+        else:
+            kept.append(p)
+    reserve = _reserve(d)
+    while kept and _free(d) < reserve:
+        kept.pop().unlink(missing_ok=True)
     for p in d.glob(".*.tmp"):  # copies that a killed restore left half done
         pid = p.name[:-len(".tmp")].rsplit("-", 1)[-1]
         if pid.isdigit() and not procs.alive(int(pid)):
