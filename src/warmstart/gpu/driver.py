@@ -67,8 +67,13 @@ def _check(err: Any, op: str, pid: int) -> None:
     if name == "CUDA_ERROR_NOT_SUPPORTED" and op in ("state", "restore thread id"):
         raise WorkerError(f"process {pid} is not a CUDA process", "pass the pid of the process that uses the GPU")
     if name == "CUDA_ERROR_NOT_SUPPORTED":
-        raise EnvironmentProblem(f"CUDA {op} of process {pid} is not supported by this driver ({name})",
-                                 "use an NVIDIA driver >= 570 and no CUDA IPC / imported memory mapped at checkpoint")
+        # Seen on driver 580 for a process holding managed memory (bench/reach/counter.cu --managed).
+        raise EnvironmentProblem(
+            f"the NVIDIA driver cannot {op} process {pid} ({name}): it holds GPU memory the driver's checkpoint "
+            "does not support (managed memory from cudaMallocManaged, or CUDA IPC / imported memory), or the driver "
+            "is older than 570",
+            "allocate with cudaMalloc and close IPC handles before checkpointing, or use driver >= 570; "
+            "the process was left running")
     if name == "CUDA_ERROR_ILLEGAL_STATE":
         raise StepFailed(f"CUDA {op} of process {pid} refused: the process is {state_name(pid)}",
                          "another checkpoint may hold it; check `warmstart cuda-checkpoint --get-state --pid PID`")
