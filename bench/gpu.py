@@ -322,18 +322,23 @@ def bench_shape(key: str, work: Path, bw: dict, ab: bool, pack: bool, out: Path,
     return res
 
 
+def table_row(label: str, results: list[dict], f) -> str:
+    """One markdown row: `f` of each result, "-" where the result lacks what it reads."""
+    cells = []
+    for r in results:
+        try:
+            cells.append(f(r))
+        except (KeyError, IndexError, TypeError):
+            cells.append("-")
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
 def table(results: list[dict], facts: dict) -> str:
     rows = [f"GPU: {facts['gpu']} ({facts['memory']}), driver {facts['driver']}, {time.strftime('%Y-%m-%d')}", "",
             "| | " + " | ".join(r["shape"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]
 
     def row(label: str, f) -> None:
-        cells = []
-        for r in results:
-            try:
-                cells.append(f(r))
-            except (KeyError, IndexError, TypeError):
-                cells.append("-")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append(table_row(label, results, f))
 
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     row("weights (bf16)", lambda r: gb(r["weights_bytes"]))
