@@ -53,16 +53,18 @@ def run(name: str | None, command: list[str], *, engine: str = "plain", wait: bo
 def checkpoint(worker: str | int, out: str | PathLike[str], *, leave_running: bool = False,
                timeout_s: float = 30.0, quiesce: bool = True, engine: str | None = None,
                progress: Progress = quiet, cancel: Cancel | None = None,
-               insecure_unsigned: bool = False) -> CheckpointResult:
+               insecure_unsigned: bool = False, rootfs_exclude: Collection[str] = ()) -> CheckpointResult:
     """Checkpoint a managed worker (by name) or any process tree (by root pid) into the new directory `out`,
-    signed with this host's key (insecure_unsigned: not signed)."""
+    signed with this host's key (insecure_unsigned: not signed). A worker in an overlay container takes what
+    its container wrote over its image along, minus rootfs_exclude (and WARMSTART_ROOTFS_EXCLUDE)."""
     rec = registry.get(worker) if isinstance(worker, str) else None
     if rec and not rec.alive():
         raise UsageError(f"worker {worker!r} is not running", "start it again with `warmstart run`")
     pid = rec.pid if rec else int(worker)
     return checkpoint_pipeline.checkpoint(pid, Path(out), record=rec, leave_running=leave_running,
                                           quiesce_timeout_s=timeout_s, quiesce=quiesce, engine=engine,
-                                          progress=progress, cancel=cancel, insecure_unsigned=insecure_unsigned)
+                                          progress=progress, cancel=cancel, insecure_unsigned=insecure_unsigned,
+                                          rootfs_exclude=rootfs_exclude)
 
 
 def restore(artifact: str | PathLike[str], *, name: str | None = None, replicas: int = 1, port: int | None = None,

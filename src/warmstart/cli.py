@@ -282,6 +282,10 @@ def _print_image(m: Manifest) -> None:
     if m.working_set:
         ws = workingset.total_bytes(m.working_set)
         out.print(f"  libraries {ws / 1e6:.1f} MB of {len(m.working_set)} mapped files, read ahead on a cold restore")
+    if m.rootfs:
+        r = m.rootfs
+        out.print(f"  rootfs    {r.files} entries ({r.bytes / 1e6:.1f} MB) and {len(r.deleted)} deletions its "
+                  f"container wrote over its image; excluded: {', '.join(r.excluded) or 'nothing'}", highlight=False)
 
 
 @app.command()

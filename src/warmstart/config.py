@@ -38,6 +38,7 @@ class Settings:
     encryption_key: Path | None  # WARMSTART_ENCRYPTION_KEY: a key file to seal with instead of this host's
     decryption_keys: tuple[Path, ...]  # WARMSTART_DECRYPTION_KEYS: older keys still opened, ':'-separated
     model_cache_mb: int  # WARMSTART_MODEL_CACHE_MB: the most the reference worker's model cache holds
+    rootfs_exclude: tuple[str, ...]  # WARMSTART_ROOTFS_EXCLUDE: container paths left out of the rootfs diff
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -65,6 +66,16 @@ def _count(env: Mapping[str, str], name: str, default: int, most: int = 1024) ->
         raise UsageError(f"{name} must be a whole number from 1 to {most}, not {value!r}",
                          f"unset it or set e.g. {name}=8")
     return int(value)
+
+
+def _paths(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """':'-separated absolute paths."""
+    out = tuple(p for p in env.get(name, "").split(":") if p)
+    bad = [p for p in out if not p.startswith("/") or "/.." in p or "/./" in p]
+    if bad:
+        raise UsageError(f"{name} must list absolute paths separated by ':', not {bad[0]!r}",
+                         f"e.g. {name}=/root/.cache:/tmp/scratch")
+    return tuple(p.rstrip("/") or "/" for p in out)
 
 
 def default_image_cache_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -99,6 +110,7 @@ def parse(env: Mapping[str, str]) -> Settings:
         encryption_key=Path(env["WARMSTART_ENCRYPTION_KEY"]) if env.get("WARMSTART_ENCRYPTION_KEY") else None,
         decryption_keys=tuple(Path(p) for p in env.get("WARMSTART_DECRYPTION_KEYS", "").split(":") if p),
         model_cache_mb=modelcache.limit_mb(env),  # parsed there: the worker reads it too
+        rootfs_exclude=_paths(env, "WARMSTART_ROOTFS_EXCLUDE"),
     )
 
 

@@ -15,6 +15,7 @@ MANIFEST_NAME = "manifest.json"
 IMAGES_DIR = "images"
 SHM_DIR = "shm"  # the worker's /dev/shm segments, placed in each replica's own /dev/shm
 SAVED_DIR = "saved"  # what the worker saved outside its image (kept GPU regions), read back by each replica
+ROOTFS_DIR = "rootfs"  # what the worker's container wrote over its image (image/rootfs.py)
 
 
 _MAX_PATH = 4096
@@ -22,11 +23,12 @@ _PID_MAX = 1 << 22  # the kernel's largest pid_max
 
 
 def _artifact_path(v: str) -> str:
-    """A file of the artifact: relative, inside images/, shm/ or saved/, with no '..' or '.' part."""
+    """A file of the artifact: relative, inside images/, shm/, saved/ or rootfs/, with no '..' or '.' part."""
     parts = v.split("/")
-    inside = parts[0] in (IMAGES_DIR, SHM_DIR, SAVED_DIR) and len(parts) >= 2
+    inside = parts[0] in (IMAGES_DIR, SHM_DIR, SAVED_DIR, ROOTFS_DIR) and len(parts) >= 2
     if not inside or len(v) > _MAX_PATH or "\0" in v or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"{v[:200]!r} is not a path inside the artifact's {IMAGES_DIR}/, {SHM_DIR}/ or {SAVED_DIR}/")
+        raise ValueError(f"{v[:200]!r} is not a path inside the artifact's {IMAGES_DIR}/, {SHM_DIR}/, {SAVED_DIR}/ "
+                         f"or {ROOTFS_DIR}/")
     return v
 
 
@@ -139,6 +141,18 @@ class Encryption(BaseModel):
     salt: str = Field(pattern=r"^[0-9a-f]{32}$")
 
 
+class RootfsDiff(BaseModel):
+    """What the worker's container wrote over its image (image/rootfs.py): the files are in rootfs/diff.tar."""
+
+    upper: str  # the overlay upper dir it was taken from, as this host saw it
+    files: Count = 0
+    bytes: Count = 0  # of regular files
+    deleted: list[WorkerPath] = Field(default_factory=list, max_length=1 << 20)
+    opaque: list[WorkerPath] = Field(default_factory=list, max_length=1 << 20)  # directories replaced whole
+    skipped: list[WorkerPath] = Field(default_factory=list, max_length=1 << 20)  # sockets and devices
+    excluded: list[WorkerPath] = Field(default_factory=list, max_length=4096)
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     warmstart_version: str
@@ -158,6 +172,7 @@ class Manifest(BaseModel):
     compressed_bytes: Count = 0  # ... and what they take in the artifact
     encryption: Encryption | None = None  # None: stored in the clear (WARMSTART_ENCRYPT=0)
     transforms: list[TransformChoice] = Field(default_factory=list, max_length=4096)
+    rootfs: RootfsDiff | None = None  # None: the worker was in no overlay container, or nothing was taken
 
     def step_seconds(self) -> dict[str, float]:
         return {s.step: s.seconds for s in self.steps}

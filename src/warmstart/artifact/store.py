@@ -25,6 +25,7 @@ from warmstart.artifact import signing
 from warmstart.artifact.manifest import (
     IMAGES_DIR,
     MANIFEST_NAME,
+    ROOTFS_DIR,
     SAVED_DIR,
     SCHEMA_VERSION,
     SHM_DIR,
@@ -175,7 +176,7 @@ def _hash_all(root: Path, files: list[tuple[str, int, int]], stop: Callable[[], 
 
 def _image_files(root: Path) -> list[str]:
     out = []
-    for top in (IMAGES_DIR, SHM_DIR, SAVED_DIR):
+    for top in (IMAGES_DIR, SHM_DIR, SAVED_DIR, ROOTFS_DIR):
         for dirpath, _, names in os.walk(root / top):
             for n in names:
                 out.append(str((Path(dirpath) / n).relative_to(root)))

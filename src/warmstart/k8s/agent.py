@@ -138,7 +138,8 @@ class Agent:
                                      "directory of the artifact volume")
             out.parent.mkdir(parents=True, exist_ok=True)
             worker = containers.worker_pid(a.container_id)
-            res = api.checkpoint(worker, out, leave_running=True, engine=a.spec.engine)
+            res = api.checkpoint(worker, out, leave_running=True, engine=a.spec.engine,
+                                 rootfs_exclude=a.rootfs_exclude)
         except Exception as e:  # noqa: BLE001 - any failure ends the Checkpoint as Failed, never Checkpointing
             reason = _reason(e)
             OPS.labels("checkpoint", "failed").inc()

@@ -18,6 +18,7 @@ from warmstart.k8s.resources import (
     GROUP,
     NAME_ANNOTATION,
     RESTORED_CONDITION,
+    ROOTFS_EXCLUDE_ANNOTATION,
     SKIP_GATES_ANNOTATION,
     SKIP_GATES_HINT,
     SOURCE_LABEL,
@@ -56,6 +57,7 @@ class Checkpoint:
     container_id: str
     spec: CheckpointSpec
     image_id: str = ""  # the container's image digest as its runtime reports it (status.imageID); "": unknown
+    rootfs_exclude: tuple[str, ...] = ()  # container paths left out of what it wrote over its image
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,9 @@ def _source(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj], 
         args=[*(spec.get("command") or []), *(spec.get("args") or [])],
         storage=Storage(claim=claim, path=f"{meta['namespace']}/{cname}"),
     )
+    exclude = tuple(p.strip() for p in annotations.get(ROOTFS_EXCLUDE_ANNOTATION, "").split(",") if p.strip())
     return Checkpoint(name=cname, namespace=meta["namespace"], container_id=status["containerID"], spec=cspec,
-                      image_id=status.get("imageID") or "")
+                      image_id=status.get("imageID") or "", rootfs_exclude=exclude)
 
 
 def _target(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj]) -> Action:

@@ -25,6 +25,7 @@ NAME_ANNOTATION = f"{GROUP}/checkpoint-name"  # on a source pod: the Checkpoint 
 CONTAINER_ANNOTATION = f"{GROUP}/container"  # which container holds the worker (default: the first)
 RESTORED_CONDITION = f"{GROUP}/restored"  # pod condition, for a readinessGate on restore targets
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # node label set by NVIDIA's GPU feature discovery
+ROOTFS_EXCLUDE_ANNOTATION = f"{GROUP}/rootfs-exclude"  # on a source pod: "/root/.cache,/tmp/x", left out of its diff
 SKIP_GATES_ANNOTATION = f"{GROUP}/skip-gates"  # on a restore target: "kernel,driver", gates to bypass
 SKIP_GATES_HINT = f'the pod annotation {SKIP_GATES_ANNOTATION}: "{{gate}}"'  # gates.Refusal.line's bypass
 

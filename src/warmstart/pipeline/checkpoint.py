@@ -1,7 +1,7 @@
 """The checkpoint pipeline, as the list of its steps. pipeline/checkpoint_job.py holds what each one does.
 
-inspect (every refusal, nothing changed) ─► stage ─► quiesce ─► CUDA checkpoint ─► CRIU dump ─► [resume the
-source] ─► zero pages ─► compress and encrypt ─► checksum ─► commit ─► [stop the source]
+inspect (every refusal, nothing changed) ─► stage ─► quiesce ─► CUDA checkpoint ─► CRIU dump ─► [a container's
+rootfs diff] ─► [resume the source] ─► zero pages ─► compress and encrypt ─► checksum ─► commit ─► [stop the source]
 
 On any failure or interruption the completed steps are undone in reverse: the worker is resumed, its GPU
 state restored, the staging directory removed, so a failed checkpoint leaves the worker serving as before.
@@ -12,12 +12,14 @@ on files alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart import config, procs
 from warmstart.artifact import encryption, signing
 from warmstart.artifact.manifest import Manifest
+from warmstart.image import rootfs
 from warmstart.pipeline import source as source_mod
 from warmstart.pipeline.checkpoint_job import CheckpointJob, compress_on, encrypt_on, zero_pages_on
 from warmstart.pipeline.lock import worker_lock
@@ -36,16 +38,18 @@ class CheckpointResult:
 def checkpoint(pid: int, out: Path, *, record: WorkerRecord | None = None, leave_running: bool = False,
                quiesce_timeout_s: float = 30.0, quiesce: bool = True, engine: str | None = None,
                progress: Progress = quiet, cancel: Cancel | None = None,
-               insecure_unsigned: bool = False) -> CheckpointResult:
+               insecure_unsigned: bool = False, rootfs_exclude: Collection[str] = ()) -> CheckpointResult:
+    """rootfs_exclude: container paths left out of what the worker's container wrote over its image."""
     procs.require_alive(pid)
+    rootfs.check_exclude(rootfs_exclude)
     with worker_lock(pid):
         return _checkpoint(pid, out, record, leave_running, quiesce_timeout_s, quiesce, engine, progress,
-                           cancel or Cancel(), insecure_unsigned)
+                           cancel or Cancel(), insecure_unsigned, tuple(rootfs_exclude))
 
 
 def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running: bool, quiesce_timeout_s: float,
                 quiesce: bool, engine: str | None, progress: Progress, cancel: Cancel,
-                insecure_unsigned: bool) -> CheckpointResult:
+                insecure_unsigned: bool, rootfs_exclude: tuple[str, ...]) -> CheckpointResult:
     t0 = time.monotonic()
     runner = Runner("checkpoint", progress, cancel)
     sign = not (insecure_unsigned or config.current().insecure_unsigned)
@@ -55,7 +59,7 @@ def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running:
         encryption.master_key()
     source = source_mod.inspect(pid, record, engine, quiesce, quiesce_timeout_s, progress)
     job = CheckpointJob(source, out, quiesce_timeout_s, progress, runner.timings, sign=sign,
-                        stop=runner.cancel.checker("checkpoint"))
+                        stop=runner.cancel.checker("checkpoint"), rootfs_exclude=rootfs_exclude)
     q, gpu = source.quiescer, bool(source.cuda_pids)
     after_dump = ("quiesce", "cuda_checkpoint")  # the source serves again: nothing of it to undo any more
     with interruptible(runner.cancel):
@@ -68,6 +72,7 @@ def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running:
                  job.cuda_checkpoint, undo=job.cuda_undo, when=gpu),
             Step("working_set", "recording the pages of mapped files the worker uses", job.capture_working_set),
             Step("criu_dump", "dumping process tree (CRIU)", job.dump),
+            Step("rootfs", "recording what the container wrote over its image", job.capture_rootfs),
             Step("cuda_restore", "restoring GPU state of the source", job.resume_gpu,
                  when=leave_running and gpu, settles=after_dump),
             Step("resume", "resuming worker", job.resume_worker, when=leave_running, settles=after_dump),

@@ -17,6 +17,7 @@ from warmstart import __version__, config, host, paths, procs, registry
 from warmstart.artifact import encryption, store
 from warmstart.artifact.manifest import (
     IMAGES_DIR,
+    ROOTFS_DIR,
     SAVED_DIR,
     SHM_DIR,
     CriuSettings,
@@ -24,6 +25,7 @@ from warmstart.artifact.manifest import (
     FileRanges,
     GpuState,
     Manifest,
+    RootfsDiff,
     StepTiming,
     TransformChoice,
     WeightsRef,
@@ -33,7 +35,7 @@ from warmstart.criu import shm
 from warmstart.errors import ImageError, WarmstartError, WorkerError
 from warmstart.gpu import driver
 from warmstart.gpu import processes as gpu
-from warmstart.image import cache, codec, workingset, zeropages
+from warmstart.image import cache, codec, rootfs, workingset, zeropages
 from warmstart.image import plan as planning
 from warmstart.pipeline.source import Source
 from warmstart.pipeline.steps import Progress
@@ -57,6 +59,8 @@ class CheckpointJob:
     encryption: Encryption | None = None  # how the image is sealed (the seal step)
     transforms: list[TransformChoice] = field(default_factory=list)  # what image/plan.py decided, and why
     digests: dict[Path, str] = field(default_factory=dict)  # checksums the seal took as it wrote each file
+    rootfs_exclude: tuple[str, ...] = ()  # container paths left out of the rootfs diff, besides the setting's
+    rootfs: RootfsDiff | None = None  # what the worker's container wrote over its image (image/rootfs.py)
     manifest: Manifest | None = None
     paused_from: float = 0.0
     paused_s: float | None = None  # with leave_running: from the quiesce to the worker serving again
@@ -168,12 +172,22 @@ class CheckpointJob:
         images = [p for p in staging.images.iterdir() if p.is_file()]
         packed = codec.seal(images, key, threads, config.current().compress, keep=staging.tmp / "raw",
                             choices=self.transforms, stop=self.stop)
-        shm_dir = staging.tmp / SHM_DIR
-        if shm_dir.is_dir():
-            segments = codec.seal([p for p in shm_dir.iterdir() if p.is_file()], key, threads, "0", stop=self.stop)
-            self.digests.update(segments.digests)
+        for small in (staging.tmp / SHM_DIR, staging.tmp / ROOTFS_DIR):
+            if small.is_dir():
+                sealed = codec.seal([p for p in small.iterdir() if p.is_file()], key, threads, "0", stop=self.stop)
+                self.digests.update(sealed.digests)
         self.packed = (packed.raw, packed.stored)
         self.digests.update(packed.digests)
+
+    def capture_rootfs(self) -> None:
+        """What the worker's container wrote over its image, while CRIU's image of it is fresh (a worker still
+        writing files meanwhile can make them differ from what CRIU recorded: docs/kubernetes.md)."""
+        upper = rootfs.upper_dir(self.source.pid)
+        if upper is None:
+            return
+        exclude = {*config.current().rootfs_exclude, *self.rootfs_exclude}
+        self.progress(f"recording what the worker's container wrote over its image ({upper})")
+        self.rootfs = rootfs.capture(upper, self.stage_dir.tmp / ROOTFS_DIR, sorted(exclude), self.stop)
 
     def checksum(self) -> None:
         staging, s = self.stage_dir, self.source
@@ -184,7 +198,7 @@ class CheckpointJob:
             criu=CriuSettings(version=s.criu.version, dump_args=criu.dump_args(s.pid, Path("IMAGES"), Path("LOG"))),
             gpus=self.gpu_states, working_set=self.working_set, zero_bytes_dropped=self.zero_bytes,
             compressed_raw_bytes=self.packed[0], compressed_bytes=self.packed[1], encryption=self.encryption,
-            transforms=self.transforms)
+            transforms=self.transforms, rootfs=self.rootfs)
         if s.cuda_pids:
             self.manifest.driver_version = driver.driver_version()
             self.manifest.cuda_version = driver.cuda_version()

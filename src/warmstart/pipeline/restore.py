@@ -1,7 +1,8 @@
 """The restore pipeline, as the list of its steps; pipeline/restore_job.py and pipeline/replicas.py do them.
 
-verify (manifest, host, GPU plan, checksums: every refusal) ─► claim (names, ports) ─► inflate ─► CRIU restore
-(each replica) ─► bring up (CUDA restore, weights, resume: replicas side by side)
+verify (manifest, host, GPU plan, checksums: every refusal) ─► claim (names, ports) ─► [a container's rootfs
+diff, into a placeholder] ─► inflate ─► CRIU restore (each replica) ─► bring up (CUDA restore, weights, resume:
+replicas side by side)
 
 Replicas restore concurrently, each into its own pid, mount and network namespaces reachable on its own host
 port (`restore`), or one into a running process's namespaces (`restore_into`). If anything fails or the call
@@ -31,6 +32,7 @@ def _run(job: RestoreJob, where: FreshReplicas | IntoProcess) -> RestoreResult:
             runner.execute([
                 Step("verify", "checking the artifact against this host", job.check, undo=job.stop_reading),
                 Step("claim", "claiming names and ports", where.claim, undo=where.release, undo_if_failed=True),
+                Step("rootfs", "putting back what the container wrote", job.apply_rootfs),
                 Step("inflate", "preparing the image", job.prepare_image, undo=job.drop_inflated),
                 Step("criu_restore", "restoring (CRIU)", where.start, undo=where.kill, undo_if_failed=True),
                 Step("bring_up", "bringing the replicas up", lambda: brought.extend(where.bring_up())),

@@ -3,6 +3,7 @@ image as CRIU reads it, the weights' load, and each replica's way back to servin
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from warmstart.artifact.manifest import IMAGES_DIR, SHM_DIR, Manifest, StepTiming
+from warmstart.artifact.manifest import IMAGES_DIR, ROOTFS_DIR, SHM_DIR, Manifest, StepTiming
 from warmstart.criu import binary as criu
 from warmstart.errors import ArtifactError, ImageError, StepFailed, WorkerError
 from warmstart.gpu import processes as gpu
-from warmstart.image import codec
-from warmstart.image.inflated import Inflated
+from warmstart.image import codec, rootfs
+from warmstart.image.codec import SEALED_SUFFIX as SEALED
+from warmstart.image.inflated import Inflated, memory_dir
 from warmstart.image.readahead import Readahead
 from warmstart.pipeline import preflight
 from warmstart.pipeline.steps import Cancel, Progress
@@ -147,6 +149,30 @@ class RestoreJob:
             raise StepFailed(f"cannot inflate the artifact's images: {e}",
                              "make room in /dev/shm, or set TMPDIR to a directory with room") from None
         self.inflate_s = time.monotonic() - t
+
+    def apply_rootfs(self) -> None:
+        """Into a placeholder: what the source's container wrote over its image goes into the placeholder's root
+        before CRIU looks there for the files the worker holds. Not undone: a refused placeholder is replaced."""
+        diff = self.ok.manifest.rootfs
+        if diff is None:
+            return
+        if not self.root:
+            self.progress("note: the artifact holds what its container wrote over its image; only a restore into "
+                          "a placeholder puts it back")
+            return
+        self.progress(f"putting back what the source's container wrote ({diff.files} files, {len(diff.deleted)} "
+                      "deletions)")
+        stop, sealed = self.cancel.checker("restore"), self.ok.artifact / ROOTFS_DIR / (rootfs.ARCHIVE + SEALED)
+        if not sealed.is_file():
+            rootfs.apply(self.root, self.ok.artifact / ROOTFS_DIR / rootfs.ARCHIVE, diff, stop)
+            return
+        with tempfile.TemporaryDirectory(dir=memory_dir(sealed.stat().st_size)) as tmp:
+            try:
+                codec.inflate(sealed, Path(tmp) / rootfs.ARCHIVE, criu.read_threads(), self.ok.key, stop)
+            except ImageError as e:
+                raise ArtifactError(f"artifact {self.ok.artifact}: {e}", "copy the artifact again or checkpoint again"
+                                    ) from None
+            rootfs.apply(self.root, Path(tmp) / rootfs.ARCHIVE, diff, stop)
 
     @property
     def criu_images(self) -> Path:
