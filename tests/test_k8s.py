@@ -381,6 +381,7 @@ def _agent(api: MemoryApi, artifacts: Path):
     a.node, a.claim, a.artifacts = NODE, "ws-warmstart-artifacts", artifacts
     a.core = a.custom = api
     a.busy, a.lock = set(), __import__("threading").Lock()
+    a.caches, a.pool, a.stop = {}, None, __import__("threading").Event()
     handle = a.handle
 
     def remembered(pod: dict) -> None:
@@ -594,3 +595,62 @@ def test_the_agent_announces_a_restores_gates_and_refuses_with_the_annotation(tm
     refused = gates.Refused([gates.Refusal("kernel", "kernel 6.11 here", "restore elsewhere")])
     assert 'annotation warmstart.dev/skip-gates: "kernel"' in _reason(refused) and "--skip-gate" not in _reason(
         refused)
+
+
+# ---- the agent's caches (k8s/informer.py): pure logic on the objects a list and a watch hand over ----
+
+def _obj(name: str, version: str, namespace: str = "warmstart", **rest: object) -> dict:
+    return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": version}, **rest}
+
+
+def test_an_informer_keeps_what_the_list_and_the_watch_say_and_lists_again_on_410() -> None:
+    from warmstart.k8s import informer
+
+    changes: list[tuple[str, str]] = []
+    lists = iter([{"metadata": {"resourceVersion": "1"}, "items": [_obj("a", "1")]},
+                  {"metadata": {"resourceVersion": "5"}, "items": [_obj("b", "5")]}])
+    watches = iter([
+        [{"type": "MODIFIED", "object": _obj("a", "2")}, {"type": "ADDED", "object": _obj("c", "3")},
+         {"type": "DELETED", "object": _obj("c", "4")},
+         {"type": "ERROR", "object": {"code": 410, "message": "too old resource version"}}],
+        [{"type": "MODIFIED", "object": _obj("b", "6")}],
+    ])
+    seen_versions: list[str | None] = []
+    stop = __import__("threading").Event()
+
+    def stream(lister, *args, resource_version=None, **kwargs):
+        seen_versions.append(resource_version)
+        batch = next(watches, None)
+        if batch is None:
+            stop.set()
+            return iter(())
+        return iter(batch)
+
+    inf = informer.Informer("test", lambda *a, **k: next(lists), on_change=lambda t, o: changes.append(
+        (t, o["metadata"]["name"])))
+    inf.run(stream, lambda o: o, stop)
+    assert seen_versions == ["1", "5", "6"]  # resumed from the list, from the relist after the 410, then the event
+    assert {k: o["metadata"]["resourceVersion"] for k, o in inf.items.items()} == {"warmstart/b": "6"}
+    assert changes == [("ADDED", "a"), ("MODIFIED", "a"), ("ADDED", "c"), ("DELETED", "c"), ("ADDED", "b"),
+                       ("MODIFIED", "b")]
+
+
+def test_a_checkpoint_turning_ready_brings_back_the_targets_on_this_node_waiting_for_it(tmp_path: Path) -> None:
+    from warmstart.k8s import informer
+
+    a = _agent(MemoryApi(GPU), tmp_path)
+    target, other_ns, source = pod("target-pod"), pod("target-pod"), pod("source-pod")
+    other_ns["metadata"]["namespace"] = "elsewhere"
+    pods = a.caches["pods"] = informer.Informer("pods", lambda: None)
+    pods.relist({"items": [target, other_ns, source]})
+    submitted: list[dict] = []
+    a._submit = submitted.append
+    cr = ready_checkpoint()
+    cr["metadata"]["namespace"] = "warmstart"
+    a._checkpoint_changed("MODIFIED", {**cr, "status": {"phase": "Checkpointing"}})
+    assert submitted == []
+    a._checkpoint_changed("MODIFIED", cr)
+    assert submitted == [target]
+    checkpoints = a.caches["checkpoints"] = informer.Informer("checkpoints", lambda: None)
+    checkpoints.relist({"items": [cr]})
+    assert a.checkpoints("warmstart") == {"llama-8b": cr} and a.checkpoints("elsewhere") == {}

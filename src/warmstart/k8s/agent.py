@@ -17,8 +17,17 @@ from typing import Any
 
 from warmstart import gates
 from warmstart.errors import WarmstartError
-from warmstart.k8s import containers, reconcile
-from warmstart.k8s.resources import GROUP, KIND, PLURAL, RESTORED_CONDITION, SKIP_GATES_HINT, VERSION, condition
+from warmstart.k8s import containers, informer, reconcile
+from warmstart.k8s.resources import (
+    GROUP,
+    KIND,
+    PLURAL,
+    RESTORED_CONDITION,
+    SKIP_GATES_HINT,
+    TARGET_LABEL,
+    VERSION,
+    condition,
+)
 
 try:  # the agent's dependencies are the optional extra `k8s`; the rest of warmstart never needs them
     from kubernetes import client, config, watch
@@ -55,14 +64,25 @@ class Agent:
         self.custom = client.CustomObjectsApi()
         self.busy: set[str] = set()  # pod uids being handled
         self.lock = threading.Lock()
+        self.caches: dict[str, informer.Informer] = {}  # pods, checkpoints, node: filled by run()
+        self.pool: ThreadPoolExecutor | None = None
+        self.stop = threading.Event()
 
     # ---- the API side ----
 
     def node_labels(self) -> dict[str, str]:
+        cached = self.caches.get("node")
+        if cached and cached.synced.is_set():
+            nodes = cached.snapshot()
+            return dict(nodes[0]["metadata"].get("labels") or {}) if nodes else {}
         return self.core.read_node(self.node).metadata.labels or {}
 
     def checkpoints(self, namespace: str) -> dict[str, dict[str, Any]]:
-        items = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        cached = self.caches.get("checkpoints")
+        if cached and cached.synced.is_set():
+            items = [c for c in cached.snapshot() if c["metadata"].get("namespace") == namespace]
+        else:
+            items = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
         return {c["metadata"]["name"]: c for c in items}
 
     def event(self, obj: dict[str, Any], kind: str, reason: str, message: str, warning: bool = False) -> None:
@@ -220,28 +240,43 @@ class Agent:
                 self.event(cr, KIND, "CheckpointFailed", reason, warning=True)
 
     def run(self, workers: int = 4) -> None:
-        """Watch this node's pods; handle each event in a bounded pool (a checkpoint takes its worker for
-        seconds to minutes). The watch resumes from the last resourceVersion; a 410 (too old) lists again."""
-        selector = f"spec.nodeName={self.node}"
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmstart-agent")
-        version: str | None = None
-        while True:
-            try:
-                for ev in watch.Watch().stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
-                                               timeout_seconds=300, resource_version=version):
-                    if ev["type"] == "ERROR":
-                        version = None  # 410 Gone: the version is too old, list again
-                        break
-                    version = ev["object"].metadata.resource_version
-                    if ev["type"] in ("ADDED", "MODIFIED"):
-                        pool.submit(self._safe_handle, client.ApiClient().sanitize_for_serialization(ev["object"]))
-            except client.ApiException as e:
-                version = None if e.status == 410 else version
-                print(f"warmstart agent: watch failed ({e.status} {e.reason}); retrying in 5 s", flush=True)
-                time.sleep(5)
-            except Exception as e:  # noqa: BLE001 - the API server went away: watch again
-                print(f"warmstart agent: watch failed ({e}); retrying in 5 s", flush=True)
-                time.sleep(5)
+        """Follow this node's pods, the Checkpoints and this node through informers (k8s/informer.py), and
+        handle pods in a bounded pool (a checkpoint takes its worker for seconds to minutes). A Checkpoint
+        that turns Ready or Failed brings back the restore targets on this node waiting for it."""
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmstart-agent")
+        to_dict = client.ApiClient().sanitize_for_serialization
+
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            return watch.Watch().stream(*args, **kwargs)
+
+        self.caches["node"] = informer.Informer("node", self.core.list_node,
+                                                field_selector=f"metadata.name={self.node}")
+        self.caches["checkpoints"] = informer.Informer("checkpoints", self.custom.list_cluster_custom_object,
+                                                       GROUP, VERSION, PLURAL, on_change=self._checkpoint_changed)
+        pods = self.caches["pods"] = informer.Informer("pods", self.core.list_pod_for_all_namespaces,
+                                                       field_selector=f"spec.nodeName={self.node}",
+                                                       on_change=self._pod_changed)
+        for name in ("node", "checkpoints"):
+            self.caches[name].start(stream, to_dict, self.stop)
+        pods.run(stream, to_dict, self.stop)  # its list hands every pod of this node to the pool
+
+    def _submit(self, pod: dict[str, Any]) -> None:
+        if self.pool:
+            self.pool.submit(self._safe_handle, pod)
+
+    def _pod_changed(self, kind: str, pod: dict[str, Any]) -> None:
+        if kind != "DELETED":
+            self._submit(pod)
+
+    def _checkpoint_changed(self, kind: str, cr: dict[str, Any]) -> None:
+        if kind == "DELETED" or (cr.get("status") or {}).get("phase") not in ("Ready", "Failed"):
+            return
+        pods = self.caches.get("pods")
+        meta = cr["metadata"]
+        for pod in pods.snapshot() if pods else []:
+            labels = pod["metadata"].get("labels") or {}
+            if labels.get(TARGET_LABEL) == meta["name"] and pod["metadata"].get("namespace") == meta.get("namespace"):
+                self._submit(pod)
 
     def _safe_handle(self, pod: dict[str, Any]) -> None:
         try:
