@@ -25,7 +25,7 @@ def container_hex(container_id: str) -> str:
 
 
 def pids_of(container_id: str, proc: Path = Path("/proc")) -> list[int]:
-    """Host pids of every process in the container (the agent runs with hostPID)."""
+    """Host pids of every running process in the container (the agent runs with hostPID)."""
     hex_id = container_hex(container_id)
     out = []
     for entry in os.listdir(proc):
@@ -33,11 +33,19 @@ def pids_of(container_id: str, proc: Path = Path("/proc")) -> list[int]:
             continue
         try:
             cgroups = (proc / entry / "cgroup").read_text()
+            stat = (proc / entry / "stat").read_text()
         except OSError:
             continue
-        if any(hex_id in line.split(":", 2)[-1] for line in cgroups.splitlines()):
+        if any(hex_id in line.split(":", 2)[-1] for line in cgroups.splitlines()) and not _exited(stat):
             out.append(int(entry))
     return sorted(out)
+
+
+def _exited(stat: str) -> bool:
+    """A zombie: it left its cgroup when it exited, but its /proc/PID/cgroup names that cgroup until it is
+    reaped (the init of a container runc deleted, until the node's init reaps it)."""
+    fields = stat.rpartition(")")[2].split()
+    return not fields or fields[0] in ("Z", "X")
 
 
 def init_pid(container_id: str) -> int:

@@ -189,19 +189,37 @@ def _join_cgroups() -> bool:
     return True
 
 
+def _images_outside_shm(args: list[str]) -> tuple[list[str], str | None]:
+    """Images inflated into this side's /dev/shm, which the target's is about to hide, bound at a directory of
+    the temporary directory instead (in this private mount namespace); the new args and that directory."""
+    i = args.index("--images-dir") + 1
+    if Path(args[i]).parent != Path("/dev/shm"):
+        return args, None
+    view = tempfile.mkdtemp(prefix="warmstart-images-view-")
+    linux.mount(args[i], view, None, linux.MS_BIND)
+    return [*args[:i], view, *args[i + 1:]], view
+
+
 def _run(criu_bin: Criu, args: list[str], log: Path, timeout_s: float, w: int) -> None:
     try:
         linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        view = None
         # This pid namespace's own view of /proc.
         linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
         # CRIU makes the worker's ghost files (files it held deleted, as a multiprocessing semaphore in /dev/shm)
         # in the target's file system, and removes them from here: here, /dev/shm is the target's (pid 1 now).
         if target_path(1, "/dev/shm").is_dir() and os.path.isdir("/dev/shm"):
+            args, view = _images_outside_shm(args)
             linux.bind_from("/proc/1/ns/mnt", "/dev/shm", "/dev/shm")
         if _join_cgroups():  # the worker CRIU forks stays in them
             args = [*args, "--manage-cgroups=ignore"]
         t0 = time.monotonic()
-        criu.run(criu_bin, args, log, "restore", timeout=timeout_s)
+        try:
+            criu.run(criu_bin, args, log, "restore", timeout=timeout_s)
+        finally:
+            if view:
+                linux.umount(view)
+                os.rmdir(view)
         send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
         os._exit(0)
     except WarmstartError as e:
