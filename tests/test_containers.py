@@ -81,8 +81,13 @@ def test_a_source_container_is_checkpointed_and_restored_into_a_placeholder_cont
     port = free_port()
     server = [sys.executable, "-m", "warmstart.reference.server", "--port", str(port), "--kv-cache-mb", "16",
               "--model", str(model.ensure())]
-    # The init writes into its container's root first (the overlay's upper dir), then becomes the placeholder.
-    source = ["sh", "-c", 'echo source > /etc/warmstart-test-marker && exec "$@"', "sh", *PLACEHOLDER, "--", *server]
+    # The init writes into its container's root first (the overlay's upper dir): a file, a deletion, and a log
+    # its worker inherits open (fd 3), which CRIU restores only if the placeholder's root has it. Then it becomes
+    # the placeholder.
+    held = f"/var/tmp/warmstart-held-{os.getpid()}.log"
+    script = (f'echo source > /etc/warmstart-test-marker && rm /etc/motd && echo started > {held} && exec 3>>{held} '
+              '&& exec "$@"')
+    source = ["sh", "-c", script, "sh", *PLACEHOLDER, "--", *server]
     with oci.container(source, binds=[artifacts]) as src:
         worker = _worker(src)
         assert (src.upper / "etc" / "warmstart-test-marker").read_text() == "source\n"
@@ -93,6 +98,9 @@ def test_a_source_container_is_checkpointed_and_restored_into_a_placeholder_cont
         # As Agent.checkpoint: the init's child, left serving.
         res = api.checkpoint(worker, artifacts / "ref", leave_running=True, engine="reference")
         assert res.manifest.image_bytes > 0
+        diff = res.manifest.rootfs
+        assert diff is not None and "/etc/motd" in diff.deleted and diff.files >= 2, diff
+        assert os.readlink(f"/proc/{worker}/fd/3").endswith(held)
 
         with oci.container(PLACEHOLDER, binds=[artifacts]) as target:
             # As Agent.restore: into the placeholder container's init.
@@ -110,6 +118,12 @@ def test_a_source_container_is_checkpointed_and_restored_into_a_placeholder_cont
             assert replica in containers.pids_of(target.cri_id)
             assert replica not in containers.pids_of(src.cri_id)
 
+            # What the source's container wrote is in the placeholder's root (CRIU needed the held log there).
+            root = Path(f"/proc/{init}/root")
+            assert (root / "etc" / "warmstart-test-marker").read_text() == "source\n"
+            assert not (root / "etc" / "motd").exists() and Path("/etc/motd").exists()
+            assert os.readlink(f"/proc/{replica}/fd/3") == held
+            assert not Path(held).exists()  # written inside the containers' roots only
             assert _complete(init, port) == want
             assert _complete(src.pid, port) == want and containers.worker_pid(src.cri_id) == worker
             print(f"checkpoint {res.seconds:.1f} s ({res.manifest.image_bytes / 1e6:.0f} MB), "

@@ -48,8 +48,17 @@ def upper_dir(pid: int) -> Path | None:
         return None
     opts = dict(o.partition("=")[::2] for o in root[2].split(","))
     upper = _unescape(opts.get("upperdir", ""))
-    # The path is the mounter's, in the host's mount namespace: reached through the host's init.
-    return Path(f"/proc/1/root{upper}") if upper.startswith("/") else None
+    if not upper.startswith("/"):
+        return None
+    # The path is the mounter's: here if this process sees the host's mounts, else through the host's init.
+    for seen in (Path(upper), Path(f"/proc/1/root{upper}")):
+        try:
+            if seen.is_dir() and os.access(seen, os.R_OK | os.X_OK):
+                return seen
+        except OSError:
+            continue
+    raise StepFailed(f"the worker's container root is an overlay whose upper dir {upper} cannot be read from here",
+                     "run warmstart in the host's mount namespace, or where the host's /proc/1/root is readable")
 
 
 def check_exclude(exclude: Collection[str]) -> None:
@@ -69,13 +78,17 @@ def capture(upper: Path, out_dir: Path, exclude: Collection[str], stop: Callable
     diff = RootfsDiff(upper=str(upper), excluded=sorted(exclude))
     out_dir.mkdir(mode=0o700, exist_ok=True)
     with tarfile.open(out_dir / ARCHIVE, "w", format=tarfile.PAX_FORMAT) as tar:
-        for dirpath, dirs, files in os.walk(upper):
+        for dirpath, dirs, files in os.walk(upper, onerror=_raise):
             stop()
             rel_dir = os.path.relpath(dirpath, upper)
             prefix = "" if rel_dir == "." else "/" + rel_dir
             for name in sorted(dirs + files):
                 _add(tar, Path(dirpath) / name, f"{prefix}/{name}", diff, exclude, dirs)
     return diff
+
+
+def _raise(e: OSError) -> None:
+    raise StepFailed(f"cannot read the container's overlay upper dir: {e}", "check the agent runs privileged")
 
 
 def _add(tar: tarfile.TarFile, path: Path, rel: str, diff: RootfsDiff, exclude: Collection[str],

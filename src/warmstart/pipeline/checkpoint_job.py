@@ -182,7 +182,11 @@ class CheckpointJob:
     def capture_rootfs(self) -> None:
         """What the worker's container wrote over its image, while CRIU's image of it is fresh (a worker still
         writing files meanwhile can make them differ from what CRIU recorded: docs/kubernetes.md)."""
-        upper = rootfs.upper_dir(self.source.pid)
+        try:
+            upper = rootfs.upper_dir(self.source.pid)
+        except WarmstartError as e:  # the worker may not need it: CRIU's restore names a file it misses
+            self.progress(f"warning: {e.line()}; the artifact goes without what the container wrote over its image")
+            return
         if upper is None:
             return
         exclude = {*config.current().rootfs_exclude, *self.rootfs_exclude}
