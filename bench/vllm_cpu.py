@@ -54,7 +54,25 @@ def first_completion(port: int, deadline_s: float = 900) -> tuple[str, float]:
             time.sleep(0.02)
 
 
+def wait_for_keepers(timeout_s: float = 120) -> None:
+    """Until no earlier restore's keeper (image/keeper.py) is still copying into the image cache: it would share
+    the cores with the next restore."""
+    def running() -> bool:
+        for p in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if b"warmstart.image.keeper" in p.read_bytes():
+                    return True
+            except OSError:
+                pass  # it exited meanwhile
+        return False
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and running():
+        time.sleep(0.1)
+
+
 def restore_once(art: Path, replicas: int, cold: bool) -> dict:
+    wait_for_keepers()
     if cold:
         drop_caches()
     t0 = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 import struct
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli, evict_file
-from warmstart.image import cache as image_cache, codec, inflated
+from warmstart.image import cache as image_cache, codec, inflated, keeper
 
 
 def _pages(size: int, random_every: int = 4) -> bytes:
@@ -80,6 +81,24 @@ def test_an_image_a_restore_inflated_is_kept_in_the_cache_for_the_next(tmp_path:
     assert (second.path / "pages-2.img").resolve() == cache / ("4" * 64 + ".img")  # linked, not inflated
     second.remove(keep=True)  # nothing of its own to keep
     assert sorted(p.name for p in cache.iterdir()) == ["4" * 64 + ".img"]
+
+
+def test_a_restore_about_to_exit_hands_the_copy_into_the_cache_to_a_process_of_its_own(tmp_path: Path,
+                                                                                      cache: Path) -> None:
+    big = _pages(codec.MIN_BYTES)
+    images = _images(tmp_path, big)
+    codec.compress(images, threads=2, warn=print)
+    view = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "5" * 64})
+    where = view.path.parent
+    view.remove(keep=True, detach=True)  # returns once the keeper has the directory, before the copy
+    assert not view.path.exists()
+    taken = [d for d in where.glob(f"{keeper.PREFIX}*") if d.name.endswith(view.path.name.rsplit("-", 1)[-1])]
+    inflated.remove_stale(where)  # another restore's clean-up leaves a live keeper's directory alone
+    deadline = time.monotonic() + 30
+    while not (cache / ("5" * 64 + ".img")).exists() or any(d.exists() for d in taken):
+        assert time.monotonic() < deadline, "the keeper did not finish"
+        time.sleep(0.05)
+    assert (cache / ("5" * 64 + ".img")).read_bytes() == big
 
 
 def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_not(tmp_path: Path, cache: Path) -> None:

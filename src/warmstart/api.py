@@ -70,14 +70,16 @@ def checkpoint(worker: str | int, out: str | PathLike[str], *, leave_running: bo
 def restore(artifact: str | PathLike[str], *, name: str | None = None, replicas: int = 1, port: int | None = None,
             timeout_s: float = 120.0, gpu: str | None = None, progress: Progress = quiet,
             cancel: Cancel | None = None, insecure_unsigned: bool = False,
-            skip_gates: Collection[str] = ()) -> RestoreResult:
+            skip_gates: Collection[str] = (), detach_cache_copy: bool = False) -> RestoreResult:
     """Restore an artifact as `replicas` replicas, each in namespaces of its own, on host ports from `port`.
     The artifact must be signed by a key this host trusts, unless insecure_unsigned. skip_gates: pre-restore
     gates to bypass (warmstart.gates.GATES; experts only: the restored process may crash), each announced
-    through `progress` as a warning line if it would have refused."""
+    through `progress` as a warning line if it would have refused. detach_cache_copy: what the restore
+    inflated goes into this node's image cache from a process of its own (for a caller about to exit)."""
     return restore_pipeline.restore(Path(artifact), name=name, replicas=replicas, port=port, timeout_s=timeout_s,
                                     gpu_device=gpu, progress=progress, cancel=cancel,
-                                    insecure_unsigned=insecure_unsigned, skip_gates=skip_gates)
+                                    insecure_unsigned=insecure_unsigned, skip_gates=skip_gates,
+                                    detach_cache_copy=detach_cache_copy)
 
 
 def restore_into(artifact: str | PathLike[str], target: int, *, name: str | None = None, timeout_s: float = 120.0,

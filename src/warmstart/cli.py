@@ -160,7 +160,7 @@ def restore(
     else:
         result = api.restore(artifact, name=name, replicas=replicas, port=port, timeout_s=timeout, gpu=gpu,
                              progress=_restore_progress(json_out), insecure_unsigned=insecure_unsigned,
-                             skip_gates=skip_gate)
+                             skip_gates=skip_gate, detach_cache_copy=True)  # this process exits next
     _render_restore(result, json_out)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from warmstart import procs
 from warmstart.artifact.encryption import ImageKey
-from warmstart.image import cache
+from warmstart.image import cache, keeper
 from warmstart.image.codec import MIN_BYTES, Stop, inflate, packed, raw_name, raw_size
 
 _SPARE = 256 << 20  # room left in a memory file system after the inflated images
@@ -32,7 +32,7 @@ def memory_dir(need: int) -> Path:
     return Path(tempfile.gettempdir())
 
 
-_PREFIX = "warmstart-images-"
+_PREFIX = keeper.PREFIX
 
 
 def remove_stale(where: Path) -> list[Path]:
@@ -79,9 +79,14 @@ class Inflated:
             self.remove()
             raise
 
-    def remove(self, keep: bool = False) -> None:
+    def remove(self, keep: bool = False, detach: bool = False) -> None:
         """The directory goes. With `keep` (only once CRIU has read the images: their checksums were verified
-        before they were inflated), the images inflated here are copied into the cache first."""
+        before they were inflated), the images inflated here are copied into the cache first; with `detach` too,
+        by a process of its own (image/keeper.py) that outlives this one, and this call returns at once."""
+        if keep and detach and self._fresh and keeper.hand_over(
+                self.path, {raw.name: key for raw, key in self._fresh.items()}):
+            self._fresh.clear()
+            return
         if keep:
             for raw, key in self._fresh.items():
                 cache.copy_into_cache(raw, key)

@@ -49,12 +49,15 @@ def _run(job: RestoreJob, where: FreshReplicas | IntoProcess) -> RestoreResult:
 def restore(artifact: Path, *, name: str | None = None, replicas: int = 1, port: int | None = None,
             timeout_s: float = 120.0, verify_cache: bool = True, gpu_device: str | None = None,
             progress: Progress = quiet, cancel: Cancel | None = None, insecure_unsigned: bool = False,
-            skip_gates: Collection[str] = ()) -> RestoreResult:
-    """Restore `replicas` replicas of an artifact, each in namespaces of its own."""
+            skip_gates: Collection[str] = (), detach_cache_copy: bool = False) -> RestoreResult:
+    """Restore `replicas` replicas of an artifact, each in namespaces of its own. detach_cache_copy: images
+    inflated for it are copied into the raw-image cache by a process of their own, not a thread of this one
+    (for a caller about to exit, which then need not wait for the copy)."""
     if replicas < 1:
         raise UsageError(f"--replicas must be at least 1, not {replicas}", "pass --replicas 1 or more")
     job = RestoreJob(artifact, gpu_device, replicas, verify_cache, timeout_s, progress, cancel=cancel or Cancel(),
-                     insecure_unsigned=insecure_unsigned, skip_gates=gates.parse_skip(skip_gates))
+                     insecure_unsigned=insecure_unsigned, skip_gates=gates.parse_skip(skip_gates),
+                     detach_keep=detach_cache_copy)
     return _run(job, FreshReplicas(job, replicas, port, name))
 
 

@@ -93,6 +93,7 @@ class RestoreJob:
     criu_done: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     keeping: threading.Thread | None = None  # copies the inflated images into the cache, then removes them
+    detach_keep: bool = False  # that copy is left to a process of its own (a CLI about to exit)
 
     @property
     def ok(self) -> preflight.Checked:
@@ -204,6 +205,9 @@ class RestoreJob:
         if self.shm_view:
             self.shm_view.remove()
         if not self.inflated:
+            return
+        if keep and self.detach_keep:
+            self.inflated.remove(keep=True, detach=True)
             return
         with self.lock:
             start = keep and self.keeping is None
