@@ -80,7 +80,7 @@ class Env:
     def agent(self) -> str:
         """The Ready agent pod on the node (a new one after a test killed the last)."""
         return str(live.wait(lambda: next((p["metadata"]["name"] for p in self.kube.pods(AGENT_SELECTOR)
-                                           if p["spec"]["nodeName"] == self.node and _ready(p)
+                                           if p["spec"].get("nodeName") == self.node and _ready(p)
                                            and not p["metadata"].get("deletionTimestamp")), None),
                              300, f"the agent on {self.node} to be Ready"))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from warmstart import gates
-from warmstart.errors import WarmstartError
+from warmstart.errors import EnvironmentProblem, WarmstartError
 from warmstart.k8s import containers, informer, reconcile
 from warmstart.k8s.resources import (
     GROUP,
@@ -259,6 +259,9 @@ class Agent:
         for name in ("node", "checkpoints"):
             self.caches[name].start(stream, to_dict, self.stop)
         pods.run(stream, to_dict, self.stop)  # its list hands every pod of this node to the pool
+        if pods.forbidden.is_set():
+            raise EnvironmentProblem("the agent may not list and watch pods, which it follows",
+                                     "grant list and watch on pods to its service account (the Helm chart does)")
 
     def _submit(self, pod: dict[str, Any]) -> None:
         if self.pool:

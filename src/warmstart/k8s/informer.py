@@ -36,6 +36,7 @@ class Informer:
         self.version: str | None = None
         self.lock = threading.Lock()
         self.synced = threading.Event()
+        self.forbidden = threading.Event()  # the list or watch was refused (403): RBAC, which retrying won't change
 
     def snapshot(self) -> list[Obj]:
         with self.lock:
@@ -82,6 +83,11 @@ class Informer:
             except Gone:
                 self.version = None
             except client.ApiException as e:
+                if e.status == 403:
+                    print(f"warmstart agent: {self.name} may not be listed and watched ({e.status} {e.reason}); not "
+                          "cached: read on each use (grant list and watch to the agent's service account)", flush=True)
+                    self.forbidden.set()
+                    return
                 self.version = None if e.status == 410 else self.version
                 print(f"warmstart agent: {self.name} watch failed ({e.status} {e.reason}); again in 5 s", flush=True)
                 stop.wait(5)
@@ -91,9 +97,11 @@ class Informer:
 
     def start(self, stream: Callable[..., Any], to_dict: Callable[[Any], Obj], stop: threading.Event,
               timeout_s: float = 60.0) -> None:
-        """Run in a daemon thread; return once the first list is in (or after timeout_s, still listing)."""
+        """Run in a daemon thread; return once the first list is in, or was refused (or after timeout_s, still
+        listing)."""
         threading.Thread(target=self.run, args=(stream, to_dict, stop), name=f"warmstart-{self.name}",
                          daemon=True).start()
         deadline = time.monotonic() + timeout_s
-        while not self.synced.wait(1) and time.monotonic() < deadline and not stop.is_set():
+        while (not self.synced.wait(1) and not self.forbidden.is_set() and time.monotonic() < deadline
+               and not stop.is_set()):
             pass
