@@ -159,7 +159,7 @@ class Agent:
             out.parent.mkdir(parents=True, exist_ok=True)
             worker = containers.worker_pid(a.container_id)
             res = api.checkpoint(worker, out, leave_running=True, engine=a.spec.engine,
-                                 rootfs_exclude=a.rootfs_exclude)
+                                 rootfs_exclude=a.rootfs_exclude, progress=lambda line: self.warned(cr, line))
         except Exception as e:  # noqa: BLE001 - any failure ends the Checkpoint as Failed, never Checkpointing
             reason = _reason(e)
             OPS.labels("checkpoint", "failed").inc()
@@ -201,6 +201,12 @@ class Agent:
             STEP_SECONDS.labels("restore", step).observe(s)
         self.pod_condition(pod, True, "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
         self.event(pod, "Pod", "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
+
+    def warned(self, cr: dict[str, Any], line: str) -> None:
+        """A checkpoint's warning (e.g. it goes without the container's rootfs diff) is a Warning Event on the
+        Checkpoint, not lost; the rest of its progress is not worth an API call."""
+        if line.startswith(gates.WARNING):
+            self.event(cr, KIND, "CheckpointWarning", line.removeprefix(gates.WARNING), warning=True)
 
     def announce(self, pod: dict[str, Any], line: str) -> None:
         """A restore's progress line: a warning (a gate bypassed) is a Warning Event, a note (a gate not
