@@ -381,7 +381,7 @@ def _agent(api: MemoryApi, artifacts: Path):
     a.node, a.claim, a.artifacts = NODE, "ws-warmstart-artifacts", artifacts
     a.core = a.custom = api
     a.busy, a.lock = set(), __import__("threading").Lock()
-    a.caches, a.pool, a.stop = {}, None, __import__("threading").Event()
+    a.caches, a.pool, a.stop, a.labels_read = {}, None, __import__("threading").Event(), None
     handle = a.handle
 
     def remembered(pod: dict) -> None:
@@ -654,3 +654,38 @@ def test_a_checkpoint_turning_ready_brings_back_the_targets_on_this_node_waiting
     checkpoints = a.caches["checkpoints"] = informer.Informer("checkpoints", lambda: None)
     checkpoints.relist({"items": [cr]})
     assert a.checkpoints("warmstart") == {"llama-8b": cr} and a.checkpoints("elsewhere") == {}
+
+
+def test_an_informer_the_api_server_refuses_stops_asking_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from kubernetes import client
+
+    from warmstart.k8s import informer
+
+    calls: list[int] = []
+
+    def lister(*args, **kwargs):
+        calls.append(1)
+        raise client.ApiException(status=403, reason="Forbidden")
+
+    inf = informer.Informer("checkpoints", lister)
+    stop = __import__("threading").Event()
+    inf.start(lambda *a, **k: iter(()), lambda o: o, stop, timeout_s=5)  # returns at once, not after timeout_s
+    deadline = time.monotonic() + 5
+    while not inf.forbidden.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert inf.forbidden.is_set() and not inf.synced.is_set() and calls == [1]  # asked once, not every 5 s
+    assert "grant list and watch" in capsys.readouterr().out
+
+
+def test_the_nodes_labels_are_read_at_most_every_ttl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from warmstart.k8s import agent as agent_mod
+
+    api = MemoryApi(GPU)
+    reads: list[str] = []
+    real = api.read_node
+    api.read_node = lambda name: reads.append(name) or real(name)
+    a = _agent(api, tmp_path)
+    assert a.node_labels() == GPU and a.node_labels() == GPU and reads == [NODE]
+    api.node_labels = {"other": "label"}
+    monkeypatch.setattr(agent_mod, "NODE_TTL_S", 0.0)
+    assert a.node_labels() == {"other": "label"} and reads == [NODE, NODE]

@@ -53,6 +53,9 @@ def _reason(e: Exception) -> str:
     return f"internal error: {type(e).__name__}: {e} (a bug: see the agent's log and report it)"
 
 
+NODE_TTL_S = 30.0
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -64,18 +67,20 @@ class Agent:
         self.custom = client.CustomObjectsApi()
         self.busy: set[str] = set()  # pod uids being handled
         self.lock = threading.Lock()
-        self.caches: dict[str, informer.Informer] = {}  # pods, checkpoints, node: filled by run()
+        self.caches: dict[str, informer.Informer] = {}  # pods and checkpoints: filled by run()
+        self.labels_read: tuple[float, dict[str, str]] | None = None  # (when, this node's labels)
         self.pool: ThreadPoolExecutor | None = None
         self.stop = threading.Event()
 
     # ---- the API side ----
 
     def node_labels(self) -> dict[str, str]:
-        cached = self.caches.get("node")
-        if cached and cached.synced.is_set():
-            nodes = cached.snapshot()
-            return dict(nodes[0]["metadata"].get("labels") or {}) if nodes else {}
-        return self.core.read_node(self.node).metadata.labels or {}
+        """This node's labels, read at most every NODE_TTL_S: the chart grants `get` on nodes only, since a
+        watch of one node needs `list` on all of them."""
+        now = time.monotonic()
+        if self.labels_read is None or now - self.labels_read[0] > NODE_TTL_S:
+            self.labels_read = (now, dict(self.core.read_node(self.node).metadata.labels or {}))
+        return self.labels_read[1]
 
     def checkpoints(self, namespace: str) -> dict[str, dict[str, Any]]:
         cached = self.caches.get("checkpoints")
@@ -246,7 +251,7 @@ class Agent:
                 self.event(cr, KIND, "CheckpointFailed", reason, warning=True)
 
     def run(self, workers: int = 4) -> None:
-        """Follow this node's pods, the Checkpoints and this node through informers (k8s/informer.py), and
+        """Follow this node's pods and the Checkpoints through informers (k8s/informer.py), and
         handle pods in a bounded pool (a checkpoint takes its worker for seconds to minutes). A Checkpoint
         that turns Ready or Failed brings back the restore targets on this node waiting for it."""
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warmstart-agent")
@@ -255,15 +260,12 @@ class Agent:
         def stream(*args: Any, **kwargs: Any) -> Any:
             return watch.Watch().stream(*args, **kwargs)
 
-        self.caches["node"] = informer.Informer("node", self.core.list_node,
-                                                field_selector=f"metadata.name={self.node}")
         self.caches["checkpoints"] = informer.Informer("checkpoints", self.custom.list_cluster_custom_object,
                                                        GROUP, VERSION, PLURAL, on_change=self._checkpoint_changed)
         pods = self.caches["pods"] = informer.Informer("pods", self.core.list_pod_for_all_namespaces,
                                                        field_selector=f"spec.nodeName={self.node}",
                                                        on_change=self._pod_changed)
-        for name in ("node", "checkpoints"):
-            self.caches[name].start(stream, to_dict, self.stop)
+        self.caches["checkpoints"].start(stream, to_dict, self.stop)
         pods.run(stream, to_dict, self.stop)  # its list hands every pod of this node to the pool
         if pods.forbidden.is_set():
             raise EnvironmentProblem("the agent may not list and watch pods, which it follows",
