@@ -56,11 +56,12 @@ def test_version_gate() -> None:
 def test_explain_skips_benign_lines_and_names_io_uring() -> None:
     log = (
         "(00.01) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+        "(00.02) Error (criu/tun.c:87): tun: Unable to create tun: No such file or directory\n"
         "(00.20) Error (criu/files-ext.c:96): Can't dump file 9 of that type [0x0] (anon_inode:[io_uring])\n"
         "(00.30) Error (criu/cr-dump.c:2100): Dumping FAILED.\n"
     )
     problem, fix = criu.explain(log)
-    assert "io_uring" in problem and "RLIMIT" not in problem
+    assert "io_uring" in problem and "RLIMIT" not in problem and "tun" not in problem
     assert "warmstart run" in fix
 
 

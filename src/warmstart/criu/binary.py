@@ -156,8 +156,9 @@ _KNOWN = [
 ]
 
 
-# Logged as errors, but CRIU carries on (RLIMIT_NOFILE cannot be raised on some VMs), or summaries.
-_BENIGN = re.compile(r"RLIMIT_NOFILE|Restoring FAILED|Dumping FAILED")
+# Logged as errors, but CRIU carries on (RLIMIT_NOFILE cannot be raised on some VMs; its kernel-feature probes
+# log "tun: Unable to create tun" where /dev/net/tun is absent, in a container), or summaries.
+_BENIGN = re.compile(r"RLIMIT_NOFILE|Restoring FAILED|Dumping FAILED|tun: Unable to create tun")
 
 
 def explain(log_text: str) -> tuple[str, str]:
