@@ -140,3 +140,17 @@ def test_the_upper_dir_is_found_for_a_process_whose_root_is_an_overlay(image: Pa
 def test_an_exclusion_must_be_an_absolute_normal_path(bad: str) -> None:
     with pytest.raises(UsageError, match="not an absolute, normal path"):
         rootfs.check_exclude([bad])
+
+
+def test_the_workers_mount_points_stay_out_of_the_diff(image: Path, tmp_path: Path) -> None:
+    assert "/proc" in rootfs.mount_points(os.getpid()) and "/" not in rootfs.mount_points(os.getpid())
+    source, upper = _overlay(tmp_path, image, "source")
+    (source / "live").mkdir()  # as a runtime makes a ConfigMap's mount point
+    (source / "etc" / "resolv.conf").write_text("")
+    (source / "tmp").mkdir()
+    (source / "tmp" / "kept").write_text("x")
+    diff = rootfs.capture(upper, tmp_path / "artifact", [], lambda: None, mounts=["/live", "/etc/resolv.conf"])
+    with tarfile.open(tmp_path / "artifact" / rootfs.ARCHIVE) as tar:
+        names = tar.getnames()
+    assert "tmp/kept" in names and "live" not in names and "etc/resolv.conf" not in names
+    assert diff.excluded == []  # what the user excluded; the mount points are the runtime's

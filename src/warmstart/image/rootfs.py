@@ -69,13 +69,28 @@ def check_exclude(exclude: Collection[str]) -> None:
                          "name container paths like /root/.cache")
 
 
+def mount_points(pid: int) -> list[str]:
+    """Where process `pid` sees mounts other than its root: a container runtime made those paths in the upper
+    dir to mount over (/etc/hosts, a ConfigMap's directory, /dev ...); a placeholder has its own mounts there,
+    often read-only, so they stay out of the diff."""
+    out = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        point = _unescape(line.split()[4])
+        if point != "/":
+            out.append(point)
+    return out
+
+
 def _excluded(rel: str, exclude: Collection[str]) -> bool:
     return any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude)
 
 
-def capture(upper: Path, out_dir: Path, exclude: Collection[str], stop: Callable[[], None]) -> RootfsDiff:
-    """Write what `upper` holds into out_dir/diff.tar; return the record of it for the manifest."""
+def capture(upper: Path, out_dir: Path, exclude: Collection[str], stop: Callable[[], None],
+            mounts: Collection[str] = ()) -> RootfsDiff:
+    """Write what `upper` holds into out_dir/diff.tar, but for `exclude` and the worker's `mount_points`;
+    return the record of it for the manifest (which lists the exclusions the user asked for)."""
     diff = RootfsDiff(upper=str(upper), excluded=sorted(exclude))
+    exclude = {*exclude, *mounts}
     out_dir.mkdir(mode=0o700, exist_ok=True)
     with tarfile.open(out_dir / ARCHIVE, "w", format=tarfile.PAX_FORMAT) as tar:
         for dirpath, dirs, files in os.walk(upper, onerror=_raise):

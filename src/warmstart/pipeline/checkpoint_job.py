@@ -190,8 +190,10 @@ class CheckpointJob:
         if upper is None:
             return
         exclude = {*config.current().rootfs_exclude, *self.rootfs_exclude}
+        mounts = rootfs.mount_points(self.source.pid)
         self.progress(f"recording what the worker's container wrote over its image ({upper})")
-        self.rootfs = rootfs.capture(upper, self.stage_dir.tmp / ROOTFS_DIR, sorted(exclude), self.stop)
+        self.rootfs = rootfs.capture(upper, self.stage_dir.tmp / ROOTFS_DIR, sorted(exclude), self.stop,
+                                     mounts=mounts)
 
     def checksum(self) -> None:
         staging, s = self.stage_dir, self.source
