@@ -101,6 +101,13 @@ def test_a_restore_about_to_exit_hands_the_copy_into_the_cache_to_a_process_of_i
     assert (cache / ("5" * 64 + ".img")).read_bytes() == big
 
 
+def test_a_keeper_that_cannot_take_the_directory_leaves_it_to_the_caller(tmp_path: Path) -> None:
+    other = tmp_path / "not-an-inflated-view"
+    other.mkdir()
+    assert not keeper.hand_over(other, {})  # the keeper refuses it: the caller copies and removes it itself
+    assert other.is_dir()
+
+
 def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_not(tmp_path: Path, cache: Path) -> None:
     big = _pages(codec.MIN_BYTES)
     images = _images(tmp_path, big)

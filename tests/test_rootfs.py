@@ -140,6 +140,11 @@ def test_the_upper_dir_is_found_for_a_process_whose_root_is_an_overlay(image: Pa
 def test_an_exclusion_must_be_an_absolute_normal_path(bad: str) -> None:
     with pytest.raises(UsageError, match="not an absolute, normal path"):
         rootfs.check_exclude([bad])
+    rootfs.check_exclude(["/", "/root/.cache", "/tmp/x/"])  # these are fine
+
+
+def test_mountinfo_escapes_are_undone_and_other_characters_kept() -> None:
+    assert rootfs._unescape("/var/lib/my\\040dir/caf\u00e9\\011x") == "/var/lib/my dir/caf\u00e9\tx"
 
 
 def test_the_workers_mount_points_stay_out_of_the_diff(image: Path, tmp_path: Path) -> None:

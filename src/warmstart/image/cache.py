@@ -52,7 +52,10 @@ def copy_into_cache(raw: Path, key: str) -> None:
     """Copy an image a restore inflated into the cache, as the image whose checksum is `key`; nothing if the
     cache is unusable, its disk too full, or the copy fails (a restore does not depend on it)."""
     d = cache_dir() if _KEY.match(key) else None
-    if not d or _free(d) - raw.stat().st_size < _reserve(d):
+    try:
+        if not d or _free(d) - raw.stat().st_size < _reserve(d):
+            return
+    except OSError:  # gone (a keeper that was given up on had taken it)
         return
     tmp = d / f".{key}-{os.getpid()}.tmp"
     try:

@@ -12,6 +12,7 @@ checksum (image/cache.py checks the key and the cache), and removes DIR.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from warmstart.image import cache
 
 PREFIX = "warmstart-images-"  # inflated.py's, with the pid of the process owning the directory after it
 TAKEN = b"taken\n"
+_START_S = 30.0  # the most a keeper may take to start and take the directory over
 
 
 def hand_over(path: Path, fresh: dict[str, str]) -> bool:
@@ -33,8 +35,12 @@ def hand_over(path: Path, fresh: dict[str, str]) -> bool:
     except OSError:
         return False
     assert proc.stdout is not None
-    taken = proc.stdout.readline() == TAKEN
+    ready, _, _ = select.select([proc.stdout], [], [], _START_S)
+    taken = bool(ready) and proc.stdout.readline() == TAKEN
     proc.stdout.close()
+    if not taken:  # it failed, or hangs: this process copies instead (from the directory, if it still has it)
+        proc.kill()
+        proc.wait()
     return taken
 
 

@@ -12,6 +12,7 @@ archive, nor a symlink the placeholder's image holds, can reach outside it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -29,8 +30,8 @@ _COPY = 1 << 20
 
 
 def _unescape(s: str) -> str:
-    """mountinfo's octal escapes (\\040 for a space, ...)."""
-    return s.encode().decode("unicode_escape") if "\\" in s else s
+    """mountinfo's octal escapes (\\040 for a space, \\011, \\012, \\134); the rest of the path as it is."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
 def upper_dir(pid: int) -> Path | None:
@@ -63,7 +64,8 @@ def upper_dir(pid: int) -> Path | None:
 
 def check_exclude(exclude: Collection[str]) -> None:
     """Exclusions are container paths: absolute, normal. Checked before a checkpoint starts."""
-    bad = [e for e in exclude if not e.startswith("/") or os.path.normpath(e) != e.rstrip("/") or e.startswith("//")]
+    bad = [e for e in exclude
+           if not e.startswith("/") or os.path.normpath(e) != (e.rstrip("/") or "/") or e.startswith("//")]
     if bad:
         raise UsageError(f"rootfs exclusion {bad[0][:200]!r} is not an absolute, normal path",
                          "name container paths like /root/.cache")

@@ -1,8 +1,8 @@
 """A list-then-watch cache of one kind of object, as client-go's informers keep one: the agent decides on it
-instead of asking the API server for every Checkpoint and the node on every pod event.
+instead of asking the API server for every Checkpoint on every pod event.
 
-The kubernetes client's own watch is enough for the three kinds the agent follows (its node's pods, the
-Checkpoints, its node), so kopf is not used: it would bring its own event loop and handler model for what is
+The kubernetes client's own watch is enough for the two kinds the agent follows (its node's pods and the
+Checkpoints), so kopf is not used: it would bring its own event loop and handler model for what is
 a list, a watch from the list's resourceVersion, and a list again when the API server answers 410 Gone.
 """
 

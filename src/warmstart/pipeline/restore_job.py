@@ -3,6 +3,7 @@ image as CRIU reads it, the weights' load, and each replica's way back to servin
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -15,7 +16,7 @@ from warmstart.artifact.manifest import IMAGES_DIR, ROOTFS_DIR, SHM_DIR, Manifes
 from warmstart.criu import binary as criu
 from warmstart.errors import ArtifactError, ImageError, StepFailed, WorkerError
 from warmstart.gpu import processes as gpu
-from warmstart.image import codec, rootfs
+from warmstart.image import codec, keeper, rootfs
 from warmstart.image.codec import SEALED_SUFFIX as SEALED
 from warmstart.image.inflated import Inflated, memory_dir
 from warmstart.image.readahead import Readahead
@@ -167,7 +168,9 @@ class RestoreJob:
         if not sealed.is_file():
             rootfs.apply(self.root, self.ok.artifact / ROOTFS_DIR / rootfs.ARCHIVE, diff, stop)
             return
-        with tempfile.TemporaryDirectory(dir=memory_dir(sealed.stat().st_size)) as tmp:
+        # Named as inflated images are, so that a later restore removes it if this process is killed meanwhile.
+        with tempfile.TemporaryDirectory(prefix=f"{keeper.PREFIX}{os.getpid()}-",
+                                         dir=memory_dir(sealed.stat().st_size)) as tmp:
             try:
                 codec.inflate(sealed, Path(tmp) / rootfs.ARCHIVE, criu.read_threads(), self.ok.key, stop)
             except ImageError as e:
