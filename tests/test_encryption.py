@@ -90,7 +90,8 @@ def test_a_sealed_file_round_trips_and_keeps_its_holes(tmp_path: Path) -> None:
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize("size", [5 << 20, (200 << 20) + 12345])  # one piece; a tree of pieces and a short one
+# one piece (copied); sealed in place: one piece, a tree with a short last piece, a tree whose tags start a piece
+@pytest.mark.parametrize("size", [5 << 20, 100 << 20, (200 << 20) + 12345, 256 << 20])
 def test_the_checksum_taken_while_sealing_is_the_one_checksum_computes(tmp_path: Path, size: int) -> None:
     from warmstart.artifact import encryption, store
     from warmstart.image import codec
@@ -102,6 +103,7 @@ def test_the_checksum_taken_while_sealing_is_the_one_checksum_computes(tmp_path:
     packed = codec.seal([src], key, threads=2, mode="0")  # nothing compressed: the threads write the chunks
     sealed = tmp_path / ("pages-1.img" + codec.SEALED_SUFFIX)
     n = sealed.stat().st_size
+    assert (n == size + 16 * -(-size // codec.CHUNK) + 32) == (size >= codec.MIN_BYTES)  # in place: tags, trailer
     want = store._hash_all(tmp_path, [(sealed.name, n, store.chunk_size_for(n))])[sealed.name]
     assert packed.digests == {sealed: want}
     assert codec.inflate(sealed, tmp_path / "out", threads=2, key=key) == size
@@ -134,6 +136,31 @@ def test_a_sealed_file_that_was_altered_is_refused(tmp_path: Path, harm: str) ->
         codec.inflate(sealed, tmp_path / "out", threads=2, key=key)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("harm", ["flip a byte", "flip a tag", "swap two chunks", "trailer", "cut short"])
+def test_an_image_sealed_in_place_that_was_altered_is_refused(tmp_path: Path, harm: str) -> None:
+    from warmstart.errors import ImageError
+    from warmstart.image import codec, inplace
+
+    chunk = codec.CHUNK
+    data = os.urandom(codec.MIN_BYTES + 5000)
+    sealed, key = _sealed(tmp_path, data)
+    body = bytearray(sealed.read_bytes())
+    assert len(body) == len(data) + 16 * 9 + inplace.TRAILER.size and data[:4096] not in body
+    if harm == "flip a byte":
+        body[chunk + 7] ^= 1
+    elif harm == "flip a tag":
+        body[len(data) + 20] ^= 1
+    elif harm == "swap two chunks":
+        body[:chunk], body[chunk:2 * chunk] = body[chunk:2 * chunk], body[:chunk]
+    elif harm == "trailer":
+        body[-20] ^= 1  # the raw size: the trailer no longer fits the file
+    else:
+        del body[len(data) - 5000:len(data) + 16 * 8]  # the last chunk and its tag gone
+    sealed.write_bytes(bytes(body))
+    with pytest.raises(ImageError, match="fails its authentication|does not fit|not a warmstart"):
+        codec.inflate(sealed, tmp_path / "out", threads=2, key=key)  # type: ignore[arg-type]
+
+
 def test_the_key_is_made_private_and_a_planted_or_bad_one_is_refused(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from warmstart.artifact import encryption
@@ -158,3 +185,51 @@ def test_the_key_is_made_private_and_a_planted_or_bad_one_is_refused(tmp_path: P
     monkeypatch.setenv("WARMSTART_ENCRYPTION_KEY", str(bad))
     with pytest.raises(EnvironmentProblem, match="64 hex digits"):
         encryption.master_key()
+
+
+_BALLAST_WORKER = """
+import http.server, os, sys
+blob = os.urandom(48 << 20)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(str(sum(blob[::1 << 16])).encode())
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_a_large_image_is_sealed_where_it_lies_and_reaches_the_cache_after_the_checkpoint(
+        need_criu, home: Path, tmp_path: Path) -> None:
+    import time
+
+    from warmstart.artifact import store
+    from warmstart.image import codec, inplace
+
+    worker = tmp_path / "ballast.py"
+    worker.write_text(_BALLAST_WORKER)
+    port = free_port()
+    assert cli("run", "--name", "ballast", "--", sys.executable, str(worker), str(port)).returncode == 0
+    wait_http(port)
+    want = http_get(port)
+    art = tmp_path / "art"
+    r = cli("checkpoint", "ballast", "-o", str(art))
+    assert r.returncode == 0, r.stderr
+    big = [f for f in store.load(art).files if f.path.startswith("images/pages-") and f.size > codec.MIN_BYTES]
+    assert len(big) == 1
+    with open(art / big[0].path, "rb") as fh:
+        got = inplace.read_trailer(fh.fileno(), big[0].path)
+    assert got is not None and big[0].size == got[0] + 16 * got[2] + inplace.TRAILER.size  # no copy: in place
+    cached = Path(os.environ["WARMSTART_IMAGE_CACHE"]) / f"{big[0].sha256}.img"
+    end = time.monotonic() + 60
+    while not cached.exists() and time.monotonic() < end:  # the keeper the checkpoint started opens it there
+        time.sleep(0.05)
+    assert cached.stat().st_size == got[0]
+    assert not list(cached.parent.glob(".*.tmp"))
+    before = cached.stat().st_mtime_ns
+    r = cli("restore", str(art), "--json")
+    assert r.returncode == 0, r.stderr
+    (rep,) = json.loads(r.stdout)["replicas"]
+    assert http_get(rep["port"]) == want
+    assert cached.stat().st_mtime_ns > before  # the restore linked the cached image (cache.cached touches it)

@@ -268,3 +268,36 @@ def test_what_a_killed_restore_left_is_removed_by_the_next(tmp_path: Path, cache
     finally:
         shutil.rmtree(dead, ignore_errors=True)
         shutil.rmtree(mine, ignore_errors=True)
+
+
+def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Path, cache: Path) -> None:
+    import threading
+
+    d = image_cache.cache_dir()
+    assert d is not None
+    key, data = "3" * 64, os.urandom(1 << 20)
+    marker = image_cache.fill_path(d, key)  # as the checkpoint marks it for its keeper (here: this process)
+    marker.write_bytes(data)
+
+    def finish() -> None:
+        time.sleep(0.5)
+        os.replace(marker, d / f"{key}.img")
+
+    threading.Thread(target=finish).start()
+    t0 = time.monotonic()
+    assert image_cache.cached(key, len(data)) == d / f"{key}.img"
+    assert time.monotonic() - t0 >= 0.4
+    dead = d / f".{'4' * 64}-999999999.tmp"  # a keeper that died: not waited for
+    dead.write_bytes(b"x")
+    t0 = time.monotonic()
+    assert image_cache.cached("4" * 64, 1) is None and time.monotonic() - t0 < 5
+
+
+def test_an_image_over_the_cache_budget_never_reaches_the_disk(tmp_path: Path, cache: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMSTART_IMAGE_CACHE_MB", "1")  # no image fits
+    raw = tmp_path / "pages-2.img"
+    raw.write_bytes(os.urandom(2 << 20))
+    image_cache.copy_into_cache(raw, "5" * 64)
+    keeper.fill_after_checkpoint(tmp_path / "no-artifact", {"pages-2.img.sealed": ("5" * 64, 2 << 20)})
+    assert not list(cache.iterdir())  # not even a mark for a keeper

@@ -43,6 +43,18 @@ class ImageKey:
     def seal(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         return self.aead.encrypt(nonce, data, aad)
 
+    def seal_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview) -> None:
+        """`seal`, into `out` (len(data) + 16 bytes: the ciphertext, then the tag)."""
+        self.aead.encrypt_into(nonce, data, aad, out)
+
+    def open_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview, what: str) -> None:
+        """`open`, into `out` (len(data) - 16 bytes)."""
+        try:
+            self.aead.decrypt_into(nonce, data, aad, out)
+        except InvalidTag:
+            raise ImageError(f"{what} fails its authentication (corrupt, tampered, or sealed with another key)") \
+                from None
+
     def open(self, nonce: bytes, data: bytes, aad: bytes, what: str) -> bytes:
         try:
             return self.aead.decrypt(nonce, data, aad)

@@ -100,7 +100,7 @@ def discard(staging: Staging) -> None:
     _marker(staging.tmp).unlink(missing_ok=True)
 
 
-def _digest_range(path: Path, start: int, length: int | None, stop: Callable[[], None]) -> bytes:
+def digest_range(path: Path, start: int, length: int | None, stop: Callable[[], None]) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         f.seek(start)
@@ -132,7 +132,7 @@ class HashWhileWriting:
         self.digest = ""  # set by finish
 
     def _submit(self, i: int) -> None:
-        self.pieces.append(self.pool.submit(_digest_range, self.path, i * TREE_CHUNK, TREE_CHUNK, self.stop))
+        self.pieces.append(self.pool.submit(digest_range, self.path, i * TREE_CHUNK, TREE_CHUNK, self.stop))
 
     def written(self, upto: int) -> None:
         """Bytes [0, upto) are written: hash the whole pieces among them not hashed yet."""
@@ -142,11 +142,11 @@ class HashWhileWriting:
     def finish(self, size: int) -> str:
         """The file is complete, `size` bytes, nothing of it to change: its checksum (waits for the pieces)."""
         if not chunk_size_for(size):
-            self.digest = _digest_range(self.path, 0, None, self.stop).hex()
+            self.digest = digest_range(self.path, 0, None, self.stop).hex()
             return self.digest
         while (len(self.pieces) + 1) * TREE_CHUNK < size:
             self._submit(len(self.pieces) + 1)
-        first = _digest_range(self.path, 0, TREE_CHUNK, self.stop)
+        first = digest_range(self.path, 0, TREE_CHUNK, self.stop)
         self.digest = hashlib.sha256(first + b"".join(f.result() for f in self.pieces)).hexdigest()
         return self.digest
 
@@ -165,7 +165,7 @@ def _hash_all(root: Path, files: list[tuple[str, int, int]], stop: Callable[[], 
         else:
             tasks.append((rel, 0, None))
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 2)) as pool:
-        digests = list(pool.map(lambda t: _digest_range(root / t[0], t[1], t[2], stop), tasks))
+        digests = list(pool.map(lambda t: digest_range(root / t[0], t[1], t[2], stop), tasks))
     parts: dict[str, list[bytes]] = {}
     for (rel, _, _), d in zip(tasks, digests, strict=True):
         parts.setdefault(rel, []).append(d)

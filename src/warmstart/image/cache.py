@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from warmstart import config, procs
@@ -21,7 +22,8 @@ from warmstart.image import readahead
 CACHE_KEEP = 8
 RESERVE = 8 << 30  # the cache leaves this much of its disk free (or a tenth of the disk, where that is less)
 _CACHED = 0.5  # a raw image at least this much in the page cache is used as it is
-_KEY = re.compile(r"^[0-9a-f]{64}$")
+KEY = re.compile(r"^[0-9a-f]{64}$")
+_FILL_WAIT_S = 300.0  # the most a restore waits for a checkpoint's copy into the cache
 
 
 def cache_dir() -> Path | None:
@@ -38,11 +40,11 @@ def cache_dir() -> Path | None:
 def cache_raw(raw: Path, key: str) -> None:
     """Move a raw image the checkpoint compressed into the cache, as the image whose checksum is `key`; where
     the cache is unusable or on another file system, the raw image is removed."""
-    d = cache_dir() if _KEY.match(key) else None
+    d = cache_dir() if KEY.match(key) else None
     try:
         if d:
             os.replace(raw, d / f"{key}.img")
-            _prune(d)
+            prune(d)
     except OSError:
         pass
     raw.unlink(missing_ok=True)
@@ -51,19 +53,32 @@ def cache_raw(raw: Path, key: str) -> None:
 def copy_into_cache(raw: Path, key: str) -> None:
     """Copy an image a restore inflated into the cache, as the image whose checksum is `key`; nothing if the
     cache is unusable, its disk too full, or the copy fails (a restore does not depend on it)."""
-    d = cache_dir() if _KEY.match(key) else None
-    try:
-        if not d or _free(d) - raw.stat().st_size < _reserve(d):
+    d = cache_dir() if KEY.match(key) else None
+    try:  # an older copy of the same image (no longer in the page cache: else it was linked) gives its room
+        if not d or not has_room(d, raw.stat().st_size, replacing=_size(d / f"{key}.img")):
             return
     except OSError:  # gone (a keeper that was given up on had taken it)
         return
-    tmp = d / f".{key}-{os.getpid()}.tmp"
+    tmp = fill_path(d, key)
     try:
         shutil.copyfile(raw, tmp)
         os.replace(tmp, d / f"{key}.img")
-        _prune(d)
+        prune(d)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def has_room(d: Path, size: int, replacing: int = 0) -> bool:
+    """Whether an image of `size` bytes fits in the cache's budget, and on its disk leaves the reserve free
+    (`replacing`: the bytes of an older copy it replaces)."""
+    return size <= config.current().image_cache_mb << 20 and _free(d) - size + replacing >= _reserve(d)
 
 
 def entries(d: Path) -> list[tuple[Path, int]]:
@@ -82,7 +97,7 @@ def _reserve(d: Path) -> int:
     return min(RESERVE, st.f_blocks * st.f_frsize // 10)
 
 
-def _prune(d: Path) -> None:
+def prune(d: Path) -> None:
     """The newest CACHE_KEEP images that fit in WARMSTART_IMAGE_CACHE_MB stay, as long as the disk keeps its
     reserve free: the oldest go first."""
     budget = config.current().image_cache_mb << 20
@@ -97,9 +112,15 @@ def _prune(d: Path) -> None:
     while kept and _free(d) < reserve:
         kept.pop().unlink(missing_ok=True)
     for p in d.glob(".*.tmp"):  # copies that a killed restore left half done
-        pid = p.name[:-len(".tmp")].rsplit("-", 1)[-1]
-        if pid.isdigit() and not procs.alive(int(pid)):
+        pid = _writer(p)
+        if pid is not None and not procs.alive(pid):
             p.unlink(missing_ok=True)
+
+
+def _writer(tmp: Path) -> int | None:
+    """The pid that `fill_path` named this file for."""
+    pid = tmp.name[:-len(".tmp")].rsplit("-", 1)[-1]
+    return int(pid) if pid.isdigit() else None
 
 
 def clear() -> list[Path]:
@@ -111,12 +132,30 @@ def clear() -> list[Path]:
     return gone
 
 
+def fill_path(d: Path, key: str) -> Path:
+    """Where this process writes the cache's image of `key` before renaming it into place."""
+    return d / f".{key}-{os.getpid()}.tmp"
+
+
+def _wait_for_fill(d: Path, key: str) -> None:
+    """While another process (image/keeper.py after a checkpoint) writes this image into the cache, wait for it:
+    it started before this restore, so waiting ends no later than opening the image again here would."""
+    end = time.monotonic() + _FILL_WAIT_S
+    while time.monotonic() < end:
+        if not any((pid := _writer(p)) is not None and procs.alive(pid) for p in d.glob(f".{key}-*.tmp")):
+            return
+        time.sleep(0.02)
+
+
 def cached(key: str | None, size: int) -> Path | None:
-    """The cache's raw image for this checksum, if it is there and in the page cache."""
-    d = cache_dir() if key and _KEY.match(key) else None
+    """The cache's raw image for this checksum, if it is there (or being written there) and in the page cache."""
+    d = cache_dir() if key and KEY.match(key) else None
     if not d:
         return None
+    assert key is not None
     path = d / f"{key}.img"
+    if not path.exists():
+        _wait_for_fill(d, key)
     try:
         if path.stat().st_size == size and readahead.resident_fraction([path]) >= _CACHED:
             os.utime(path)  # recently used: pruned last

@@ -27,6 +27,8 @@ a core: minutes of checkpoint for an 8B model, for a fifth less to read.
 Sealed (encrypted) files. With encryption at rest (artifact/encryption.py, on by default) every file of the
 images (and of the worker's /dev/shm segments) is stored sealed instead, as NAME.sealed, compressed chunks and
 all: each chunk is sealed with AES-256-GCM on its own, so a restore opens them on every core while it reads.
+A pages image of MIN_BYTES or more that is not compressed is sealed where CRIU wrote it instead, with no second
+copy (image/inplace.py has that format); its raw image then does not go to the cache.
 
 Format of pages-N.img.z: MAGIC, the raw size (u64), the chunk size (u32), the number of chunks (u32), each
 chunk's stored length (u32 each; a chunk stored at its raw length is stored raw), then the chunks. Chunks are
@@ -42,6 +44,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -53,6 +56,7 @@ from warmstart.artifact.encryption import ImageKey
 from warmstart.artifact.manifest import TransformChoice
 from warmstart.artifact.store import HashWhileWriting
 from warmstart.errors import ImageError
+from warmstart.image import inplace
 from warmstart.image import plan as planning
 
 MAGIC = b"WSZPAGE1"
@@ -95,6 +99,7 @@ class Packed:
     raw: int = 0  # raw bytes of the images stored compressed ...
     stored: int = 0  # ... and what they take
     sealed: int = 0  # files sealed
+    in_place: tuple[Path, ...] = ()  # those sealed where they lay (image/inplace.py): no raw copy kept
     digests: dict[Path, str] = field(default_factory=dict)  # the sealed files' checksums, taken as written
 
 
@@ -128,12 +133,13 @@ def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path
 
 def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Path | None = None,
          choices: list[TransformChoice] | None = None, stop: Stop = _go_on) -> Packed:
-    """Seal each file in place (NAME -> NAME.sealed), its pages images of MIN_BYTES or more compressed where that
-    pays (as `compress`, `mode` "0" never), the chunks of smaller files where they shrink (holes); the raw pages
-    images of MIN_BYTES or more are moved into `keep`, the rest removed. Unlike compressing, a file that cannot
-    be sealed fails the checkpoint (OSError): none stays in the clear."""
+    """Seal each file (NAME -> NAME.sealed): its pages images of MIN_BYTES or more compressed where that pays (as
+    `compress`, `mode` "0" never), their raw images then moved into `keep`, or else sealed where they lie
+    (image/inplace.py); the chunks of smaller files compressed where they shrink (holes), the raw files removed.
+    Unlike compressing, a file that cannot be sealed fails the checkpoint (OSError): none stays in the clear."""
     raw = stored = count = 0
     digests: dict[Path, str] = {}
+    in_place: list[Path] = []
     with ThreadPoolExecutor(max(1, threads)) as hashing:
         for p in sorted(files):
             size = p.stat().st_size
@@ -143,13 +149,18 @@ def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Pa
             else:
                 plan = _chunk_plan(p, size, threads)
             out = p.with_name(p.name + SEALED_SUFFIX)
+            if big and not any(plan):
+                digests[out] = inplace.seal(p, out, key, CHUNK, threads, stop)
+                in_place.append(out)
+                count += 1
+                continue
             hasher = HashWhileWriting(out.with_name(out.name + ".tmp"), hashing, stop)
             got = _write(p, size, plan, key, threads, keep if big else None, stop, hasher=hasher)
             digests[out] = hasher.digest
             count += 1
             if big and any(plan):
                 raw, stored = raw + size, stored + got
-    return Packed(raw, stored, count, digests)
+    return Packed(raw, stored, count, tuple(in_place), digests)
 
 
 def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, threads: int, keep: Path | None,
@@ -313,6 +324,18 @@ class _Layout:
     chunk: int
     pieces: list[tuple[int, int]]  # (offset, stored length) of each chunk
     seal: _Seal | None
+    tags: int | None = None  # sealed in place (image/inplace.py): where the chunks' tags start
+
+
+def _in_place(fd: int, path: Path, key: ImageKey | None) -> _Layout | None:
+    got = inplace.read_trailer(fd, path.name)
+    if got is None:
+        return None
+    raw, chunk, count, prefix, tail = got
+    if key is None:
+        raise ImageError(f"{path.name} is sealed, but the manifest names no key to open it")
+    pieces = [(i * chunk, min(chunk, raw - i * chunk)) for i in range(count)]
+    return _Layout(raw, chunk, pieces, _Seal(key, prefix, tail + raw_name(path).encode()), tags=raw)
 
 
 def _layout(fd: int, path: Path, key: ImageKey | None) -> _Layout:
@@ -321,6 +344,8 @@ def _layout(fd: int, path: Path, key: ImageKey | None) -> _Layout:
     head = os.pread(fd, _SEALED_HEAD.size, 0)
     sealed = head[:8] == SEALED_MAGIC
     fmt = _SEALED_HEAD if sealed else _HEAD
+    if head[:8] not in (MAGIC, SEALED_MAGIC) and (lay := _in_place(fd, path, key)):
+        return lay
     if len(head) < fmt.size:
         raise ImageError(f"{name}: too short for a compressed or sealed image")
     magic, raw, chunk, count = fmt.unpack(head[:fmt.size])[:4]
@@ -345,6 +370,8 @@ def _chunk(fd: int, lay: _Layout, i: int, name: str) -> bytes:
     at, n = lay.pieces[i]
     want = min(lay.chunk, lay.raw - i * lay.chunk)
     data = os.pread(fd, n, at)
+    if lay.tags is not None:
+        data += os.pread(fd, _TAG, lay.tags + _TAG * i)
     if lay.seal:
         data = lay.seal.key.open(lay.seal.nonce(i), data, lay.seal.aad, f"{name}: chunk {i}")
     if len(data) != want:
@@ -357,14 +384,16 @@ def _chunk(fd: int, lay: _Layout, i: int, name: str) -> bytes:
     return data
 
 
-def inflate(src: Path, dst: Path, threads: int, key: ImageKey | None = None, stop: Stop = _go_on) -> int:
-    """Write the raw image of `src` (compressed or sealed) to the new file `dst`; the bytes written.
+def inflate(src: Path, dst: Path, threads: int, key: ImageKey | None = None, stop: Stop = _go_on,
+            existing: bool = False) -> int:
+    """Write the raw image of `src` (compressed or sealed) to the new file `dst` (`existing`: the empty file the
+    caller made); the bytes written.
 
     The threads copy into a shared mapping of `dst`: writes to one tmpfs file would take turns on its lock."""
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         lay = _layout(fin, src, key)
-        fout = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fout = os.open(dst, os.O_RDWR | os.O_NOFOLLOW | (0 if existing else os.O_CREAT | os.O_EXCL), 0o600)
         try:
             if lay.raw:
                 _fill(fin, fout, lay, src.name, threads, stop)
@@ -382,8 +411,12 @@ def _fill(fin: int, fout: int, lay: _Layout, name: str, threads: int, stop: Stop
     try:
         base = ctypes.addressof(view)
 
+        local = threading.local()
+
         def one(i: int) -> None:
             stop()
+            if lay.seal and _open_in_place(fin, lay, i, base, local, name):
+                return
             data = _chunk(fin, lay, i, name)
             if lay.pieces[i][1] < _TINY and data == bytes(len(data)):
                 return  # a chunk of zeros stays a hole: /dev/shm segments are mostly holes
@@ -399,10 +432,35 @@ def _fill(fin: int, fout: int, lay: _Layout, name: str, threads: int, stop: Stop
         out.close()
 
 
+def _open_in_place(fd: int, lay: _Layout, i: int, base: int, local: threading.local, name: str) -> bool:
+    """Open sealed chunk i straight into its place at `base`, if it was stored uncompressed; False if it was
+    compressed. Into a buffer this thread reuses: a fresh one per chunk is fresh memory to fault in."""
+    assert lay.seal is not None
+    at, n = lay.pieces[i]
+    want = min(lay.chunk, lay.raw - i * lay.chunk)
+    sealed_len = n + (_TAG if lay.tags is not None else 0)
+    if sealed_len != want + _TAG:
+        return False
+    buf = getattr(local, "buf", None)
+    if buf is None or len(buf) < sealed_len:
+        buf = local.buf = bytearray(lay.chunk + _TAG)
+    got = os.preadv(fd, [memoryview(buf)[:n]], at)
+    if lay.tags is not None and got == n:
+        got += os.preadv(fd, [memoryview(buf)[n:sealed_len]], lay.tags + _TAG * i)
+    if got != sealed_len:
+        raise ImageError(f"{name}: chunk {i} is cut short")
+    dest = (ctypes.c_char * want).from_address(base + i * lay.chunk)
+    lay.seal.key.open_into(lay.seal.nonce(i), memoryview(buf)[:sealed_len], lay.seal.aad, memoryview(dest).cast("B"),
+                           f"{name}: chunk {i}")
+    return True
+
+
 def raw_size(src: Path) -> int:
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         head = os.pread(fd, _HEAD.size, 0)
+        if head[:8] not in (MAGIC, SEALED_MAGIC) and (placed := inplace.read_trailer(fd, src.name)):
+            return placed[0]
     finally:
         os.close(fd)
     if len(head) < _HEAD.size or head[:8] not in (MAGIC, SEALED_MAGIC):

@@ -35,7 +35,7 @@ from warmstart.criu import shm
 from warmstart.errors import ImageError, WarmstartError, WorkerError
 from warmstart.gpu import driver
 from warmstart.gpu import processes as gpu
-from warmstart.image import cache, codec, rootfs, workingset, zeropages
+from warmstart.image import cache, codec, keeper, rootfs, workingset, zeropages
 from warmstart.image import plan as planning
 from warmstart.pipeline.source import Source
 from warmstart.pipeline.steps import Progress
@@ -59,6 +59,7 @@ class CheckpointJob:
     encryption: Encryption | None = None  # how the image is sealed (the seal step)
     transforms: list[TransformChoice] = field(default_factory=list)  # what image/plan.py decided, and why
     digests: dict[Path, str] = field(default_factory=dict)  # checksums the seal took as it wrote each file
+    in_place: tuple[Path, ...] = ()  # images sealed where CRIU wrote them: the cache gets them after the commit
     rootfs_exclude: tuple[str, ...] = ()  # container paths left out of the rootfs diff, besides the setting's
     rootfs: RootfsDiff | None = None  # what the worker's container wrote over its image (image/rootfs.py)
     manifest: Manifest | None = None
@@ -178,6 +179,7 @@ class CheckpointJob:
                 self.digests.update(sealed.digests)
         self.packed = (packed.raw, packed.stored)
         self.digests.update(packed.digests)
+        self.in_place = packed.in_place
 
     def capture_rootfs(self) -> None:
         """What the worker's container wrote over its image, while CRIU's image of it is fresh (a worker still
@@ -217,6 +219,11 @@ class CheckpointJob:
         self.manifest.steps = list(self.timings)
         store.commit(self.stage_dir, self.manifest, sign=self.sign)
         store.remember_verified(self.stage_dir.final, self.manifest)
+        if self.in_place:
+            keys = {f.path: f.sha256 for f in self.manifest.files}
+            final = self.stage_dir.final / IMAGES_DIR
+            keeper.fill_after_checkpoint(self.stage_dir.final, {
+                p.name: (keys[f"{IMAGES_DIR}/{p.name}"], codec.raw_size(final / p.name)) for p in self.in_place})
 
     def stop_source(self) -> None:
         s = self.source
