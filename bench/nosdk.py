@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import urllib.request
@@ -37,8 +38,9 @@ from typing import Any
 from warmstart import registry
 from warmstart.criu import binary as criu
 from warmstart.gpu import driver
-from warmstart.image import cache, workingset
+from warmstart.image import cache, keeper, workingset
 from warmstart.pipeline import checkpoint, restore, run
+from warmstart.pipeline.restore import KEEP_THREAD
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -98,6 +100,18 @@ def ws_restore(art: Path, name: str, cold: bool, want: list[int], env: dict[str,
            **timed_serving(r.port, t0, want), "disk_read_bytes": g.disk_bytes_read() - read0}
     g.stop(r.name)
     return out
+
+
+def wait_for_cache_copies(timeout_s: float = 300) -> None:
+    """Until the copies into the image cache are done: restores' (pipeline/restore_job.py's KEEP_THREAD) and
+    keepers' (image/keeper.py, which a checkpoint starts for an image it sealed in place)."""
+    for t in threading.enumerate():
+        if t.name == KEEP_THREAD:
+            t.join()
+
+    end = time.monotonic() + timeout_s
+    while keeper.running() and time.monotonic() < end:
+        time.sleep(0.1)
 
 
 def upstream_checkpoint(pid: int, images: Path) -> dict[str, Any]:
@@ -227,6 +241,8 @@ def bench_shape(key: str, work: Path, bw: dict[str, float]) -> dict[str, Any]:
     ck = attempt(res, "warmstart_checkpoint", ws_checkpoint)
     res["tokens_match_after_leave_running"] = tokens(port) == want
     if ck:  # while the source serves: the disk then holds one image at a time besides the model
+        # Warm: once the checkpoint's keeper has opened the image (sealed in place) into the node's cache.
+        wait_for_cache_copies()
         attempt(res, "warmstart_restore_warm", lambda: ws_restore(art, f"{name}-warm", False, want))
         attempt(res, "warmstart_restore_warm_4k", lambda: ws_restore(art, f"{name}-4k", False, want,
                                                                      {"WARMSTART_HUGE_PAGES": "0"}))

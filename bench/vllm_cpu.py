@@ -28,6 +28,7 @@ from warmstart import registry  # noqa: E402
 from warmstart.quiesce import engines  # noqa: E402
 from warmstart.pipeline import run  # noqa: E402
 from warmstart.pipeline import checkpoint
+from warmstart.image import keeper  # noqa: E402
 from warmstart.reference import model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -55,19 +56,10 @@ def first_completion(port: int, deadline_s: float = 900) -> tuple[str, float]:
 
 
 def wait_for_keepers(timeout_s: float = 120) -> None:
-    """Until no earlier restore's keeper (image/keeper.py) is still copying into the image cache: it would share
-    the cores with the next restore."""
-    def running() -> bool:
-        for p in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                if b"warmstart.image.keeper" in p.read_bytes():
-                    return True
-            except OSError:
-                pass  # it exited meanwhile
-        return False
-
+    """Until no keeper (image/keeper.py: an earlier restore's or the checkpoint's) is still copying into the image
+    cache: it would share the cores with the next restore."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and running():
+    while time.monotonic() < deadline and keeper.running():
         time.sleep(0.1)
 
 
