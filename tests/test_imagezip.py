@@ -287,6 +287,13 @@ def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Pat
     t0 = time.monotonic()
     assert image_cache.cached(key, len(data)) == d / f"{key}.img"
     assert time.monotonic() - t0 >= 0.4
+    image_cache.fill_path(d, "6" * 64).write_bytes(data)  # never finished: an interrupted restore stops waiting
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        image_cache.cached("6" * 64, len(data), interrupted)
     dead = d / f".{'4' * 64}-999999999.tmp"  # a keeper that died: not waited for
     dead.write_bytes(b"x")
     t0 = time.monotonic()

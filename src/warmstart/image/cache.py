@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from warmstart import config, procs
@@ -132,22 +133,23 @@ def clear() -> list[Path]:
     return gone
 
 
-def fill_path(d: Path, key: str) -> Path:
-    """Where this process writes the cache's image of `key` before renaming it into place."""
-    return d / f".{key}-{os.getpid()}.tmp"
+def fill_path(d: Path, key: str, pid: int | None = None) -> Path:
+    """Where process `pid` (this one by default) writes the cache's image of `key` before renaming it into place."""
+    return d / f".{key}-{os.getpid() if pid is None else pid}.tmp"
 
 
-def _wait_for_fill(d: Path, key: str) -> None:
+def _wait_for_fill(d: Path, key: str, stop: Callable[[], None]) -> None:
     """While another process (image/keeper.py after a checkpoint) writes this image into the cache, wait for it:
     it started before this restore, so waiting ends no later than opening the image again here would."""
     end = time.monotonic() + _FILL_WAIT_S
     while time.monotonic() < end:
+        stop()  # raises once the restore is interrupted
         if not any((pid := _writer(p)) is not None and procs.alive(pid) for p in d.glob(f".{key}-*.tmp")):
             return
         time.sleep(0.02)
 
 
-def cached(key: str | None, size: int) -> Path | None:
+def cached(key: str | None, size: int, stop: Callable[[], None] = lambda: None) -> Path | None:
     """The cache's raw image for this checksum, if it is there (or being written there) and in the page cache."""
     d = cache_dir() if key and KEY.match(key) else None
     if not d:
@@ -155,7 +157,7 @@ def cached(key: str | None, size: int) -> Path | None:
     assert key is not None
     path = d / f"{key}.img"
     if not path.exists():
-        _wait_for_fill(d, key)
+        _wait_for_fill(d, key, stop)
     try:
         if path.stat().st_size == size and readahead.resident_fraction([path]) >= _CACHED:
             os.utime(path)  # recently used: pruned last

@@ -58,7 +58,7 @@ class Inflated:
                  use_cache: bool = True, stop: Stop = lambda: None) -> None:
         self._fresh: dict[Path, str] = {}  # the large images inflated here, and their checksums
         stored = {z: raw_size(z) for z in packed(src)}
-        cached = {z: cache.cached(keys.get(z.name), size) if use_cache and size >= MIN_BYTES else None
+        cached = {z: cache.cached(keys.get(z.name), size, stop) if use_cache and size >= MIN_BYTES else None
                   for z, size in stored.items()}
         where = memory_dir(sum(size for z, size in stored.items() if not cached[z]))
         remove_stale(where)

@@ -49,9 +49,13 @@ def fill_after_checkpoint(artifact: Path, fresh: dict[str, tuple[str, int]]) -> 
     the cache: NAME -> (SHA256, raw size). This process marks each as being written before returning (a restore
     that starts meanwhile waits for it), so it does not wait for the keeper to start."""
     d = cache.cache_dir()
-    todo = {n: sha for n, (sha, size) in fresh.items()
-            if d and cache.KEY.match(sha) and not (d / f"{sha}.img").exists() and cache.has_room(d, size)}
-    if not d or not todo:
+    if not d:
+        return
+    todo, need = {}, 0
+    for n, (sha, size) in fresh.items():
+        if cache.KEY.match(sha) and not (d / f"{sha}.img").exists() and cache.has_room(d, need + size):
+            todo[n], need = sha, need + size
+    if not todo:
         return
     try:
         proc = subprocess.Popen([sys.executable, "-m", "warmstart.image.keeper", "--fill", str(artifact),
@@ -63,7 +67,7 @@ def fill_after_checkpoint(artifact: Path, fresh: dict[str, tuple[str, int]]) -> 
     assert proc.stdin is not None
     try:
         for sha in todo.values():
-            os.close(os.open(d / f".{sha}-{proc.pid}.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+            os.close(os.open(cache.fill_path(d, sha, proc.pid), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                              0o600))
     except OSError:
         pass  # the keeper fills those marked

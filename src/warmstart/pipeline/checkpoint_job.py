@@ -220,10 +220,19 @@ class CheckpointJob:
         store.commit(self.stage_dir, self.manifest, sign=self.sign)
         store.remember_verified(self.stage_dir.final, self.manifest)
         if self.in_place:
-            keys = {f.path: f.sha256 for f in self.manifest.files}
-            final = self.stage_dir.final / IMAGES_DIR
+            self._fill_cache()
+
+    def _fill_cache(self) -> None:
+        """The node's cache gets the raw images sealed in place, from a keeper, after the commit. Best effort: the
+        artifact is complete, and a restore without the cache opens the images itself."""
+        assert self.manifest is not None
+        keys = {f.path: f.sha256 for f in self.manifest.files}
+        final = self.stage_dir.final / IMAGES_DIR
+        try:
             keeper.fill_after_checkpoint(self.stage_dir.final, {
                 p.name: (keys[f"{IMAGES_DIR}/{p.name}"], codec.raw_size(final / p.name)) for p in self.in_place})
+        except (OSError, WarmstartError) as e:
+            self.progress(f"warning: the node's image cache does without this artifact ({e})")
 
     def stop_source(self) -> None:
         s = self.source

@@ -41,7 +41,7 @@ class Checked:
         return d if d.is_dir() else None
 
 
-def _cached_images(artifact: Path, m: Manifest) -> frozenset[Path]:
+def _cached_images(artifact: Path, m: Manifest, stop: Callable[[], None]) -> frozenset[Path]:
     """The stored (compressed or sealed) images whose raw image this node's cache holds in memory: the restore
     links that, so reading the stored file ahead would only take the disk from what is needed."""
     out = set()
@@ -49,7 +49,7 @@ def _cached_images(artifact: Path, m: Manifest) -> frozenset[Path]:
         p = artifact / f.path
         if f.path.startswith(IMAGES_DIR + "/") and p.name.endswith((codec.SUFFIX, codec.SEALED_SUFFIX)):
             try:
-                if cache.cached(f.sha256, codec.raw_size(p)):
+                if cache.cached(f.sha256, codec.raw_size(p), stop):
                     out.add(p)
             except (OSError, ImageError):
                 pass  # the verify step names what is wrong with it
@@ -90,7 +90,7 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
     ahead = readahead.start_if_cold(artifact / IMAGES_DIR, criu.read_threads(),
                                     then=tuple(sorted(saved.iterdir())) if saved.is_dir() else (),
                                     ranges=workingset.pieces(manifest.working_set, root),
-                                    skip=frozenset() if root else _cached_images(artifact, manifest))
+                                    skip=frozenset() if root else _cached_images(artifact, manifest, stop))
     try:
         gpu_map = placement.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
                                       manifest.worker.gpu_bytes_to_remap, skip, progress)
