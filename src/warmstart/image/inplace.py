@@ -66,8 +66,8 @@ def seal(path: Path, out: Path, key: ImageKey, chunk: int, threads: int, stop: C
 
         def piece(k: int) -> bytes:
             h = hashlib.sha256() if (k + 1) * TREE_CHUNK <= raw else None  # else _checksum reads it back
-            # One pair of buffers per piece: a fresh 4 MiB buffer per chunk is fresh memory to fault in, which
-            # cost more than AES-GCM itself on the VM (1.4 GB/s a core with it).
+            # One pair of buffers per piece: a fresh 4 MiB buffer per chunk is fresh memory to fault in (the
+            # seal took 6.0 s with them on the 2-core VM, 3.5 s without: docs/benchmarks.md).
             plain, sealed = bytearray(chunk), bytearray(chunk + TAG)
             for i in range(k * per_piece, min(count, (k + 1) * per_piece)):
                 stop()
