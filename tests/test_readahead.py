@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from conftest import evict_pages
+from conftest import evict_file, evict_pages
 from warmstart.image import readahead
 
 
@@ -74,6 +74,7 @@ def test_files_after_the_image_are_read_once_all_of_it_is_in(tmp_path: Path) -> 
 def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
     images = _image(tmp_path / "images")
     (images / "pages-3.img").write_bytes(b"y" * 8192)  # a memfd's pages: restored before the process's memory
+    (images / "pages-4.img.sealed").write_bytes(b"s" * 8192)  # read by the step that opens it, not here
     lib = tmp_path / "lib.so"
     lib.write_bytes(b"z" * (4 << 20))
     saved = tmp_path / "weights.bin"
@@ -87,6 +88,24 @@ def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
     # Then the libraries' working set and the saved files, side by side, in pieces of at most 64 MiB.
     assert [(p.name, off >> 20) for p, off, _ in then] == [
         ("lib.so", 1), ("weights.bin", 0), ("lib.so", 3), ("weights.bin", 64), ("lib.so", 67), ("weights.bin", 128)]
+
+
+def test_held_pieces_wait_for_go_on(tmp_path: Path) -> None:
+    images = _image(tmp_path)
+    later = tmp_path / "lib.so"
+    later.write_bytes(os.urandom(8 << 20))
+    evict_pages(tmp_path)
+    evict_file(later)
+    r = readahead.Readahead(readahead.whole(readahead.pages_images(images)), threads=2,
+                            then=readahead.whole([later]))
+    r.hold()
+    assert not r.wait(0.5)  # the image is in, the held piece is not read
+    assert readahead.resident_fraction([images / "pages-1.img"]) > 0.99
+    assert readahead.resident_fraction([later]) < 0.1
+    r.go_on()
+    assert r.wait(10)
+    assert readahead.resident_fraction([later]) > 0.99
+    r.stop()
 
 
 def test_working_set_is_the_touched_pages_of_mapped_files(tmp_path: Path) -> None:

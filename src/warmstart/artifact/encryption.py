@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -39,13 +40,16 @@ class ImageKey:
     """An artifact's own key: seals and opens chunks. Nonces are the caller's (unique per chunk)."""
 
     aead: AESGCM
+    raw: bytes = field(repr=False)  # for `sealer`, which AESGCM does not offer
+
+    def sealer(self, nonce: bytes, aad: bytes) -> AEADEncryptionContext:
+        """`seal` in pieces, the same bytes: a chunk sealed a cache-sized piece at a time (image/inplace.py)."""
+        ctx = Cipher(algorithms.AES(self.raw), modes.GCM(nonce)).encryptor()
+        ctx.authenticate_additional_data(aad)
+        return ctx
 
     def seal(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         return self.aead.encrypt(nonce, data, aad)
-
-    def seal_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview) -> None:
-        """`seal`, into `out` (len(data) + 16 bytes: the ciphertext, then the tag)."""
-        self.aead.encrypt_into(nonce, data, aad, out)
 
     def open_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview, what: str) -> None:
         """`open`, into `out` (len(data) - 16 bytes)."""
@@ -65,7 +69,7 @@ class ImageKey:
 
 def derive(master: bytes, salt: bytes) -> ImageKey:
     raw = HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=salt, info=_INFO).derive(master)
-    return ImageKey(AESGCM(raw))
+    return ImageKey(AESGCM(raw), raw)
 
 
 def _read_key(path: Path) -> bytes:

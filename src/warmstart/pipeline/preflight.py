@@ -49,7 +49,9 @@ def _cached_images(artifact: Path, m: Manifest, stop: Callable[[], None]) -> fro
         p = artifact / f.path
         if f.path.startswith(IMAGES_DIR + "/") and p.name.endswith((codec.SUFFIX, codec.SEALED_SUFFIX)):
             try:
-                if cache.cached(f.sha256, codec.raw_size(p), stop):
+                size = codec.raw_size(p)
+                # As image/inflated.py: only large images go to the cache, and a worker has a hundred small ones.
+                if size >= codec.MIN_BYTES and cache.cached(f.sha256, size, stop):
                     out.add(p)
             except (OSError, ImageError):
                 pass  # the verify step names what is wrong with it

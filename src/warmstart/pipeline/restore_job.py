@@ -134,6 +134,9 @@ class RestoreJob:
             return
         self.progress("opening the sealed image" if self.ok.key else "inflating the compressed pages images")
         t = time.monotonic()
+        ahead = self.ok.readahead
+        if ahead:  # the libraries' pages wait: opening the image takes every core, and CRIU needs it first
+            ahead.hold()
         files = self.ok.manifest.files
         keys = {Path(f.path).name: f.sha256 for f in files if f.path.startswith(IMAGES_DIR + "/")}
         try:
@@ -150,6 +153,9 @@ class RestoreJob:
         except OSError as e:
             raise StepFailed(f"cannot inflate the artifact's images: {e}",
                              "make room in /dev/shm, or set TMPDIR to a directory with room") from None
+        finally:
+            if ahead:
+                ahead.go_on()
         self.inflate_s = time.monotonic() - t
 
     def apply_rootfs(self) -> None:
