@@ -74,7 +74,7 @@ def test_files_after_the_image_are_read_once_all_of_it_is_in(tmp_path: Path) -> 
 def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
     images = _image(tmp_path / "images")
     (images / "pages-3.img").write_bytes(b"y" * 8192)  # a memfd's pages: restored before the process's memory
-    (images / "pages-4.img.sealed").write_bytes(b"s" * 8192)  # read by the step that opens it, not here
+    (images / "pages-4.img.sealed").write_bytes(b"s" * 8192)  # asked of the disk: the step that opens it reads it
     lib = tmp_path / "lib.so"
     lib.write_bytes(b"z" * (4 << 20))
     saved = tmp_path / "weights.bin"
@@ -83,11 +83,26 @@ def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
     assert [(p.name, off) for p, off, _ in first] == [
         ("core-1.img", 0),  # CRIU's small images
         ("lib.so", 0),  # the head of each library, where CRIU checks its build id
-        ("pages-3.img", 0), ("pages-1.img", 0),  # pages images, smallest first
+        ("pages-3.img", 0), ("pages-4.img.sealed", 0), ("pages-1.img", 0),  # pages images, smallest first
     ]
     # Then the libraries' working set and the saved files, side by side, in pieces of at most 64 MiB.
     assert [(p.name, off >> 20) for p, off, _ in then] == [
         ("lib.so", 1), ("weights.bin", 0), ("lib.so", 3), ("weights.bin", 64), ("lib.so", 67), ("weights.bin", 128)]
+
+
+def test_a_sealed_image_is_asked_of_the_disk(tmp_path: Path) -> None:
+    images = _image(tmp_path)
+    sealed = images / "pages-5.img.sealed"
+    sealed.write_bytes(os.urandom(16 << 20))
+    evict_pages(images)
+    r = readahead.Readahead(readahead.whole([sealed]), threads=2)
+    r.wait()
+    for _ in range(200):  # the reads were only started
+        if readahead.resident_fraction([sealed]) > 0.99:
+            break
+        time.sleep(0.01)
+    r.stop()
+    assert readahead.resident_fraction([sealed]) > 0.99
 
 
 def test_held_pieces_wait_for_go_on(tmp_path: Path) -> None:
