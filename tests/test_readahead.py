@@ -112,8 +112,7 @@ def test_held_pieces_wait_for_go_on(tmp_path: Path) -> None:
     evict_pages(tmp_path)
     evict_file(later)
     r = readahead.Readahead(readahead.whole(readahead.pages_images(images)), threads=2,
-                            then=readahead.whole([later]))
-    r.hold()
+                            then=readahead.whole([later]), held=True)
     assert not r.wait(0.5)  # the image is in, the held piece is not read
     assert readahead.resident_fraction([images / "pages-1.img"]) > 0.99
     assert readahead.resident_fraction([later]) < 0.1

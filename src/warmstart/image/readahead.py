@@ -54,14 +54,15 @@ _HEAD = 128 << 10  # of each library: CRIU checks its build id in the ELF notes 
 
 class Readahead:
     """Reads pieces of files into the page cache with `threads` readers until done or stopped, in order: the
-    `first` pieces, then, once all of those are in, the `then` pieces."""
+    `first` pieces, then, once all of those are in (and, if `held`, once `go_on` is called), the `then` pieces."""
 
-    def __init__(self, first: list[Piece], threads: int, then: list[Piece] | None = None) -> None:
+    def __init__(self, first: list[Piece], threads: int, then: list[Piece] | None = None, held: bool = False) -> None:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._local = threading.local()
         self._later = threading.Event()  # set by `go_on`: the `then` pieces wait for it too
-        self._later.set()
+        if not held:
+            self._later.set()
         self._fds: dict[Path, int] = {}
         for p in {r[0] for r in [*first, *(then or [])]}:
             try:
