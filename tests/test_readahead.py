@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import evict_file, evict_pages
 from warmstart.image import readahead
 
@@ -90,11 +92,19 @@ def test_a_restore_reads_what_it_needs_first(tmp_path: Path) -> None:
         ("lib.so", 1), ("weights.bin", 0), ("lib.so", 3), ("weights.bin", 64), ("lib.so", 67), ("weights.bin", 128)]
 
 
-def test_a_sealed_image_is_asked_of_the_disk(tmp_path: Path) -> None:
+def test_a_sealed_image_is_asked_of_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = _image(tmp_path)
     sealed = images / "pages-5.img.sealed"
     sealed.write_bytes(os.urandom(16 << 20))
     evict_pages(images)
+    copied: list[int] = []
+    real = os.preadv
+
+    def spy(fd: int, buffers: list[memoryview], offset: int) -> int:
+        copied.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(readahead.os, "preadv", spy)
     r = readahead.Readahead(readahead.whole([sealed]), threads=2)
     r.wait()
     for _ in range(200):  # the reads were only started
@@ -103,6 +113,7 @@ def test_a_sealed_image_is_asked_of_the_disk(tmp_path: Path) -> None:
         time.sleep(0.01)
     r.stop()
     assert readahead.resident_fraction([sealed]) > 0.99
+    assert not copied  # the opening step reads it: the readahead copies none of it
 
 
 def test_held_pieces_wait_for_go_on(tmp_path: Path) -> None:
