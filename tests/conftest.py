@@ -86,6 +86,18 @@ def one_error_line(r: subprocess.CompletedProcess, code: int, *words: str) -> st
     return errors[0]
 
 
+# A plain HTTP worker holding `MB` MiB of random bytes (argv: port, MB): a pages image that large.
+BALLAST_WORKER = """
+import http.server, os, sys
+blob = os.urandom(int(sys.argv[2]) << 20)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(str(sum(blob[::1 << 16])).encode())
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

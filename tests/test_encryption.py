@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTER, cli, free_port, http_get, one_error_line, wait_http
+from conftest import BALLAST_WORKER, COUNTER, cli, free_port, http_get, one_error_line, wait_http
 
 
 def _holds(artifact: Path, needle: bytes) -> list[str]:
@@ -187,17 +187,6 @@ def test_the_key_is_made_private_and_a_planted_or_bad_one_is_refused(tmp_path: P
         encryption.master_key()
 
 
-_BALLAST_WORKER = """
-import http.server, os, sys
-blob = os.urandom(48 << 20)
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(str(sum(blob[::1 << 16])).encode())
-    def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
-
-
 @pytest.mark.criu
 @pytest.mark.slow
 def test_a_large_image_is_sealed_where_it_lies_and_reaches_the_cache_after_the_checkpoint(
@@ -208,9 +197,9 @@ def test_a_large_image_is_sealed_where_it_lies_and_reaches_the_cache_after_the_c
     from warmstart.image import codec, inplace
 
     worker = tmp_path / "ballast.py"
-    worker.write_text(_BALLAST_WORKER)
+    worker.write_text(BALLAST_WORKER)
     port = free_port()
-    assert cli("run", "--name", "ballast", "--", sys.executable, str(worker), str(port)).returncode == 0
+    assert cli("run", "--name", "ballast", "--", sys.executable, str(worker), str(port), "48").returncode == 0
     wait_http(port)
     want = http_get(port)
     art = tmp_path / "art"
@@ -220,12 +209,12 @@ def test_a_large_image_is_sealed_where_it_lies_and_reaches_the_cache_after_the_c
     assert len(big) == 1
     with open(art / big[0].path, "rb") as fh:
         got = inplace.read_trailer(fh.fileno(), big[0].path)
-    assert got is not None and big[0].size == got[0] + 16 * got[2] + inplace.TRAILER.size  # no copy: in place
+    assert got is not None and big[0].size == got[1] + 16 * got[3] + inplace.TRAILER.size  # no copy: in place
     cached = Path(os.environ["WARMSTART_IMAGE_CACHE"]) / f"{big[0].sha256}.img"
     end = time.monotonic() + 60
     while not cached.exists() and time.monotonic() < end:  # the keeper the checkpoint started opens it there
         time.sleep(0.05)
-    assert cached.stat().st_size == got[0]
+    assert cached.stat().st_size == got[1]
     assert not list(cached.parent.glob(".*.tmp"))
     before = cached.stat().st_mtime_ns
     r = cli("restore", str(art), "--json")

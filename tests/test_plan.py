@@ -51,3 +51,11 @@ def test_the_manifest_says_what_was_decided_and_inspect_shows_it(counter_artifac
     assert len(zero) == 1 and "zeros" in zero[0]["reason"]
     shown = cli("inspect", str(counter_artifact)).stdout
     assert "zero_pages" in shown and ("applied" in shown or "skipped" in shown)
+
+
+def test_where_no_ratio_could_pay_the_image_is_not_sampled() -> None:
+    two, sixteen = plan.Host(threads=2, disk_mbps=1500), plan.Host(threads=16, disk_mbps=1500)
+    skip = plan.cannot_pay("pages-1.img", VLLM_LIKE.raw, VLLM_LIKE.zlib_mbps, VLLM_LIKE.inflate_mbps, two, True)
+    assert skip is not None and not skip.applied and "not sampled" in skip.reason and "2 cores" in skip.reason
+    assert plan.cannot_pay("pages-1.img", VLLM_LIKE.raw, VLLM_LIKE.zlib_mbps, VLLM_LIKE.inflate_mbps, sixteen,
+                           True) is None  # sixteen cores: the ratio decides (it compresses: above)

@@ -35,6 +35,7 @@ class Settings:
     insecure_unsigned: bool  # WARMSTART_INSECURE_UNSIGNED: write and accept unsigned artifacts (experts only)
     encrypt: bool  # WARMSTART_ENCRYPT: seal process memory in the artifact (CRIU's images, /dev/shm segments)
     encrypt_saved: bool  # WARMSTART_ENCRYPT_SAVED: seal what the worker saved outside its image too (weights)
+    seal_behind: bool  # WARMSTART_SEAL_BEHIND: seal the large pages images while CRIU writes them (image/behind.py)
     encryption_key: Path | None  # WARMSTART_ENCRYPTION_KEY: a key file to seal with instead of this host's
     decryption_keys: tuple[Path, ...]  # WARMSTART_DECRYPTION_KEYS: older keys still opened, ':'-separated
     model_cache_mb: int  # WARMSTART_MODEL_CACHE_MB: the most the reference worker's model cache holds
@@ -107,6 +108,7 @@ def parse(env: Mapping[str, str]) -> Settings:
         insecure_unsigned=_flag(env, "WARMSTART_INSECURE_UNSIGNED", False),
         encrypt=_flag(env, "WARMSTART_ENCRYPT", True),
         encrypt_saved=_flag(env, "WARMSTART_ENCRYPT_SAVED", False),
+        seal_behind=_flag(env, "WARMSTART_SEAL_BEHIND", True),
         encryption_key=Path(env["WARMSTART_ENCRYPTION_KEY"]) if env.get("WARMSTART_ENCRYPTION_KEY") else None,
         decryption_keys=tuple(Path(p) for p in env.get("WARMSTART_DECRYPTION_KEYS", "").split(":") if p),
         model_cache_mb=modelcache.limit_mb(env),  # parsed there: the worker reads it too

@@ -17,7 +17,7 @@ from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -50,6 +50,13 @@ class ImageKey:
 
     def seal(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         return self.aead.encrypt(nonce, data, aad)
+
+    def unmasker(self, nonce: bytes, offset: int) -> CipherContext:
+        """Turns a chunk's ciphertext from `offset` (a multiple of 16) back into its plaintext, unauthenticated:
+        AES-GCM is a counter mode. Only for what this process just sealed: the planner's samples of it, and
+        undoing the seal (image/inplace.py)."""
+        block = 2 + offset // 16  # GCM's first data block is counter 2 (1 masks the tag)
+        return Cipher(algorithms.AES(self.raw), modes.CTR(nonce + block.to_bytes(4, "big"))).decryptor()
 
     def open_into(self, nonce: bytes, data: memoryview, aad: bytes, out: memoryview, what: str) -> None:
         """`open`, into `out` (len(data) - 16 bytes)."""

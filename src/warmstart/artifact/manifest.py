@@ -127,7 +127,7 @@ class CriuSettings(BaseModel):
 class TransformChoice(BaseModel):
     """Whether the checkpoint applied one of its image transforms (image/plan.py), and the figures why."""
 
-    transform: Literal["zero_pages", "compress"]
+    transform: Literal["zero_pages", "compress", "seal_behind"]
     image: str | None = Field(default=None, max_length=255)  # the pages image it was decided for; None: all
     applied: bool
     reason: str = Field(max_length=1000)

@@ -48,14 +48,14 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmstart.artifact.encryption import ImageKey
 from warmstart.artifact.manifest import TransformChoice
-from warmstart.artifact.store import HashWhileWriting
+from warmstart.artifact.store import TREE_CHUNK, HashWhileWriting
 from warmstart.errors import ImageError
 from warmstart.image import inplace
 from warmstart.image import plan as planning
@@ -69,7 +69,7 @@ MIN_BYTES = 32 << 20  # smaller pages images stay as CRIU wrote them: too little
 _WORTH = 0.5  # an image is stored compressed only if it shrinks to this fraction of its size or less
 _CHUNK_WORTH = 0.7  # a chunk is compressed only if its samples shrink to this fraction or less
 _SAMPLE = 16384  # bytes of each of a chunk's four samples
-_RATE_PIECE = 256 << 10  # zlib's rates are timed on 16 pieces this big
+_RATE_PIECE = 64 << 10  # zlib's rates are timed on 16 pieces this big
 _HEAD = struct.Struct("<8sQII")
 _SEALED_HEAD = struct.Struct("<8sQII8s")
 _TINY = 64 << 10  # a stored chunk this small may be all zeros
@@ -77,6 +77,7 @@ _TAG = 16  # AES-GCM's tag, after each sealed chunk
 
 
 Stop = Callable[[], None]  # raises to stop a pass (an interrupted pipeline); called every chunk or window
+Read = planning.Read
 
 
 def _go_on() -> None:
@@ -90,9 +91,14 @@ class _Seal:
     key: ImageKey
     prefix: bytes
     aad: bytes
+    last: int = -1  # the chunk sealed with `last_aad` instead (image/inplace.py's SEALED_MAGIC3)
+    last_aad: bytes = b""
 
     def nonce(self, i: int) -> bytes:
         return self.prefix + struct.pack("<I", i)
+
+    def aad_for(self, i: int) -> bytes:
+        return self.last_aad if i == self.last else self.aad
 
 
 @dataclass(frozen=True)
@@ -133,11 +139,14 @@ def compress(images: Path, threads: int, warn: Callable[[str], None], keep: Path
 
 
 def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Path | None = None,
-         choices: list[TransformChoice] | None = None, stop: Stop = _go_on) -> Packed:
+         choices: list[TransformChoice] | None = None, stop: Stop = _go_on,
+         begun: Mapping[str, inplace.InPlace] | None = None) -> Packed:
     """Seal each file (NAME -> NAME.sealed): its pages images of MIN_BYTES or more compressed where that pays (as
     `compress`, `mode` "0" never), their raw images then moved into `keep`, or else sealed where they lie
     (image/inplace.py); the chunks of smaller files compressed where they shrink (holes), the raw files removed.
-    Unlike compressing, a file that cannot be sealed fails the checkpoint (OSError): none stays in the clear."""
+    `begun`: images whose in-place seal began while CRIU wrote them (image/behind.py), by name: finished, or
+    unsealed first where the planner compresses them. Unlike compressing, a file that cannot be sealed fails
+    the checkpoint (OSError): none stays in the clear."""
     raw = stored = count = 0
     digests: dict[Path, str] = {}
     in_place: list[Path] = []
@@ -145,16 +154,22 @@ def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Pa
         for p in sorted(files):
             size = p.stat().st_size
             big = _pages(p) and size >= MIN_BYTES
+            begun_p = (begun or {}).get(p.name) if big else None
             if big:
-                plan = _plan(p, size, threads, mode, sealing=True, choices=choices) or [False] * -(-size // CHUNK)
+                plan = _plan(p, size, threads, mode, sealing=True, choices=choices,
+                             read=begun_p.read if begun_p else None) or [False] * -(-size // CHUNK)
             else:
                 plan = _chunk_plan(p, size, threads)
             out = p.with_name(p.name + SEALED_SUFFIX)
             if big and not any(plan):
-                digests[out] = inplace.seal(p, out, key, CHUNK, threads, stop)
+                if begun_p and choices is not None:
+                    choices.append(_behind(p.name, size, begun_p))
+                digests[out] = (begun_p or inplace.InPlace(p, key, CHUNK)).finish(out, threads, stop)
                 in_place.append(out)
                 count += 1
                 continue
+            if begun_p:
+                begun_p.unseal(threads)  # to be compressed: the copy reads what CRIU wrote
             hasher = HashWhileWriting(out.with_name(out.name + ".tmp"), hashing, stop)
             got = _write(p, size, plan, key, threads, keep if big else None, stop, hasher=hasher)
             digests[out] = hasher.digest
@@ -162,6 +177,12 @@ def seal(files: Iterable[Path], key: ImageKey, threads: int, mode: str, keep: Pa
             if big and any(plan):
                 raw, stored = raw + size, stored + got
     return Packed(raw, stored, count, tuple(in_place), digests)
+
+
+def _behind(name: str, size: int, f: inplace.InPlace) -> TransformChoice:
+    done = min(size, len(f.sealed) * TREE_CHUNK)
+    return TransformChoice(transform="seal_behind", image=name, applied=True,
+                           reason=f"{done / 1e6:.0f} of {size / 1e6:.0f} MB sealed while CRIU wrote it")
 
 
 def _write(path: Path, size: int, plan: list[bool], key: ImageKey | None, threads: int, keep: Path | None,
@@ -233,34 +254,20 @@ def _write_chunks(src: int, dst: int, at: int, plan: list[bool], sealing: _Seal 
     return at, lengths
 
 
-@dataclass(frozen=True)
-class _Sampled:
-    lengths: list[int]  # of each chunk
-    ratios: list[float]  # what zlib keeps of each chunk's samples
-    zlib_mbps: float  # zlib's rates on those samples, on one core
-    inflate_mbps: float
-
-
-def _ratios(path: Path, size: int, threads: int, rates: bool) -> _Sampled:
+def _ratios(read: Read, size: int, threads: int) -> tuple[list[int], list[float]]:
+    """Each chunk's length, and what zlib keeps of its samples."""
     lengths = [min(CHUNK, size - at) for at in range(0, size, CHUNK)]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if len(lengths) <= 1:
-            ratios = [_sample_ratio(fd, 0, n) for n in lengths]
-        else:
-            with ThreadPoolExecutor(max(1, threads)) as pool:
-                ratios = list(pool.map(lambda i: _sample_ratio(fd, i * CHUNK, lengths[i]), range(len(lengths))))
-        zlib_mbps, inflate_mbps = _rates(fd, size) if rates else (0.0, 0.0)
-    finally:
-        os.close(fd)
-    return _Sampled(lengths, ratios, zlib_mbps, inflate_mbps)
+    if len(lengths) <= 1:
+        return lengths, [_sample_ratio(read, 0, n) for n in lengths]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return lengths, list(pool.map(lambda i: _sample_ratio(read, i * CHUNK, lengths[i]), range(len(lengths))))
 
 
-def _rates(fd: int, size: int) -> tuple[float, float]:
-    """zlib's compress and inflate rates on this image, MB/s on one core: timed on 16 pieces of 256 KiB spread
+def _rates(read: Read, size: int) -> tuple[float, float]:
+    """zlib's compress and inflate rates on this image, MB/s on one core: timed on 16 pieces of 64 KiB spread
     over it, on this thread alone (timed beside the sampling threads, waits for the GIL would count)."""
     step = max(_RATE_PIECE, size // 16)
-    data = b"".join(os.pread(fd, _RATE_PIECE, at) for at in range(0, size, step))[:16 * _RATE_PIECE]
+    data = b"".join(read(_RATE_PIECE, at) for at in range(0, size, step))[:16 * _RATE_PIECE]
     t0 = time.perf_counter()
     z = zlib.compress(data, 1)
     t1 = time.perf_counter()
@@ -271,18 +278,34 @@ def _rates(fd: int, size: int) -> tuple[float, float]:
 
 
 def _plan(path: Path, size: int, threads: int, mode: str, sealing: bool,
-          choices: list[TransformChoice] | None) -> list[bool] | None:
+          choices: list[TransformChoice] | None, read: Read | None = None) -> list[bool] | None:
     """Which chunks to compress, from samples of each; None to store the image uncompressed (`mode` "0"; "1": it
-    would not shrink to _WORTH of its size; "auto": image/plan.py says it does not pay on this host)."""
+    would not shrink to _WORTH of its size; "auto": image/plan.py says it does not pay on this host). `read`:
+    the image's bytes, where not the file's own (one whose seal has begun)."""
     if mode == "0":
         return None
-    s = _ratios(path, size, threads, rates=mode == "auto")
-    chunks = [r <= _CHUNK_WORTH for r in s.ratios]
-    estimate = int(sum(n * r if z else n for n, r, z in zip(s.lengths, s.ratios, chunks, strict=True)))
-    if mode == "1":
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return _plan_from(read or (lambda n, at: os.pread(fd, n, at)), path.name, size, threads, mode, sealing,
+                          choices)
+    finally:
+        os.close(fd)
+
+
+def _plan_from(read: Read, name: str, size: int, threads: int, mode: str, sealing: bool,
+               choices: list[TransformChoice] | None) -> list[bool] | None:
+    # The rates first: where even an image that shrank to nothing would not pay, its ratios need no samples.
+    rates = _rates(read, size) if mode == "auto" else None
+    if rates and (choice := planning.cannot_pay(name, size, *rates, planning.host(), sealing)):
+        if choices is not None:
+            choices.append(choice)
+        return None
+    lengths, ratios = _ratios(read, size, threads)
+    chunks = [r <= _CHUNK_WORTH for r in ratios]
+    estimate = int(sum(n * r if z else n for n, r, z in zip(lengths, ratios, chunks, strict=True)))
+    if rates is None:
         return chunks if estimate <= _WORTH * size else None
-    choice = planning.compression(path.name, planning.Samples(size, estimate, s.zlib_mbps, s.inflate_mbps),
-                                  planning.host(), sealing)
+    choice = planning.compression(name, planning.Samples(size, estimate, *rates), planning.host(), sealing)
     if choices is not None:
         choices.append(choice)
     return chunks if choice.applied else None
@@ -292,16 +315,17 @@ def _chunk_plan(path: Path, size: int, threads: int) -> list[bool]:
     """Which chunks of a small image or a /dev/shm segment (mostly holes) to compress: those that shrink."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        return [_sample_ratio(fd, at, min(CHUNK, size - at)) <= _CHUNK_WORTH for at in range(0, size, CHUNK)]
+        return [_sample_ratio(lambda n, at: os.pread(fd, n, at), at, min(CHUNK, size - at)) <= _CHUNK_WORTH
+                for at in range(0, size, CHUNK)]
     finally:
         os.close(fd)
 
 
-def _sample_ratio(fd: int, offset: int, length: int) -> float:
+def _sample_ratio(read: Read, offset: int, length: int) -> float:
     """What zlib keeps of four samples spread over one chunk: zlib is slow on what does not compress (tens of
     MB/s), so the whole chunk is compressed only when this says it pays."""
     step = max(1, length // 4)
-    sample = b"".join(os.pread(fd, min(_SAMPLE, length - i), offset + i) for i in range(0, length, step))
+    sample = b"".join(read(min(_SAMPLE, length - i), offset + i) for i in range(0, length, step))
     return len(zlib.compress(sample, 1)) / max(1, len(sample))
 
 
@@ -332,11 +356,12 @@ def _in_place(fd: int, path: Path, key: ImageKey | None) -> _Layout | None:
     got = inplace.read_trailer(fd, path.name)
     if got is None:
         return None
-    raw, chunk, count, prefix, tail = got
+    magic, raw, chunk, count, prefix = got
     if key is None:
         raise ImageError(f"{path.name} is sealed, but the manifest names no key to open it")
     pieces = [(i * chunk, min(chunk, raw - i * chunk)) for i in range(count)]
-    return _Layout(raw, chunk, pieces, _Seal(key, prefix, tail + raw_name(path).encode()), tags=raw)
+    aad, last_aad = inplace.chunk_aad(magic, raw, chunk, prefix, raw_name(path))
+    return _Layout(raw, chunk, pieces, _Seal(key, prefix, aad, count - 1, last_aad), tags=raw)
 
 
 def _layout(fd: int, path: Path, key: ImageKey | None) -> _Layout:
@@ -381,7 +406,7 @@ def _chunk(fd: int, lay: _Layout, i: int, name: str) -> bytes | None:
     if lay.tags is not None:
         data += os.pread(fd, _TAG, lay.tags + _TAG * i)
     if lay.seal:
-        data = lay.seal.key.open(lay.seal.nonce(i), data, lay.seal.aad, f"{name}: chunk {i}")
+        data = lay.seal.key.open(lay.seal.nonce(i), data, lay.seal.aad_for(i), f"{name}: chunk {i}")
     if len(data) != want and len(data) < _TINY and data == _zeros_stored(want):
         return None
     if len(data) != want:
@@ -460,8 +485,8 @@ def _open_in_place(fd: int, lay: _Layout, i: int, base: int, local: threading.lo
     if got != sealed_len:
         raise ImageError(f"{name}: chunk {i} is cut short")
     dest = (ctypes.c_char * want).from_address(base + i * lay.chunk)
-    lay.seal.key.open_into(lay.seal.nonce(i), memoryview(buf)[:sealed_len], lay.seal.aad, memoryview(dest).cast("B"),
-                           f"{name}: chunk {i}")
+    lay.seal.key.open_into(lay.seal.nonce(i), memoryview(buf)[:sealed_len], lay.seal.aad_for(i),
+                           memoryview(dest).cast("B"), f"{name}: chunk {i}")
     return True
 
 
@@ -470,7 +495,7 @@ def raw_size(src: Path) -> int:
     try:
         head = os.pread(fd, _HEAD.size, 0)
         if head[:8] not in (MAGIC, SEALED_MAGIC) and (placed := inplace.read_trailer(fd, src.name)):
-            return placed[0]
+            return placed[1]
     finally:
         os.close(fd)
     if len(head) < _HEAD.size or head[:8] not in (MAGIC, SEALED_MAGIC):

@@ -22,6 +22,7 @@ stored as almost nothing by the compressing pass, and a chunk of nothing but zer
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ _ZERO_WORTH = 0.5
 _NOISE = 0.05  # an estimated cost within this fraction of the pass's own time is no cost: the rates are estimates
 _PAGE = 4096
 _ZERO = bytes(_PAGE)
+
+Read = Callable[[int, int], bytes]  # (n, at): an image's bytes, as os.pread on it
 
 
 @dataclass(frozen=True)
@@ -67,11 +70,23 @@ def compression(name: str, s: Samples, h: Host, sealing: bool) -> TransformChoic
     return TransformChoice(transform="compress", image=name, applied=applied, reason=reason)
 
 
-def zero_pages(images: Path, later_pass: bool) -> TransformChoice:
-    """Cut zero pages out of this directory's pages images only where a sample says they are half or more."""
+def cannot_pay(name: str, raw: int, zlib_mbps: float, inflate_mbps: float, h: Host,
+               sealing: bool) -> TransformChoice | None:
+    """The choice not to compress an image that would not pay even if it shrank to nothing (then its ratio
+    needs no samples: both costs only grow with the stored size); None where its ratio decides."""
+    if compression(name, Samples(raw, 0, zlib_mbps, inflate_mbps), h, sealing).applied:
+        return None
+    reason = (f"{raw / 1e6:.0f} MB, not sampled: zlib {zlib_mbps:.0f} and inflate {inflate_mbps:.0f} MB/s a core "
+              f"on {max(1, h.threads)} cores against a disk of {h.disk_mbps:.0f} MB/s would not pay at any ratio")
+    return TransformChoice(transform="compress", image=name, applied=False, reason=reason)
+
+
+def zero_pages(images: Path, later_pass: bool, readers: Mapping[str, Read] | None = None) -> TransformChoice:
+    """Cut zero pages out of this directory's pages images only where a sample says they are half or more.
+    readers: the bytes of images whose seal has begun (image/inplace.py's `InPlace.read`), by name."""
     pages = [p for p in sorted(images.glob("pages-*.img")) if p.stat().st_size > 0]
     raw = sum(p.stat().st_size for p in pages)
-    zero, seen = _sample_zeros(pages)
+    zero, seen = _sample_zeros(pages, readers or {})
     fraction = zero / seen if seen else 0.0
     worth = _ZERO_WORTH if later_pass else 1.0  # with no later pass to shorten, only an image of zeros pays
     applied = seen > 0 and fraction >= worth
@@ -80,16 +95,17 @@ def zero_pages(images: Path, later_pass: bool) -> TransformChoice:
     return TransformChoice(transform="zero_pages", image=None, applied=applied, reason=reason)
 
 
-def _sample_zeros(pages: list[Path], most: int = 4096) -> tuple[int, int]:
+def _sample_zeros(pages: list[Path], readers: Mapping[str, Read], most: int = 4096) -> tuple[int, int]:
     """(zero pages, pages seen) in up to `most` pages spread evenly over these files."""
     total = sum(p.stat().st_size // _PAGE for p in pages)
     step = max(1, total // most)
     zero = seen = 0
     for p in pages:
-        fd = os.open(p, os.O_RDONLY)
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
         try:
+            read = readers.get(p.name) or (lambda n, at: os.pread(fd, n, at))  # noqa: B023 - used in this pass
             for i in range(0, p.stat().st_size // _PAGE, step):
-                zero += os.pread(fd, _PAGE, i * _PAGE) == _ZERO
+                zero += read(_PAGE, i * _PAGE) == _ZERO
                 seen += 1
         finally:
             os.close(fd)

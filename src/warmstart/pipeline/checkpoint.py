@@ -71,7 +71,7 @@ def _checkpoint(pid: int, out: Path, record: WorkerRecord | None, leave_running:
             Step("cuda_checkpoint", f"checkpointing GPU state of {len(source.cuda_pids)} CUDA process(es)",
                  job.cuda_checkpoint, undo=job.cuda_undo, when=gpu),
             Step("working_set", "recording the pages of mapped files the worker uses", job.capture_working_set),
-            Step("criu_dump", "dumping process tree (CRIU)", job.dump),
+            Step("criu_dump", "dumping process tree (CRIU)", job.dump, undo=job.drop_begun),
             Step("rootfs", "recording what the container wrote over its image", job.capture_rootfs),
             Step("cuda_restore", "restoring GPU state of the source", job.resume_gpu,
                  when=leave_running and gpu, settles=after_dump),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from warmstart import __version__, config, host, paths, procs, registry
 from warmstart.artifact import encryption, store
+from warmstart.artifact.encryption import ImageKey
 from warmstart.artifact.manifest import (
     IMAGES_DIR,
     ROOTFS_DIR,
@@ -35,8 +36,9 @@ from warmstart.criu import shm
 from warmstart.errors import ImageError, WarmstartError, WorkerError
 from warmstart.gpu import driver
 from warmstart.gpu import processes as gpu
-from warmstart.image import cache, codec, keeper, rootfs, workingset, zeropages
+from warmstart.image import behind, cache, codec, keeper, rootfs, workingset, zeropages
 from warmstart.image import plan as planning
+from warmstart.image.inplace import InPlace
 from warmstart.pipeline.source import Source
 from warmstart.pipeline.steps import Progress
 
@@ -57,6 +59,8 @@ class CheckpointJob:
     zero_bytes: int = 0
     packed: tuple[int, int] = (0, 0)  # raw and stored bytes of the pages images stored compressed
     encryption: Encryption | None = None  # how the image is sealed (the seal step)
+    key: ImageKey | None = None  # ... and its key: made by the dump step where it seals behind CRIU
+    begun: dict[str, InPlace] = field(default_factory=dict)  # pages images whose seal began during the dump
     transforms: list[TransformChoice] = field(default_factory=list)  # what image/plan.py decided, and why
     digests: dict[Path, str] = field(default_factory=dict)  # checksums the seal took as it wrote each file
     in_place: tuple[Path, ...] = ()  # images sealed where CRIU wrote them: the cache gets them after the commit
@@ -121,15 +125,39 @@ class CheckpointJob:
         log = paths.state_dir("logs") / f"dump-{s.pid}-{int(time.time())}.log"
         script = staging.tmp / "shm-hook.sh" if s.shm_use else None
         env = shm.hook(s.shm_use, staging.tmp / SHM_DIR, script, s.shm_root) if script else {}
+        sealing = self._seal_behind()
         try:
             criu.run(s.criu, criu.dump_args(s.inner, staging.images, log, str(script) if script else None), log,
                      "dump", env=env, enter=s.enter)
             shutil.move(log, staging.tmp / "dump.log")  # the state directory and -o may be different disks
         finally:
+            if sealing:
+                self.begun = sealing.stop()  # raises what stopped it: the dump step fails
             if env:
                 shm.remove_remaps(shm.created_remaps(env, s.shm_root), s.shm_root)
             if script:
                 script.unlink(missing_ok=True)
+
+    def _seal_behind(self) -> behind.Behind | None:
+        """Threads sealing the large pages images while CRIU writes them, on all cores but one (CRIU's)."""
+        settings = config.current()
+        if not (settings.encrypt and settings.seal_behind) or "1" in (settings.compress, settings.zero_pages):
+            return None
+        self.encryption, self.key = encryption.new_artifact_key()
+        return behind.Behind(self.stage_dir.images, self.key, (os.cpu_count() or 1) - 1, self.stop).start()
+
+    def drop_begun(self) -> None:
+        for f in self.begun.values():
+            f.close()
+        self.begun = {}
+
+    def unseal_begun(self) -> None:
+        """Undo the seal begun during the dump: a pass over the images is about to rewrite them."""
+        if self.begun:
+            self.progress("undoing the seal begun during the dump, for the pass below")
+            for f in self.begun.values():
+                f.unseal(os.cpu_count() or 1)
+            self.begun = {}
 
     # ---- the source serves again (leave_running): a failure here still completes the artifact ----
 
@@ -153,10 +181,12 @@ class CheckpointJob:
     def drop_zero_pages(self) -> None:
         mode = config.current().zero_pages
         if mode == "auto":
-            choice = planning.zero_pages(self.stage_dir.images, later_pass=encrypt_on() or compress_on())
+            choice = planning.zero_pages(self.stage_dir.images, later_pass=encrypt_on() or compress_on(),
+                                         readers={n: f.read for n, f in self.begun.items()})
             self.transforms.append(choice)
             if not choice.applied:
                 return
+        self.unseal_begun()
         try:
             self.zero_bytes = zeropages.drop(self.stage_dir.images, self.stop)
         except ImageError as e:
@@ -169,10 +199,17 @@ class CheckpointJob:
 
     def seal(self) -> None:
         staging, threads = self.stage_dir, os.cpu_count() or 1
-        self.encryption, key = encryption.new_artifact_key()
+        if self.key is None:
+            self.encryption, self.key = encryption.new_artifact_key()
+        key = self.key
         images = [p for p in staging.images.iterdir() if p.is_file()]
-        packed = codec.seal(images, key, threads, config.current().compress, keep=staging.tmp / "raw",
-                            choices=self.transforms, stop=self.stop)
+        begun, self.begun = self.begun, {}
+        try:
+            packed = codec.seal(images, key, threads, config.current().compress, keep=staging.tmp / "raw",
+                                choices=self.transforms, stop=self.stop, begun=begun)
+        finally:
+            for f in begun.values():
+                f.close()  # those finished are closed already
         for small in (staging.tmp / SHM_DIR, staging.tmp / ROOTFS_DIR):
             if small.is_dir():
                 sealed = codec.seal([p for p in small.iterdir() if p.is_file()], key, threads, "0", stop=self.stop)
