@@ -1,10 +1,11 @@
 """Sealing CRIU's large pages images while CRIU still writes them, on the cores its dump leaves idle.
 
 CRIU's dump writes each process's pages image front to back, and the worker is frozen meanwhile: its cores
-are free. While the dump runs, these threads seal each piece of a pages image of MIN_BYTES or more in place
-(image/inplace.py) as soon as a byte past the piece is written, so that after the dump only the last pieces
-are left (`InPlace.finish`). The planner's samples are then read through the seal (`InPlace.read`); where it
-chooses to compress an image or drop its zero pages, the seal is undone first (`InPlace.unseal`).
+are free. While the dump runs, these threads (one per core) seal each piece of a pages image of MIN_BYTES or
+more in place (image/inplace.py) as soon as a byte past the piece is written, so that after the dump only the
+last pieces are left (`InPlace.finish`). The planner's samples are then read through the seal
+(`InPlace.read`); where it chooses to compress an image or drop its zero pages, the seal is undone first
+(`InPlace.unseal`).
 
 The checkpoint uses it unless a transform is forced on (WARMSTART_COMPRESS=1, WARMSTART_ZERO_PAGES=1), or
 WARMSTART_SEAL_BEHIND=0.
@@ -51,6 +52,13 @@ class Behind:
             self.close()
             raise self.error
         return dict(self.files)
+
+    def abandon(self) -> None:
+        """Stop the threads and close the images, whatever stopped them."""
+        self.done.set()
+        for t in self.threads:
+            t.join()
+        self.close()
 
     def close(self) -> None:
         for f in self.files.values():

@@ -130,21 +130,27 @@ class CheckpointJob:
             criu.run(s.criu, criu.dump_args(s.inner, staging.images, log, str(script) if script else None), log,
                      "dump", env=env, enter=s.enter)
             shutil.move(log, staging.tmp / "dump.log")  # the state directory and -o may be different disks
-        finally:
+        except BaseException:
+            if sealing:
+                sealing.abandon()  # CRIU's error is the one to report
+            raise
+        else:
             if sealing:
                 self.begun = sealing.stop()  # raises what stopped it: the dump step fails
+        finally:
             if env:
                 shm.remove_remaps(shm.created_remaps(env, s.shm_root), s.shm_root)
             if script:
                 script.unlink(missing_ok=True)
 
     def _seal_behind(self) -> behind.Behind | None:
-        """Threads sealing the large pages images while CRIU writes them, on all cores but one (CRIU's)."""
+        """Threads sealing the large pages images while CRIU writes them, one per core: with one thread fewer on the
+        2-core VM, the image CRIU wrote last was mostly left to seal after the dump (docs/benchmarks.md)."""
         settings = config.current()
         if not (settings.encrypt and settings.seal_behind) or "1" in (settings.compress, settings.zero_pages):
             return None
         self.encryption, self.key = encryption.new_artifact_key()
-        return behind.Behind(self.stage_dir.images, self.key, (os.cpu_count() or 1) - 1, self.stop).start()
+        return behind.Behind(self.stage_dir.images, self.key, os.cpu_count() or 1, self.stop).start()
 
     def drop_begun(self) -> None:
         for f in self.begun.values():
