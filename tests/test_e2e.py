@@ -128,6 +128,17 @@ def test_reference_worker_identical_and_three_replicas(need_criu, home: Path, tm
     alive = {w["name"]: w["alive"] for w in _ps(home)}
     assert "rep-1" not in alive and alive["rep-0"] and alive["rep-2"]
 
+    # A replica is checkpointed in turn (quiesced through its own control directory), and its artifact names
+    # the log and control directory the worker itself uses, its source's: the next replica comes up from it.
+    r = cli("checkpoint", "again", "-o", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    worker = json.loads((tmp_path / "again" / "manifest.json").read_text())["worker"]
+    assert (worker["log_path"], worker["control_dir"]) == (manifest["worker"]["log_path"],
+                                                           manifest["worker"]["control_dir"])
+    r = cli("restore", str(tmp_path / "again"), "--name", "third", "--json")
+    assert r.returncode == 0, r.stderr
+    assert demo.complete(json.loads(r.stdout)["replicas"][0]["port"]) == before
+
 
 def test_demo_json(need_criu, home: Path) -> None:
     r = cli("demo", "--json")

@@ -81,7 +81,19 @@ def test_vllm_server_round_trip_and_two_replicas(need_criu, need_vllm, home: Pat
     for rep in replicas:  # and each goes on serving: a second, different request
         assert vllm.complete(rep["port"], PROMPT + " jumps", max_tokens=4)
 
-    for rep in replicas:
+    # A replica is checkpointed in turn: warm-checked on the port it listens on in its own namespaces (its
+    # record holds the host port forwarded to it), and its artifact restores as the first one did.
+    again, last = replicas[0], replicas[1]
+    r = cli("checkpoint", again["name"], "-o", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["worker"]["port"] == port
+    r = cli("restore", str(tmp_path / "again"), "--json")
+    assert r.returncode == 0, r.stderr
+    (third,) = json.loads(r.stdout)["replicas"]
+    assert vllm.complete(third["port"], PROMPT) == expected
+
+    for rep in (last, third):
         assert cli("stop", rep["name"]).returncode == 0
         assert not procs.alive(rep["pid"])
+    assert not procs.alive(again["pid"])
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("link_remap.")]

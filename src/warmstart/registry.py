@@ -32,6 +32,10 @@ class WorkerRecord(BaseModel):
     artifact: str | None = None
     replica: int | None = None
     port: int | None = None
+    # replicas: the log and control directory as the worker itself names them (its source's, over which the
+    # replica's own `log` and `control_dir` are bound), for a checkpoint of the replica to record
+    worker_log: str | None = None
+    worker_control_dir: str | None = None
 
     def alive(self) -> bool:
         return procs.alive(self.pid, self.started)

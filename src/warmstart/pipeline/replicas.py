@@ -128,7 +128,7 @@ class FreshReplicas:
                            command=w.command, engine=w.engine, log=str(paths.worker_dir(rname) / run.LOG),
                            control_dir=str(paths.worker_dir(rname) / run.CONTROL), holder_pid=sb.holder_pid,
                            holder_started=sb.holder_started, artifact=str(job.ok.artifact), replica=i,
-                           port=self.host_port(i))
+                           port=self.host_port(i), worker_log=w.log_path, worker_control_dir=w.control_dir)
         registry.save(rec)
         cuda_s = job.bring_up(rec)
         return ReplicaResult(name=rname, replica=i, port=rec.port, pid=wpid, holder_pid=sb.holder_pid,
@@ -195,7 +195,8 @@ class IntoProcess:
         rec = WorkerRecord(name=self.rname, kind="replica", pid=self.wpid, started=procs.start_time(self.wpid) or 0,
                            command=w.command, engine=w.engine,
                            log=str(joinns.target_path(target, w.log_path)) if w.log_path else str(rdir / run.LOG),
-                           control_dir=str(control_dir), artifact=str(job.ok.artifact), replica=0, port=job.inner_port)
+                           control_dir=str(control_dir), artifact=str(job.ok.artifact), replica=0, port=job.inner_port,
+                           worker_log=w.log_path, worker_control_dir=w.control_dir)
         registry.save(rec)
         cuda_s = job.bring_up(rec, in_net=lambda fn: linux.in_network_of(target, fn))
         return [ReplicaResult(name=self.rname, replica=0, port=job.inner_port, pid=self.wpid, holder_pid=target,

@@ -59,8 +59,16 @@ def _refuse_io_uring(pid: int) -> None:
         )
 
 
+def _seen_by_worker(pid: int, record: WorkerRecord | None, control_dir: Path | None) -> tuple[str | None, str | None]:
+    """(log, control directory) as the worker names them: a replica's are its source's, with its own bound over."""
+    if record and record.kind == "replica":
+        return record.worker_log or record.log, record.worker_control_dir or record.control_dir
+    return (record.log if record else _log_path_of(pid)), (str(control_dir) if control_dir else None)
+
+
 def _identity(pid: int, record: WorkerRecord | None, control_dir: Path | None,
               info: control.WorkerInfo | None, engine: str | None) -> WorkerIdentity:
+    log, control_seen = _seen_by_worker(pid, record, control_dir)
     return WorkerIdentity(
         pid=pid,
         command=procs.cmdline(pid),
@@ -69,16 +77,17 @@ def _identity(pid: int, record: WorkerRecord | None, control_dir: Path | None,
         engine=info.engine if info else (record.engine if record else engine or "plain"),
         model=info.model if info else None,
         sdk=info is not None,
-        control_dir=str(control_dir) if control_dir else None,
-        log_path=record.log if record else _log_path_of(pid),
+        control_dir=control_seen,
+        log_path=log,
         port=info.port if info else None,
     )
 
 
 def _check_engine(pid: int, adapter: Engine, identity: WorkerIdentity, record: WorkerRecord | None,
                   progress: Progress) -> int:
-    """An engine that is not serving yet is refused while it is exactly as it was. Returns its port."""
-    port = record.port if record and record.port else adapter.port(identity.command)
+    """An engine that is not serving yet is refused while it is exactly as it was. Returns its port: the one it
+    listens on in its own network namespace (a replica's record holds the host port forwarded to it)."""
+    port = record.port if record and record.port and record.kind == "run" else adapter.port(identity.command)
     identity.port = port
     progress(f"checking {adapter.name} is warm on port {port}")
     linux.in_network_of(pid, lambda: adapter.check_warm(port))
