@@ -17,7 +17,7 @@ first, since writing a disk file through a mapping ran several times slower. The
 CACHE_KEEP images, and is used only while it belongs to this user and no one else can write to it.
 
 What is worth compressing is decided from samples of each chunk before any chunk is compressed. A chunk is
-compressed if its samples shrink to _CHUNK_WORTH or less: on these disks (1-1.6 GB/s), with inflating bounded
+compressed if its samples shrink to CHUNK_WORTH or less: on these disks (1-1.6 GB/s), with inflating bounded
 at ~5 GB/s, a chunk that keeps more costs a cold restore about as much to inflate as it saves in reading. An
 image is stored compressed only if the samples say it shrinks to _WORTH or less; otherwise it stays as CRIU
 wrote it. Every restore that inflates pays for it and holds the raw bytes in memory, and an image of bf16
@@ -67,7 +67,7 @@ SEALED_SUFFIX = ".sealed"
 CHUNK = 4 << 20
 MIN_BYTES = 32 << 20  # smaller pages images stay as CRIU wrote them: too little to gain
 _WORTH = 0.5  # an image is stored compressed only if it shrinks to this fraction of its size or less
-_CHUNK_WORTH = 0.7  # a chunk is compressed only if its samples shrink to this fraction or less
+CHUNK_WORTH = 0.7  # a chunk is compressed only if its samples shrink to this fraction or less
 _SAMPLE = 16384  # bytes of each of a chunk's four samples
 _RATE_PIECE = 64 << 10  # zlib's rates are timed on 16 pieces this big
 _HEAD = struct.Struct("<8sQII")
@@ -304,7 +304,7 @@ def _plan_from(read: Read, name: str, size: int, threads: int, mode: str, sealin
             choices.append(choice)
         return None
     lengths, ratios = _ratios(read, size, threads)
-    chunks = [r <= _CHUNK_WORTH for r in ratios]
+    chunks = [r <= CHUNK_WORTH for r in ratios]
     estimate = int(sum(n * r if z else n for n, r, z in zip(lengths, ratios, chunks, strict=True)))
     if rates is None:
         return chunks if estimate <= _WORTH * size else None
@@ -318,7 +318,7 @@ def _chunk_plan(path: Path, size: int, threads: int) -> list[bool]:
     """Which chunks of a small image or a /dev/shm segment (mostly holes) to compress: those that shrink."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        return [_sample_ratio(lambda n, at: os.pread(fd, n, at), at, min(CHUNK, size - at)) <= _CHUNK_WORTH
+        return [_sample_ratio(lambda n, at: os.pread(fd, n, at), at, min(CHUNK, size - at)) <= CHUNK_WORTH
                 for at in range(0, size, CHUNK)]
     finally:
         os.close(fd)
