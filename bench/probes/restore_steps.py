@@ -50,6 +50,7 @@ def main() -> None:
     print("slowest opens:", ", ".join(f"{n} {s:.3f}" for s, n in sorted(opened, reverse=True)[:6]),
           f"(all {sum(s for s, _ in opened):.3f} s)")
     for r in res.replicas:
+        print(f"replica {r.name}: CRIU {r.criu_s:.3f} s, CUDA {r.cuda_s:.3f} s, ready at {r.ready_s:.3f} s")
         api.stop(r.name)
 
 
