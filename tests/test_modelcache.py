@@ -169,3 +169,20 @@ def test_the_image_cache_leaves_its_disk_a_reserve_the_oldest_images_going_first
     big.write_bytes(b"\1" * (2 * MiB))
     cache.copy_into_cache(big, "d" * 64)  # it would leave 4 MiB: not copied
     assert not (d / f"{'d' * 64}.img").exists()
+
+
+def test_images_enter_the_image_cache_readable_by_their_owner_alone(caches: Path, tmp_path: Path) -> None:
+    from warmstart.image import cache
+
+    os.umask(0o022)  # CRIU's images and a plain copy come out 0644 under the usual umask
+    raw = tmp_path / "pages-1.img"
+    raw.write_bytes(b"\1" * MiB)
+    raw.chmod(0o644)
+    cache.cache_raw(raw, "a" * 64)
+    inflated = tmp_path / "inflated"
+    inflated.write_bytes(b"\2" * MiB)
+    inflated.chmod(0o644)
+    cache.copy_into_cache(inflated, "b" * 64)
+    modes = {p.name[0]: p.stat().st_mode & 0o777 for p in (tmp_path / "images").iterdir()}
+    assert modes == {"a": 0o600, "b": 0o600}
+    assert (tmp_path / "images" / f"{'b' * 64}.img").read_bytes() == b"\2" * MiB

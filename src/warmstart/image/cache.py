@@ -44,6 +44,7 @@ def cache_raw(raw: Path, key: str) -> None:
     d = cache_dir() if KEY.match(key) else None
     try:
         if d:
+            os.chmod(raw, 0o600, follow_symlinks=False)  # CRIU writes its images 0644: process memory
             os.replace(raw, d / f"{key}.img")
             prune(d)
     except OSError:
@@ -62,7 +63,8 @@ def copy_into_cache(raw: Path, key: str) -> None:
         return
     tmp = fill_path(d, key)
     try:
-        shutil.copyfile(raw, tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        shutil.copyfile(raw, tmp)  # into the file just made, keeping its mode
         os.replace(tmp, d / f"{key}.img")
         prune(d)
     except OSError:
