@@ -79,8 +79,12 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     r = cli("restore", str(tmp_path / "art"), "--name", "mem-copy", "--json", env=read)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["inflate_s"] > 0  # the image is stored compressed and was not cached
-    # The inflated image went once CRIU had read it (other programs may make segments there meanwhile).
-    assert set(Path("/dev/shm").glob("warmstart-images-*")) <= before
+    # The inflated image goes once CRIU has read it, after the keeper it was handed to (image/keeper.py) has
+    # copied it into the cache (other programs may make segments there meanwhile).
+    deadline = time.monotonic() + 30
+    while not set(Path("/dev/shm").glob("warmstart-images-*")) <= before:
+        assert time.monotonic() < deadline, "the inflated image stayed in /dev/shm"
+        time.sleep(0.05)
     (rep,) = json.loads(r.stdout)["replicas"]
     assert http_get(rep["port"]).split() == [want, want]
     kept = kept_image(tmp_path / "art")  # the inflated image, kept for the next restore on this node

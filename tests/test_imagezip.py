@@ -308,3 +308,53 @@ def test_an_image_over_the_cache_budget_never_reaches_the_disk(tmp_path: Path, c
     image_cache.copy_into_cache(raw, "5" * 64)
     keeper.fill_after_checkpoint(tmp_path / "no-artifact", {"pages-2.img.sealed": ("5" * 64, 2 << 20)})
     assert not list(cache.iterdir())  # not even a mark for a keeper
+
+
+def _sealed_small(tmp_path: Path) -> tuple[Path, object, dict[str, bytes]]:
+    """A directory of small sealed files, as an artifact's shm/ (or its small images) holds them."""
+    import secrets
+
+    from warmstart.artifact import encryption
+
+    key = encryption.derive(secrets.token_bytes(32), secrets.token_bytes(16))
+    d = tmp_path / "shm"
+    d.mkdir()
+    raw = {"psm_1": os.urandom(5000) + bytes(12 << 20), "core-7.img": b"core" * 100}
+    for name, data in raw.items():
+        (d / name).write_bytes(data)
+    codec.seal(sorted(d.iterdir()), key, threads=2, mode="0")
+    return d, key, raw
+
+
+def test_small_sealed_files_are_kept_as_one_set_that_later_restores_copy(tmp_path: Path, cache: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    d, key, raw = _sealed_small(tmp_path)
+    keys = {p.name: f"{i:064x}" for i, p in enumerate(sorted(d.iterdir()))}
+    first = inflated.Inflated(d, threads=2, keys=keys, key=key, use_cache=False, set_below=None)
+    assert {p.name: p.read_bytes() for p in first.path.iterdir()} == raw
+    first.remove(keep=True)  # CRIU (or the replicas) read them
+    (kept,) = cache.glob("*.set")
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == raw
+    assert {p.stat().st_mode & 0o777 for p in kept.iterdir()} == {0o600} and kept.stat().st_mode & 0o777 == 0o700
+    assert (kept / "psm_1").stat().st_blocks * 512 <= 4 << 20  # the chunks of zeros stay holes
+
+    def no_inflate(*_: object, **__: object) -> int:
+        raise AssertionError("opened again although the set was cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(inflated, "inflate", no_inflate)
+        second = inflated.Inflated(d, threads=2, keys=keys, key=key, use_cache=False, set_below=None)
+    assert {p.name: p.read_bytes() for p in second.path.iterdir()} == raw
+    second.remove(keep=True)
+    assert list(cache.glob("*.set")) == [kept]
+
+    (kept / "core-7.img").write_bytes(b"cut")  # a set that does not hold each file whole is not used
+    third = inflated.Inflated(d, threads=2, keys=keys, key=key, use_cache=False, set_below=None)
+    assert (third.path / "core-7.img").read_bytes() == raw["core-7.img"]
+    third.remove()
+    other = {**keys, "core-7.img.sealed": "f" * 64}  # other checksums: another set
+    fourth = inflated.Inflated(d, threads=2, keys=other, key=key, use_cache=False, set_below=None)
+    fourth.remove(keep=True)
+    assert len(list(cache.glob("*.set"))) == 2
+    assert sorted(p.suffix for p, _ in image_cache.entries(cache)) == [".set", ".set"]
+    assert image_cache.clear() and not list(cache.iterdir())

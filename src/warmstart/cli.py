@@ -426,7 +426,7 @@ def _images_rows(t: Table) -> None:
     rows = image_cache.entries(d) if d else []
     limit = config.current().image_cache_mb
     t.add_row("[bold]images[/bold]", str(d or "no usable cache (WARMSTART_IMAGE_CACHE)"),
-              f"{sum(n for _, n in rows) / 1e6:.1f} MB", "", f"{limit} MiB, {image_cache.CACHE_KEEP} images")
+              f"{sum(n for _, n in rows) / 1e6:.1f} MB", "", f"{limit} MiB, {image_cache.CACHE_KEEP} images and sets")
     for p, n in rows:
         t.add_row("", p.name, f"{n / 1e6:.1f} MB", _when(_mtime(p)), "")
 

@@ -100,17 +100,25 @@ def madvise(addr: int, length: int, advice: int, what: str) -> None:
         raise OSError(ctypes.get_errno(), f"madvise on {what} failed")
 
 
-def resident_pages(fd: int, size: int) -> tuple[int, int] | None:
-    """(resident, total) pages of an open file in the page cache (mincore on a mapping never touched)."""
+def resident_pages(fd: int, size: int, windows: int = 0) -> tuple[int, int] | None:
+    """(resident, total) pages of an open file in the page cache (mincore on a mapping never touched); of
+    `windows` evenly spaced 256 KiB windows only, where that is less than the file (the kernel's walk of a large
+    file's pages takes ~17 ms a GB)."""
     addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     if addr in (None, MAP_FAILED):
         return None
     try:
-        pages = -(-size // mmap.PAGESIZE)
-        vec = ctypes.create_string_buffer(pages)
-        if libc.mincore(addr, size, vec) != 0:
-            return None
-        return pages - vec.raw.count(b"\x00"), pages
+        span = 256 << 10
+        step = (size // windows) // mmap.PAGESIZE * mmap.PAGESIZE if windows else 0
+        ranges = [(at, span) for at in range(0, size - span, step)] if step > span else [(0, size)]
+        resident = total = 0
+        for at, n in ranges:
+            pages = -(-n // mmap.PAGESIZE)
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(ctypes.c_void_p(addr + at), n, vec) != 0:
+                return None
+            resident, total = resident + pages - vec.raw.count(b"\x00"), total + pages
+        return resident, total
     finally:
         libc.munmap(addr, size)
 

@@ -2,14 +2,17 @@
 
 The checkpoint moves its raw images here (WARMSTART_IMAGE_CACHE, default /var/cache/warmstart/images); a
 restore on the same node links one that is still in the page cache instead of inflating it, and a restore
-that inflated an image copies it here once CRIU has read it. The newest CACHE_KEEP images are kept, within
-WARMSTART_IMAGE_CACHE_MB and leaving RESERVE of the disk free. The cache
+that inflated an image copies it here once CRIU has read it. An artifact's small files (the images under
+MIN_BYTES, its /dev/shm segments) are kept as a set, a directory named by their checksums together, which
+later restores copy instead of opening each file again. The newest CACHE_KEEP images and as many sets are
+kept, within WARMSTART_IMAGE_CACHE_MB and leaving RESERVE of the disk free. The cache
 is used only while it belongs to this user and no one else can write to it, and only a SHA-256 names an
 entry, so a manifest cannot point a restore at any other file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from warmstart import config, procs
+from warmstart.criu.shm import sparse_copy
 from warmstart.image import readahead
 
 CACHE_KEEP = 8
@@ -73,9 +77,18 @@ def copy_into_cache(raw: Path, key: str) -> None:
 
 def _size(p: Path) -> int:
     try:
+        if p.is_dir() and not p.is_symlink():  # a set: what its sparse files hold
+            return sum(f.stat().st_blocks * 512 for f in p.iterdir())
         return p.stat().st_size
     except OSError:
         return 0
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def has_room(d: Path, size: int, replacing: int = 0) -> bool:
@@ -85,9 +98,9 @@ def has_room(d: Path, size: int, replacing: int = 0) -> bool:
 
 
 def entries(d: Path) -> list[tuple[Path, int]]:
-    """(image, bytes) of the cache, newest first."""
-    images = sorted(d.glob("*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [(p, p.stat().st_size) for p in images]
+    """(image or set, bytes) of the cache, newest first."""
+    found = sorted([*d.glob("*.img"), *d.glob("*.set")], key=lambda p: p.stat().st_mtime, reverse=True)
+    return [(p, _size(p)) for p in found]
 
 
 def _free(d: Path) -> int:
@@ -105,19 +118,21 @@ def prune(d: Path) -> None:
     reserve free: the oldest go first."""
     budget = config.current().image_cache_mb << 20
     kept = []
-    for i, (p, size) in enumerate(entries(d)):
+    seen = {".img": 0, ".set": 0}
+    for p, size in entries(d):
         budget -= size
-        if i >= CACHE_KEEP or budget < 0:
-            p.unlink(missing_ok=True)
+        seen[p.suffix] += 1
+        if seen[p.suffix] > CACHE_KEEP or budget < 0:
+            _remove(p)
         else:
             kept.append(p)
     reserve = _reserve(d)
     while kept and _free(d) < reserve:
-        kept.pop().unlink(missing_ok=True)
+        _remove(kept.pop())
     for p in d.glob(".*.tmp"):  # copies that a killed restore left half done
         pid = _writer(p)
         if pid is not None and not procs.alive(pid):
-            p.unlink(missing_ok=True)
+            _remove(p)
 
 
 def _writer(tmp: Path) -> int | None:
@@ -131,7 +146,7 @@ def clear() -> list[Path]:
     d = cache_dir()
     gone = [p for p, _ in entries(d)] if d else []
     for p in gone:
-        p.unlink(missing_ok=True)
+        _remove(p)
     return gone
 
 
@@ -161,9 +176,45 @@ def cached(key: str | None, size: int, stop: Callable[[], None] = lambda: None) 
     if not path.exists():
         _wait_for_fill(d, key, stop)
     try:
-        if path.stat().st_size == size and readahead.resident_fraction([path]) >= _CACHED:
+        if path.stat().st_size == size and readahead.resident_fraction([path], windows=64) >= _CACHED:
             os.utime(path)  # recently used: pruned last
             return path
     except OSError:
         pass
     return None
+
+
+def set_key(files: dict[str, str]) -> str | None:
+    """The name of the set of these files (name -> the stored file's checksum, from the verified manifest)."""
+    if not files or not all(KEY.match(k) for k in files.values()):
+        return None
+    return hashlib.sha256("".join(f"{n} {k}\n" for n, k in sorted(files.items())).encode()).hexdigest()
+
+
+def cached_set(key: str) -> Path | None:
+    """The cache's set of that name, if it is there."""
+    d = cache_dir() if KEY.match(key) else None
+    path = d / f"{key}.set" if d else None
+    if path is None or path.is_symlink() or not path.is_dir():
+        return None
+    os.utime(path)  # recently used: pruned last
+    return path
+
+
+def keep_set(files: list[Path], key: str) -> None:
+    """Copy these raw files (holes kept) into the cache as the set `key`; nothing if the cache is unusable or
+    its disk too full, or the copy fails (a restore does not depend on it)."""
+    d = cache_dir() if KEY.match(key) else None
+    if not d or (d / f"{key}.set").exists():
+        return
+    tmp = fill_path(d, key)
+    try:
+        if not has_room(d, sum(f.stat().st_blocks * 512 for f in files)):
+            return
+        tmp.mkdir(mode=0o700)
+        for f in files:
+            sparse_copy(f, tmp / f.name)
+        os.rename(tmp, d / f"{key}.set")
+        prune(d)
+    except OSError:
+        _remove(tmp)

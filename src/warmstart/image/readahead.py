@@ -33,14 +33,15 @@ def _is_pages(p: Path) -> bool:
     return p.match("pages-*.img") or p.match("pages-*.img.z") or p.match("pages-*.img.sealed")  # image/codec.py
 
 
-def resident_fraction(paths: list[Path]) -> float:
-    """The fraction of these files' pages in the page cache now (mincore on a mapping that is never touched)."""
+def resident_fraction(paths: list[Path], windows: int = 0) -> float:
+    """The fraction of these files' pages in the page cache now (mincore on a mapping that is never touched);
+    of `windows` samples of each file (linux.resident_pages), if not 0."""
     total = resident = 0
     for p in paths:
         size = p.stat().st_size
         fd = os.open(p, os.O_RDONLY)
         try:
-            got = linux.resident_pages(fd, size)
+            got = linux.resident_pages(fd, size, windows)
         finally:
             os.close(fd)
         if got:
