@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli, free_port, http_get, one_error_line, wait_http
-from warmstart import procs
-from warmstart.quiesce import engines
-from warmstart.quiesce.http import flag_value
+from warmstart import linux, procs
 from warmstart.criu import shm
 from warmstart.errors import UsageError, WorkerError
+from warmstart.quiesce import engines
+from warmstart.quiesce.http import flag_value
 
 FAKE = REPO / "tests" / "workers" / "fake_engine.py"
 SHM_PAIR = REPO / "tests" / "workers" / "shm_pair.py"
@@ -60,7 +60,7 @@ def test_sparse_copy_keeps_data_and_holes(tmp_path: Path) -> None:
         f.write(b"middle")
         f.seek((64 << 20) - 4)
         f.write(b"tail")
-    copied = shm.sparse_copy(src, tmp_path / "dst")
+    copied = linux.sparse_copy(src, tmp_path / "dst")
     assert (tmp_path / "dst").read_bytes() == src.read_bytes()
     assert copied < 1 << 20  # only the data, not 64 MiB of holes
     assert (tmp_path / "dst").stat().st_blocks * 512 < 1 << 20

@@ -6,10 +6,12 @@ Standard library only, so that code running inside a worker (worker/, gpumem/, w
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -182,3 +184,38 @@ def in_network_of(pid: int, fn: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
+
+
+def sparse_copy(src: Path, dst: Path) -> int:
+    """Copy src to dst keeping holes; return the bytes of data copied."""
+    copied = 0
+    fin = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(fin).st_size
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fout, size)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(fin, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # only a hole left
+                        break
+                    raise
+                end = os.lseek(fin, start, os.SEEK_HOLE)
+                os.lseek(fout, start, os.SEEK_SET)
+                while start < end:
+                    # sendfile, not copy_file_range: the copy crosses file systems (tmpfs <-> disk).
+                    n = os.sendfile(fout, fin, start, end - start)
+                    if n == 0:
+                        break
+                    start += n
+                    copied += n
+                pos = end
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+    os.chmod(dst, os.stat(src).st_mode & 0o7777)
+    return copied

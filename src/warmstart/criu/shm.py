@@ -15,13 +15,13 @@ the dump, because a restore would consume the one extra name on the host.
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart import procs
 from warmstart.errors import WorkerError
+from warmstart.linux import sparse_copy
 
 SHM = Path("/dev/shm")
 _DELETED = " (deleted)"
@@ -95,41 +95,6 @@ def remove_remaps(names: set[str], shm_root: Path = SHM) -> None:
     """Drop the link names a dump added to /dev/shm: the artifact holds its own copies."""
     for n in names:
         (shm_root / n).unlink(missing_ok=True)
-
-
-def sparse_copy(src: Path, dst: Path) -> int:
-    """Copy src to dst keeping holes; return the bytes of data copied."""
-    copied = 0
-    fin = os.open(src, os.O_RDONLY)
-    try:
-        size = os.fstat(fin).st_size
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.ftruncate(fout, size)
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(fin, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:  # only a hole left
-                        break
-                    raise
-                end = os.lseek(fin, start, os.SEEK_HOLE)
-                os.lseek(fout, start, os.SEEK_SET)
-                while start < end:
-                    # sendfile, not copy_file_range: the copy crosses file systems (tmpfs <-> disk).
-                    n = os.sendfile(fout, fin, start, end - start)
-                    if n == 0:
-                        break
-                    start += n
-                    copied += n
-                pos = end
-        finally:
-            os.close(fout)
-    finally:
-        os.close(fin)
-    os.chmod(dst, os.stat(src).st_mode & 0o7777)
-    return copied
 
 
 def place(src: Path, root: Path = SHM) -> None:

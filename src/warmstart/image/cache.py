@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from warmstart import config, procs
-from warmstart.criu.shm import sparse_copy
 from warmstart.image import readahead
+from warmstart.linux import sparse_copy
 
 CACHE_KEEP = 8
 RESERVE = 8 << 30  # the cache leaves this much of its disk free (or a tenth of the disk, where that is less)

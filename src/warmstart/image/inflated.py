@@ -16,9 +16,9 @@ from pathlib import Path
 
 from warmstart import procs
 from warmstart.artifact.encryption import ImageKey
-from warmstart.criu.shm import sparse_copy
 from warmstart.image import cache, keeper
 from warmstart.image.codec import MIN_BYTES, Stop, inflate, packed, raw_name, raw_size
+from warmstart.linux import sparse_copy
 
 _SPARE = 256 << 20  # room left in a memory file system after the inflated images
 
