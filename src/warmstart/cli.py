@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from warmstart import config
 from warmstart.errors import EnvironmentProblem, UsageError, WarmstartError
@@ -18,14 +16,41 @@ from warmstart.gates import GATES, WARNING
 from warmstart.pipeline.steps import Progress, quiet
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from warmstart.artifact.manifest import Manifest
     from warmstart.pipeline.restore import RestoreResult
 
 # Plain help (rich_markup_mode=None): typer's rich help shows a flag as `--wait <bool>`, as if it took a value.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Checkpoint warm inference workers and restore them, many times, in seconds.")
-out = Console()
-err = Console(stderr=True)
+
+
+class _Lazy:
+    """rich's Console, made on first use: a command that prints JSON, as `restore --json` does, never imports
+    rich (~35 ms of its start)."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return getattr(self._console, name)
+
+
+out = _Lazy(stderr=False)
+err = _Lazy(stderr=True)
+
+
+def _table(**kw: Any) -> Table:
+    from rich.table import Table
+
+    return Table(**kw)
 _state = {"debug": False}
 
 
@@ -49,7 +74,7 @@ def _restore_progress(json_out: bool) -> Progress:
 
 
 def _emit(data: dict[str, Any]) -> None:
-    out.print_json(json.dumps(data, default=str))
+    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
 
 
 def _print_version(asked: bool) -> None:
@@ -176,7 +201,7 @@ def _render_restore(result: RestoreResult, json_out: bool) -> None:
                              "criu_s": round(r.criu_s, 3), "cuda_s": round(r.cuda_s, 3),
                              "ready_s": round(r.ready_s, 3)} for r in result.replicas]})
         return
-    t = Table(title=f"restored {result.artifact}")
+    t = _table(title=f"restored {result.artifact}")
     for col in ("replica", "name", "port", "pid", "CRIU s", "CUDA s", "ready s"):
         t.add_column(col)
     for r in result.replicas:
@@ -335,7 +360,7 @@ def ps(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) ->
     if json_out:
         _emit({"workers": [{**r.model_dump(), "alive": r.alive(), "state": r.state()} for r in recs]})
         return
-    t = Table()
+    t = _table()
     for col in ("name", "kind", "pid", "port", "state", "artifact / command"):
         t.add_column(col)
     for r in recs:
@@ -361,7 +386,7 @@ def doctor(
     from warmstart import doctor as doc
 
     rows = doc.checks(artifacts)
-    t = Table(title="warmstart doctor")
+    t = _table(title="warmstart doctor")
     for col in ("check", "", "found", "fix"):
         t.add_column(col)
     for r in rows:
@@ -395,7 +420,7 @@ def cache(which: str = typer.Argument("all", metavar="images|models|all",
     if json_out:
         _emit({k: v for c in shown for k, v in (_images_json() if c == "images" else _models_json()).items()})
         return
-    t = Table(title="warmstart cache", caption="limits: WARMSTART_IMAGE_CACHE_MB, WARMSTART_MODEL_CACHE_MB")
+    t = _table(title="warmstart cache", caption="limits: WARMSTART_IMAGE_CACHE_MB, WARMSTART_MODEL_CACHE_MB")
     t.add_column("cache")
     t.add_column("directory / entry", overflow="fold")
     t.add_column("size", justify="right")
@@ -500,7 +525,7 @@ def demo(
     if json_out:
         _emit(r.as_dict())
         return
-    t = Table(title="warmstart demo: reference worker")
+    t = _table(title="warmstart demo: reference worker")
     t.add_column("step")
     t.add_column("result", justify="right")
     t.add_row("cold start to first completion", f"{r.cold_start_s:.2f} s")
