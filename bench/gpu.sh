@@ -5,7 +5,7 @@
 #   bench/gpu.sh probe 1b [STAGE...]  bench/probes/checkpoint_size.py: what the checkpoint holds, by stage
 #   bench/gpu.sh nosdk 1b [8b]  bench/nosdk.py --reach: CUDA processes without the SDK, against the upstream recipe
 #   bench/gpu.sh weights 8b     the weight service's GPU test, then bench/weights_gpu.py for that shape
-#   bench/gpu.sh dumps 8b       bench/probes/dump_options.py: one worker's CRIU dump with each variant's options
+#   bench/gpu.sh dumps 8b [ARG...]  bench/probes/dump_options.py: one worker's CRIU dump with each variant's options
 # Carry: .deps/criu-bundle (criu + its shared libraries) and .whl (pydantic for the machine's python);
 # docs/benchmarks.md says how to make both.
 set -uo pipefail
@@ -28,7 +28,7 @@ mode=${1:-tests}; shift || true
     nosdk) python3 bench/nosdk.py $(printf -- '--shape %s ' "$@") --reach --out "$out" 2>&1 ;;
     weights) python3 -m pytest tests/test_gpu.py -k weights -q -s -p no:cacheprovider 2>&1
              python3 bench/weights_gpu.py --shape "${1:-8b}" --out "$out" 2>&1 ;;
-    dumps) python3 bench/probes/dump_options.py --shape "${1:-8b}" --out "$out" 2>&1 ;;
+    dumps) python3 bench/probes/dump_options.py --shape "${1:-8b}" --out "$out" "${@:2}" 2>&1 ;;
     probe) model=$(python3 -c 'from warmstart.reference import model as m; print(m.ensure(getattr(m, "LLAMA_" + "'"${1:-1b}"'".upper()), "bfloat16", "cuda"))')
            python3 bench/probes/checkpoint_size.py "$model" --out "$out" ${2:+--stage "${@:2}"} 2>&1 ;;
     *) echo "usage: bench/gpu.sh tests | bench SHAPE... | nosdk SHAPE... | probe SHAPE [STAGE...] | weights SHAPE | dumps SHAPE" ;;

@@ -7,7 +7,9 @@ the variants alternated, the page cache dropped between dumps.
 Variants: recipe (the upstream recipe's options), ours (criu/binary.py's dump_args), ours-v2 (CRIU's default
 log level instead of -v4), ours+seal (ours with image/behind.py sealing while CRIU writes, a thread per core),
 ours+seal4 (four sealing threads). Prints a table; dumps.json under --out. The worker's tokens are checked
-after its GPU state is restored at the end.
+after its GPU state is restored at the end. --keep-cache leaves the page cache as it is between dumps (the
+model's files in it, as after a cold start); --pipeline then also checkpoints the worker as warmstart does
+(`--leave-running`), for its dump step in the same worker.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from warmstart.artifact import encryption  # noqa: E402
 from warmstart.criu import binary as criu  # noqa: E402
 from warmstart.gpu import driver  # noqa: E402
 from warmstart.image import behind  # noqa: E402
-from warmstart.pipeline import run  # noqa: E402
+from warmstart.pipeline import checkpoint, run  # noqa: E402
 
 RECIPE = ["--file-locks", "--ext-unix-sk", "--tcp-established", "--leave-running"]
 
@@ -43,10 +45,11 @@ def variant_args(name: str, pid: int, images: Path, log: Path) -> list[str]:
     return [("-v2" if a == "-v4" else a) for a in args] if name == "ours-v2" else args
 
 
-def dump_once(name: str, pid: int, images: Path) -> dict[str, Any]:
+def dump_once(name: str, pid: int, images: Path, drop: bool) -> dict[str, Any]:
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
-    g.drop_caches()
+    if drop:
+        g.drop_caches()
     log = images.parent / f"{name}.log"
     threads = {"ours+seal": os.cpu_count() or 1, "ours+seal4": 4}.get(name)
     sealing = None
@@ -74,6 +77,8 @@ def main() -> None:
     ap.add_argument("--shape", default="8b", choices=sorted(g.SHAPES))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default="recipe,ours,ours-v2,ours+seal,ours+seal4")
+    ap.add_argument("--keep-cache", action="store_true")
+    ap.add_argument("--pipeline", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/warmstart-bench/dumps"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     args = ap.parse_args()
@@ -92,18 +97,27 @@ def main() -> None:
         g.log(f"CUDA lock + checkpoint {time.monotonic() - t0:.2f} s")
         for _ in range(args.rounds):
             for v in args.variants.split(","):
-                results.append(dump_once(v, rec.pid, args.work / "images"))
+                results.append(dump_once(v, rec.pid, args.work / "images", not args.keep_cache))
                 g.log(json.dumps(results[-1]))
         driver.restore(rec.pid)
         driver.unlock(rec.pid)
         same = nosdk.tokens(port) == want
+        if args.pipeline:
+            shutil.rmtree(args.work / "images", ignore_errors=True)
+            ck = checkpoint.checkpoint(rec.pid, args.work / "art", record=rec, leave_running=True, quiesce=False)
+            steps = ck.manifest.step_seconds()
+            results.append({"variant": "pipeline", "criu_s": round(steps["criu_dump"], 2), "steps": steps,
+                            "image_gb": round(ck.manifest.image_bytes / 1e9, 2)})
+            g.log(json.dumps(results[-1]))
+            same = same and nosdk.tokens(port) == want
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
         g.stop(name)
     (args.out / "dumps.json").write_text(json.dumps({"facts": g.gpu_facts(), "tokens_same": same,
+                                                    "keep_cache": args.keep_cache,
                                                     "dumps": results}, indent=2))
     print("| variant | CRIU dump s (each) | median | image GB |\n|---|---|---|---|")
-    for v in args.variants.split(","):
+    for v in args.variants.split(",") + (["pipeline"] if args.pipeline else []):
         each = [r["criu_s"] for r in results if r["variant"] == v]
         gb = next(r["image_gb"] for r in results if r["variant"] == v)
         print(f"| {v} | {', '.join(map(str, each))} | {statistics.median(each):.2f} | {gb} |")
