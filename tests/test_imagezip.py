@@ -123,9 +123,31 @@ def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_
 
     evict_file(cached)  # as on a node that has not read it since a reboot
     again = inflated.Inflated(images, threads=2, keys={"pages-2.img.z": "2" * 64})
-    assert not (again.path / "pages-2.img").is_symlink()  # inflated again rather than read
+    # Inflated again rather than read: its compressed file is in memory, the raw image is not.
+    assert not (again.path / "pages-2.img").is_symlink()
     assert (again.path / "pages-2.img").read_bytes() == big and cached.stat().st_ino == ino
     again.remove()
+
+
+def test_a_cold_raw_image_is_linked_for_a_sealed_one_but_not_for_a_compressed_one_in_memory(tmp_path: Path,
+                                                                                        cache: Path) -> None:
+    big = _pages(codec.MIN_BYTES)
+    sealed, compressed = tmp_path / "pages-2.img.sealed", tmp_path / "pages-2.img.z"
+    sealed.write_bytes(big + bytes(4096))  # as large as its raw image, and then some (the tags)
+    compressed.write_bytes(big[: len(big) // 2])  # half its raw size
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(big)
+    image_cache.cache_raw(raw, "7" * 64)
+    cached = cache / ("7" * 64 + ".img")
+    for f in (cached, sealed, compressed):
+        evict_file(f)  # a node's disk after a reboot: nothing of them in the page cache
+    # Both files cold: the sealed file needs as many bytes from the disk and then its decryption.
+    assert image_cache.cached("7" * 64, len(big), sealed) == cached
+    # The compressed file is in memory, its raw image on a cold disk: opening it reads nothing from the disk.
+    compressed.read_bytes()
+    assert image_cache.cached("7" * 64, len(big), compressed) is None
+    cached.read_bytes()  # the raw image in memory too: linked
+    assert image_cache.cached("7" * 64, len(big), compressed) == cached
 
 
 def test_a_cache_others_can_write_to_is_not_used(tmp_path: Path, cache: Path) -> None:
@@ -276,6 +298,8 @@ def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Pat
     d = image_cache.cache_dir()
     assert d is not None
     key, data = "3" * 64, os.urandom(1 << 20)
+    stored = tmp_path / "pages-2.img.sealed"  # the artifact's file of it, as large
+    stored.write_bytes(data)
     marker = image_cache.fill_path(d, key)  # as the checkpoint marks it for its keeper (here: this process)
     marker.write_bytes(data)
 
@@ -285,7 +309,7 @@ def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Pat
 
     threading.Thread(target=finish).start()
     t0 = time.monotonic()
-    assert image_cache.cached(key, len(data)) == d / f"{key}.img"
+    assert image_cache.cached(key, len(data), stored) == d / f"{key}.img"
     assert time.monotonic() - t0 >= 0.4
     image_cache.fill_path(d, "6" * 64).write_bytes(data)  # never finished: an interrupted restore stops waiting
 
@@ -293,11 +317,11 @@ def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Pat
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        image_cache.cached("6" * 64, len(data), interrupted)
+        image_cache.cached("6" * 64, len(data), stored, interrupted)
     dead = d / f".{'4' * 64}-999999999.tmp"  # a keeper that died: not waited for
     dead.write_bytes(b"x")
     t0 = time.monotonic()
-    assert image_cache.cached("4" * 64, 1) is None and time.monotonic() - t0 < 5
+    assert image_cache.cached("4" * 64, 1, stored) is None and time.monotonic() - t0 < 5
 
 
 def test_an_image_over_the_cache_budget_never_reaches_the_disk(tmp_path: Path, cache: Path,

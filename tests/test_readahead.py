@@ -116,6 +116,26 @@ def test_a_sealed_image_is_asked_of_the_disk(tmp_path: Path, monkeypatch: pytest
     assert not copied  # the opening step reads it: the readahead copies none of it
 
 
+def test_a_stored_image_whose_raw_image_the_restore_links_is_read_from_that_file(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    sealed = images / "pages-5.img.sealed"
+    sealed.write_bytes(os.urandom(16 << 20))
+    raw = tmp_path / "cache" / ("5" * 64 + ".img")  # its raw image in the node's cache, on a cold disk
+    raw.parent.mkdir()
+    raw.write_bytes(os.urandom(16 << 20))
+    evict_file(sealed)
+    evict_file(raw)
+    first, _ = readahead.order(images, (), instead={sealed: raw})
+    assert [p for p, _, _ in first] == [raw]
+    r = readahead.start_if_cold(images, threads=2, instead={sealed: raw})
+    assert r is not None and r.wait(10)
+    r.stop()
+    assert readahead.resident_fraction([raw]) > 0.99
+    assert readahead.resident_fraction([sealed]) < 0.1  # the restore does not read it: nor does the readahead
+    assert readahead.start_if_cold(images, threads=2, instead={sealed: raw}) is None  # what it reads is cached
+
+
 def test_held_pieces_wait_for_go_on(tmp_path: Path) -> None:
     images = _image(tmp_path)
     later = tmp_path / "lib.so"

@@ -1,7 +1,8 @@
 """The raw-image cache: uncompressed pages images on disk, named by their compressed file's SHA-256.
 
 The checkpoint moves its raw images here (WARMSTART_IMAGE_CACHE, default /var/cache/warmstart/images); a
-restore on the same node links one that is still in the page cache instead of inflating it, and a restore
+restore on the same node links one instead of inflating it where that reads no more from the disk (`cached`:
+always for a sealed image, for a compressed one while the raw image is mostly in the page cache), and a restore
 that inflated an image copies it here once CRIU has read it. An artifact's small files (the images under
 MIN_BYTES, its /dev/shm segments) are kept as a set, a directory named by their checksums together, which
 later restores copy instead of opening each file again. The newest CACHE_KEEP images and as many sets are
@@ -26,7 +27,9 @@ from warmstart.linux import sparse_copy
 
 CACHE_KEEP = 8
 RESERVE = 8 << 30  # the cache leaves this much of its disk free (or a tenth of the disk, where that is less)
-_CACHED = 0.5  # a raw image at least this much in the page cache is used as it is
+# Opening a stored image fills its raw size of new memory (~5 GB/s on the GPU VMs, ~1 GB/s on the 2-core VM,
+# AES-GCM or zlib beside it): counted as at least this fraction of reading the raw size from a disk of 1-2 GB/s.
+_OPEN_COST = 0.25
 KEY = re.compile(r"^[0-9a-f]{64}$")
 _FILL_WAIT_S = 300.0  # the most a restore waits for a checkpoint's copy into the cache
 
@@ -166,8 +169,9 @@ def _wait_for_fill(d: Path, key: str, stop: Callable[[], None]) -> None:
         time.sleep(0.02)
 
 
-def cached(key: str | None, size: int, stop: Callable[[], None] = lambda: None) -> Path | None:
-    """The cache's raw image for this checksum, if it is there (or being written there) and in the page cache."""
+def cached(key: str | None, size: int, stored: Path, stop: Callable[[], None] = lambda: None) -> Path | None:
+    """The cache's raw image for this checksum, if it is there (or being written there) and cheaper to read than
+    opening `stored`, the artifact's compressed or sealed file of it (`_cheaper`)."""
     d = cache_dir() if key and KEY.match(key) else None
     if not d:
         return None
@@ -176,12 +180,21 @@ def cached(key: str | None, size: int, stop: Callable[[], None] = lambda: None) 
     if not path.exists():
         _wait_for_fill(d, key, stop)
     try:
-        if path.stat().st_size == size and readahead.resident_fraction([path], windows=64) >= _CACHED:
+        if path.stat().st_size == size and _cheaper(path, size, stored):
             os.utime(path)  # recently used: pruned last
             return path
     except OSError:
         pass
     return None
+
+
+def _cheaper(raw: Path, size: int, stored: Path) -> bool:
+    """Whether reading the raw image costs no more than opening the stored file, counting the bytes each needs
+    from the disk (what the page cache lacks) and the opening's own cost. A sealed file is as large as its raw
+    image, so even a cold raw image is cheaper; a compressed one needs fewer bytes from a cold disk."""
+    raw_disk = size * (1 - readahead.resident_fraction([raw], windows=64))
+    stored_disk = stored.stat().st_size * (1 - readahead.resident_fraction([stored], windows=64))
+    return raw_disk <= stored_disk + _OPEN_COST * size
 
 
 def set_key(files: dict[str, str]) -> str | None:

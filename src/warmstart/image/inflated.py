@@ -76,7 +76,7 @@ class Inflated:
         self._set_key = cache.set_key({z.name: keys[z.name] for z in in_set})
         have = _whole(cache.cached_set(self._set_key) if self._set_key else None, {z: stored[z] for z in in_set})
         self._set_new = [] if have else sorted(raw_name(z) for z in in_set)  # kept as the set by `remove(keep=True)`
-        cached = {z: cache.cached(keys.get(z.name), size, stop) if use_cache and size >= MIN_BYTES else None
+        cached = {z: cache.cached(keys.get(z.name), size, z, stop) if use_cache and size >= MIN_BYTES else None
                   for z, size in stored.items() if z not in in_set or not have}
         where = memory_dir(sum(size for z, size in stored.items() if not cached.get(z)))
         remove_stale(where)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import MappingProxyType
 
 from warmstart import linux
 
@@ -143,12 +145,12 @@ def _split(pieces: list[Piece]) -> list[Piece]:
 
 
 def order(images: Path, ranges: tuple[Piece, ...], saved: tuple[Path, ...] = (),
-          skip: frozenset[Path] = frozenset()) -> tuple[list[Piece], list[Piece]]:
+          instead: Mapping[Path, Path] = MappingProxyType({})) -> tuple[list[Piece], list[Piece]]:
     """What a cold restore needs, in the order it needs it: (first, then). CRIU reads its small images and
     checks each library's build id first, then restores the memfds (small pages images) and the process's
     memory (the large one). The libraries' other pages and the saved files are needed once the process runs
     again; they are read side by side, since the libraries' many small reads alone leave the disk half idle."""
-    pages = sorted((p for p in pages_images(images) if p not in skip), key=lambda p: p.stat().st_size)
+    pages = sorted((instead.get(p, p) for p in pages_images(images)), key=lambda p: p.stat().st_size)
     small = [p for p in sorted(images.iterdir()) if p.is_file() and not _is_pages(p)]
     heads = [(p, 0, _HEAD) for p in dict.fromkeys(r[0] for r in ranges)]  # a read past the end stops there
     return [*whole(small), *heads, *whole(pages)], _interleave(_split(list(ranges)), _split(whole(list(saved))))
@@ -171,12 +173,13 @@ def _interleave(a: list[Piece], b: list[Piece]) -> list[Piece]:
 
 
 def start_if_cold(images: Path, threads: int, below: float = 0.5, then: tuple[Path, ...] = (),
-                  ranges: tuple[Piece, ...] = (), skip: frozenset[Path] = frozenset()) -> Readahead | None:
+                  ranges: tuple[Piece, ...] = (),
+                  instead: Mapping[Path, Path] = MappingProxyType({})) -> Readahead | None:
     """Readers for the image, then the `ranges` (the worker's libraries) and the files in `then`, when less than
-    `below` of the image's pages and those files is cached; None when it is. `skip`: stored images the restore
-    will not read (their raw image comes from the node's cache)."""
-    everything = [p for p in pages_images(images) if p not in skip] + list(then)
+    `below` of the image's pages and those files is cached; None when it is. `instead`: stored images the
+    restore reads from another file (their raw image in the node's cache), read here in their place."""
+    everything = [instead.get(p, p) for p in pages_images(images)] + list(then)
     if not everything or resident_fraction(everything) >= below:
         return None
-    first, later = order(images, ranges, then, skip)
+    first, later = order(images, ranges, then, instead)
     return Readahead(first, threads, later)

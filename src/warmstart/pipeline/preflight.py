@@ -41,21 +41,22 @@ class Checked:
         return d if d.is_dir() else None
 
 
-def _cached_images(artifact: Path, m: Manifest, stop: Callable[[], None]) -> frozenset[Path]:
-    """The stored (compressed or sealed) images whose raw image this node's cache holds in memory: the restore
-    links that, so reading the stored file ahead would only take the disk from what is needed."""
-    out = set()
+def _cached_images(artifact: Path, m: Manifest, stop: Callable[[], None]) -> dict[Path, Path]:
+    """The stored (compressed or sealed) images whose raw image in this node's cache the restore will link
+    (cache.cached), each with that raw image: the readahead reads that instead of the stored file."""
+    out = {}
     for f in m.files:
         p = artifact / f.path
         if f.path.startswith(IMAGES_DIR + "/") and p.name.endswith((codec.SUFFIX, codec.SEALED_SUFFIX)):
             try:
                 size = codec.raw_size(p)
                 # As image/inflated.py: only large images go to the cache, and a worker has a hundred small ones.
-                if size >= codec.MIN_BYTES and cache.cached(f.sha256, size, stop):
-                    out.add(p)
+                raw = cache.cached(f.sha256, size, p, stop) if size >= codec.MIN_BYTES else None
+                if raw:
+                    out[p] = raw
             except (OSError, ImageError):
                 pass  # the verify step names what is wrong with it
-    return frozenset(out)
+    return out
 
 
 def _weight_services(m: Manifest) -> None:
@@ -92,7 +93,7 @@ def check(artifact: Path, gpu_device: str | None, replicas: int, verify_cache: b
     ahead = readahead.start_if_cold(artifact / IMAGES_DIR, criu.read_threads(),
                                     then=tuple(sorted(saved.iterdir())) if saved.is_dir() else (),
                                     ranges=workingset.pieces(manifest.working_set, root),
-                                    skip=frozenset() if root else _cached_images(artifact, manifest, stop))
+                                    instead={} if root else _cached_images(artifact, manifest, stop))
     try:
         gpu_map = placement.plan_here(manifest.gpus, manifest.driver_version, gpu_device, replicas,
                                       manifest.worker.gpu_bytes_to_remap, skip, progress)
