@@ -24,6 +24,8 @@ WARMSTART = [sys.executable, "-m", "warmstart"]
 os.environ.setdefault("WARMSTART_IMAGE_CACHE", f"/tmp/warmstart-test-image-cache-{os.getpid()}")
 # The artifact signing key of this test session (artifact/signing.py), made on first use.
 os.environ.setdefault("WARMSTART_KEY_DIR", f"/tmp/warmstart-test-keys-{os.getpid()}")
+# A fork server this host may run (forkserver.py) serves only the tests that start their own.
+os.environ.setdefault("WARMSTART_FORKSERVER", "0")
 COUNTER = REPO / "tests" / "workers" / "counter.py"
 SLOW_QUIESCE = REPO / "tests" / "workers" / "slow_quiesce.py"
 SAVED_STATE = REPO / "tests" / "workers" / "saved_state.py"

@@ -17,7 +17,8 @@ SRC = ROOT / "src" / "warmstart"
 # primitives import each other (and the stage pairs in STAGE_EDGES). Code that runs inside the worker (its own rule
 # below) may be imported by anyone: it is standard library only.
 LAYERS = [
-    {"__init__", "__main__", "cli", "api", "demo", "doctor", "cuda_checkpoint", "k8s"},  # front doors
+    {"__init__", "__main__", "entry", "forkserver", "forkloop", "cli", "api", "demo", "doctor", "cuda_checkpoint",
+     "k8s"},  # front doors
     {"pipeline"},
     {"quiesce", "gpu", "criu", "image", "replica", "weights"},  # stages
     {"artifact"},  # the artifact's model and store

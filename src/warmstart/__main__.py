@@ -1,3 +1,3 @@
-from warmstart.cli import main
+from warmstart.entry import main
 
 main()

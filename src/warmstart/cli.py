@@ -265,6 +265,22 @@ def agent(
     node_agent.main(node, claim, artifacts, metrics_port, kubeconfig)
 
 
+@app.command()
+def forkserver(
+    socket_path: Path = typer.Option(Path("/run/warmstart/forkserver.sock"), "--socket", envvar="WARMSTART_FORKSERVER",
+                                     help="Where to listen; `warmstart` commands with the same setting use it."),
+) -> None:
+    """Serve this user's `warmstart` commands from one process that has imported warmstart already: each
+    command is a fork of it and starts in milliseconds, not Python's 0.3-0.4 s (docs/cli.md). Runs until
+    SIGTERM or Ctrl-C."""
+    from warmstart import forkserver as server
+
+    if not socket_path.is_absolute():
+        raise UsageError(f"the fork server's socket must be an absolute path, not {str(socket_path)!r}",
+                         "pass --socket /run/warmstart/forkserver.sock (WARMSTART_FORKSERVER=0 means no server)")
+    server.serve(socket_path)
+
+
 @app.command(hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def placeholder(ctx: typer.Context) -> None:
     """First process of a Kubernetes warmstart container: `-- CMD` in a source, nothing in a restore target."""

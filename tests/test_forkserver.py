@@ -1,0 +1,121 @@
+"""`warmstart forkserver` (forkserver.py, forkloop.py): a real server process and real `warmstart` commands,
+each run through it and run alone, compared."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, WARMSTART, cli
+from warmstart import forkserver
+
+
+class Server:
+    def __init__(self, sock: Path, log: Path, proc: subprocess.Popen[bytes]) -> None:
+        self.sock, self.log, self.proc = sock, log, proc
+
+    def forked(self) -> list[str]:
+        return [ln for ln in self.log.read_text().splitlines() if " for client " in ln]
+
+
+@pytest.fixture()
+def server(tmp_path: Path, home: Path) -> Iterator[Server]:
+    sock, log = tmp_path / "fs" / "s.sock", tmp_path / "fs.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([*WARMSTART, "forkserver", "--socket", str(sock)], stdout=f, stderr=f, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    yield Server(sock, log, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert not sock.exists()  # removed on the way out
+
+
+def both(server: Server, *args: str, cwd: Path = REPO) -> tuple[subprocess.CompletedProcess[str], ...]:
+    """The command through the server, then alone; the server must have forked it."""
+    before = len(server.forked())
+    runs = []
+    for via in (str(server.sock), "0"):
+        runs.append(subprocess.run([*WARMSTART, *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+                                   env={**os.environ, forkserver.ENV: via}))
+    assert len(server.forked()) == before + 1, server.log.read_text()
+    return tuple(runs)
+
+
+def test_a_command_through_the_server_prints_and_exits_as_it_would_alone(server: Server, tmp_path: Path) -> None:
+    via, alone = both(server, "ps", "--json")
+    assert via.returncode == alone.returncode == 0
+    assert via.stdout == alone.stdout and '"workers": []' in via.stdout
+    # Its environment, working directory and exit code are the client's: a relative artifact, resolved there.
+    (tmp_path / "elsewhere").mkdir()
+    via, alone = both(server, "restore", "no-such-artifact", cwd=tmp_path / "elsewhere")
+    assert via.returncode == alone.returncode == 4
+    assert via.stderr == alone.stderr and str(tmp_path / "elsewhere" / "no-such-artifact") in via.stderr
+
+
+def test_an_interrupted_command_is_cancelled_and_says_so(server: Server) -> None:
+    # An engine worker that never serves: `--wait` waits until Ctrl-C.
+    cmd = [*WARMSTART, "run", "--name", "never", "--engine", "vllm", "--wait", "--timeout", "60", "--",
+           "python3", "-c", "import time; time.sleep(100)"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env={**os.environ, forkserver.ENV: str(server.sock)})
+    deadline = time.monotonic() + 60
+    while not server.forked():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr  # as `warmstart run --wait` alone ends
+    cli("stop", "never")
+
+
+def test_a_client_that_goes_away_gets_its_command_cancelled(server: Server) -> None:
+    cmd = [*WARMSTART, "run", "--name", "orphan", "--engine", "vllm", "--wait", "--timeout", "60", "--",
+           "python3", "-c", "import time; time.sleep(100)"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                         env={**os.environ, forkserver.ENV: str(server.sock)})
+    deadline = time.monotonic() + 60
+    while not server.forked():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(server.forked()[-1].split("pid ")[1].split()[0])
+    time.sleep(1)
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the forked command went on without its client"
+        time.sleep(0.05)
+    cli("stop", "orphan")
+
+
+def test_changed_code_runs_the_command_here(server: Server) -> None:
+    src = Path(forkserver.__file__)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # as an edit of the checkout would
+    try:
+        before = len(server.forked())
+        r = subprocess.run([*WARMSTART, "ps", "--json"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                           env={**os.environ, forkserver.ENV: str(server.sock)})
+        assert r.returncode == 0 and '"workers"' in r.stdout
+        assert len(server.forked()) == before  # run by the client itself
+        assert "runs other code" in server.log.read_text()
+    finally:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_the_server_will_not_listen_through_a_symlink(tmp_path: Path, home: Path) -> None:
+    (tmp_path / "fs").mkdir(mode=0o700)
+    (tmp_path / "fs" / "s.sock").symlink_to(tmp_path / "elsewhere")
+    r = cli("forkserver", "--socket", str(tmp_path / "fs" / "s.sock"), timeout=60)
+    assert r.returncode != 0 and "is not a socket" in r.stderr, r.stderr
+    assert not (tmp_path / "elsewhere").exists()
