@@ -4,7 +4,8 @@
 
 Starts vLLM's OpenAI server under `warmstart run --engine vllm`, times it from launch to its first
 completion, checkpoints it, then restores it with the `warmstart restore` command (a fresh process, as a
-user would) from a cold and from a warm page cache, and as 2 replicas side by side; each restore is timed
+user would) from a cold and from a warm page cache, and as 2 replicas side by side, then the same warm restores
+forked by a `warmstart forkserver` (no Python start or imports of their own); each restore is timed
 from the command's start to the replica's first completion, which must equal the cold start's. Needs root
 (CRIU, dropping the page cache). Prints a table; writes vllm_cpu.json under --out.
 """
@@ -63,13 +64,14 @@ def wait_for_keepers(timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
-def restore_once(art: Path, replicas: int, cold: bool) -> dict:
+def restore_once(art: Path, replicas: int, cold: bool, forkserver: Path | None = None) -> dict:
     wait_for_keepers()
     if cold:
         drop_caches()
+    env = {**os.environ, "WARMSTART_FORKSERVER": str(forkserver) if forkserver else "0"}
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "warmstart", "restore", str(art), "--replicas", str(replicas), "--json"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"restore failed: {r.stderr}")
     t_cmd = time.monotonic() - t0
@@ -82,7 +84,20 @@ def restore_once(art: Path, replicas: int, cold: bool) -> dict:
                     "first_completion_s": round(t - t0, 3), "after_ready_s": round(t - t0 - t_cmd, 3), "text": text})
     for rep in reps:
         registry.stop(rep["name"], grace_s=2)
-    return {"replicas": replicas, "cold_page_cache": cold, "command_s": round(t_cmd, 3), "each": out}
+    return {"replicas": replicas, "cold_page_cache": cold, "forkserver": forkserver is not None,
+            "command_s": round(t_cmd, 3), "each": out}
+
+
+def start_forkserver(sock: Path) -> subprocess.Popen[bytes]:
+    """`warmstart forkserver` with this bench's environment: the restores after it start as its forks."""
+    proc = subprocess.Popen([sys.executable, "-m", "warmstart", "forkserver", "--socket", str(sock)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("warmstart forkserver did not start")
+        time.sleep(0.05)
+    return proc
 
 
 def main() -> None:
@@ -117,6 +132,13 @@ def main() -> None:
     }
     for replicas, cold in ((1, True), (1, False), (1, False), (2, False)):
         results["restores"].append(restore_once(work / "art", replicas, cold))
+    server = start_forkserver(work / "forkserver" / "s.sock")
+    try:
+        for replicas in (1, 1, 2):
+            results["restores"].append(restore_once(work / "art", replicas, False, work / "forkserver" / "s.sock"))
+    finally:
+        server.terminate()
+        server.wait(60)
     same = all(e["text"] == expected for r in results["restores"] for e in r["each"])
     results["completions_identical"] = same
 
@@ -128,6 +150,7 @@ def main() -> None:
     rows += [(f"  {t.transform} {'applied' if t.applied else 'skipped'}", t.reason) for t in res.manifest.transforms]
     for r in results["restores"]:
         what = f"restore x{r['replicas']}, {'cold' if r['cold_page_cache'] else 'warm'} page cache, to first completion"
+        what += ", forked by `warmstart forkserver`" if r.get("forkserver") else ""
         firsts = ", ".join(f"{e['first_completion_s']:.2f}" for e in r["each"])
         after = ", ".join(f"{e['after_ready_s']:.2f}" for e in r["each"])
         rows.append((what, f"{firsts} s (CRIU {', '.join(str(round(e['criu_s'], 2)) for e in r['each'])}; "
@@ -150,6 +173,7 @@ def figures(results: dict) -> dict[str, float]:
     out = {"checkpoint_s": results["checkpoint_s"], **guard.flat("steps", results["steps"])}
     for i, r in enumerate(results["restores"]):
         kind = f"restore{i}_x{r['replicas']}_{'cold' if r['cold_page_cache'] else 'warm'}"
+        kind += "_forkserver" if r.get("forkserver") else ""
         out[f"{kind}.first_completion_s"] = max(e["first_completion_s"] for e in r["each"])
         out[f"{kind}.after_ready_s"] = max(e["after_ready_s"] for e in r["each"])
     return out
