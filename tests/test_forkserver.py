@@ -98,6 +98,27 @@ def test_a_client_that_goes_away_gets_its_command_cancelled(server: Server) -> N
     cli("stop", "orphan")
 
 
+def test_a_command_killed_by_a_signal_ends_its_client_by_that_signal(server: Server) -> None:
+    cmd = [*WARMSTART, "run", "--name", "killed", "--engine", "vllm", "--wait", "--timeout", "60", "--",
+           "python3", "-c", "import time; time.sleep(100)"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                         env={**os.environ, forkserver.ENV: str(server.sock)})
+    deadline = time.monotonic() + 60
+    while not server.forked():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(int(server.forked()[-1].split("pid ")[1].split()[0]), signal.SIGKILL)
+    assert p.wait(30) == -signal.SIGKILL  # as the shell would see the command itself killed
+    cli("stop", "killed")
+
+
+def test_a_second_server_on_the_same_socket_is_refused(server: Server) -> None:
+    r = cli("forkserver", "--socket", str(server.sock), timeout=60)
+    assert r.returncode == 3 and "already serves" in r.stderr, r.stderr
+    via, _ = both(server, "ps", "--json")  # the first still serves
+    assert via.returncode == 0
+
+
 def test_changed_code_runs_the_command_here(server: Server) -> None:
     src = Path(forkserver.__file__)
     st = src.stat()

@@ -11,7 +11,8 @@ _HERE = ("forkserver", "agent", "placeholder")  # long-lived, or a container's f
 
 def main() -> None:
     argv = sys.argv[1:]
-    if not (argv[:1] and argv[0] in _HERE) and Path(sys.argv[0]).name != "cuda-checkpoint":
+    command = next((a for a in argv if not a.startswith("-")), None)  # after global options such as --debug
+    if command not in _HERE and Path(sys.argv[0]).name != "cuda-checkpoint":
         from warmstart import forkserver
 
         code = forkserver.ask(argv)

@@ -3,7 +3,10 @@ the forked command its client's process settings, report how it ended."""
 
 from __future__ import annotations
 
+import array
 import atexit
+import contextlib
+import ctypes
 import os
 import resource
 import selectors
@@ -12,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,9 @@ from warmstart.errors import EnvironmentProblem
 
 _LIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_") and n != "RLIMIT_OFILE"]
 _DRAIN_S = 60.0  # how long a stopping server waits for its commands to end
-_SAME_STATUS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp", "Groups")
+_SAME_STATUS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp",
+                "Seccomp_filters")
+_PR_SET_PDEATHSIG = 1
 
 
 def preload() -> None:
@@ -34,28 +40,47 @@ def preload() -> None:
     import warmstart.pipeline.restore  # noqa: F401
 
 
-def listen(path: Path) -> socket.socket:
-    """The server's socket, 0600 in a directory only this user can write; a symlink there is refused."""
+def listen(path: Path) -> tuple[socket.socket, int]:
+    """The server's socket (and its inode), 0600 in a directory only this user can write; a symlink or another
+    file there, or a live server on it, is refused."""
     from warmstart import paths
 
     paths.private_dir(path.parent, setting=forkserver.ENV)
     if path.is_symlink() or (path.exists() and not path.is_socket()):
         raise EnvironmentProblem(f"{path} exists and is not a socket", f"remove it, or set {forkserver.ENV}")
+    if path.exists():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                raise EnvironmentProblem(f"a fork server already serves on {path}",
+                                         "stop it first (SIGTERM), or pass another --socket")
+        path.unlink()  # a server that was killed left it
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path.unlink(missing_ok=True)  # a server that was killed left it
     old = os.umask(0o177)
     try:
         s.bind(str(path))
     finally:
         os.umask(old)
     s.listen(64)
-    return s
+    return s, os.stat(path).st_ino
+
+
+def unlink_ours(path: Path, ino: int) -> None:
+    """Remove the socket if it is still the one this server bound (a later server's stays)."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == ino:
+            path.unlink()
 
 
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return {k: fields.get(k, "").strip() for k in _SAME_STATUS}
+    out = {k: fields.get(k, "").strip() for k in _SAME_STATUS}
+    try:
+        with open(f"/proc/{pid}/attr/current") as f:
+            out["lsm"] = f.read().strip("\0\n")
+    except OSError:
+        out["lsm"] = ""
+    return out
 
 
 def _cgroups(pid: int) -> str:
@@ -64,13 +89,14 @@ def _cgroups(pid: int) -> str:
 
 
 def fits(client: int) -> str | None:
-    """Why a command of that process cannot run here as it would there (None: it can): another container, other
-    privileges, or another cgroup outside cgroup v2 (where the forked command cannot simply follow it)."""
+    """Why a command of that process cannot run here as it would there (None: it can): another container or
+    root, other ids, privileges or confinement, or another cgroup outside cgroup v2 (which a fork cannot simply
+    follow)."""
     if not forkserver.same_namespaces(client):
-        return "the client is in other namespaces"
+        return "the client is in other namespaces or under another root"
     try:
         if _status(client) != _status(os.getpid()):
-            return "the client has other capabilities, groups or seccomp"
+            return "the client has other ids, capabilities, seccomp filters or security label"
         theirs, ours = _cgroups(client), _cgroups(os.getpid())
     except OSError as e:
         return f"cannot read the client's process status ({e.strerror})"
@@ -92,28 +118,33 @@ def settle(child: int, client: int) -> None:
     os.sched_setaffinity(child, os.sched_getaffinity(client))
 
 
+def _become(req: dict[str, Any], fds: list[int]) -> None:
+    """The client's stdio, directory, environment, umask and ignored signals."""
+    for i, fd in enumerate(fds[:3]):
+        os.dup2(fd, i)
+        os.close(fd)
+    os.fchdir(fds[3])
+    os.close(fds[3])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    os.umask(int(req["umask"]))
+    for sig in req.get("ignored", []):
+        if sig in forkserver.RELAYED:
+            signal.signal(sig, signal.SIG_IGN)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the descriptors stay open for the whole command
+    sys.stdout = open(1, "w", 1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115 - 1: by lines
+    sys.stderr = open(2, "w", 1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    sys.argv = ["warmstart", *req["argv"]]
+
+
 def run_command(req: dict[str, Any], fds: list[int], go: int) -> None:
     """In the forked child: wait for `settle`, become the client's command, run it, exit with its code."""
     if os.read(go, 1) != b"1":
         os._exit(1)
     os.close(go)
-    for i, fd in enumerate(fds):
-        os.dup2(fd, i)
-        os.close(fd)
-    os.environ.clear()
-    os.environ.update(req["env"])
-    try:
-        os.chdir(req["cwd"])
-    except OSError as e:
-        os.write(2, f"error: cannot run in {req['cwd']} ({e.strerror}) — cd to a directory that exists\n".encode())
-        os._exit(2)
-    os.umask(int(req["umask"]))
-    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the descriptors stay open for the whole command
-    sys.stdout = open(1, "w", 1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115 - 1: by lines
-    sys.stderr = open(2, "w", 1, errors="backslashreplace", closefd=False)  # noqa: SIM115
-    sys.argv = ["warmstart", *req["argv"]]
     code = 1
     try:
+        _become(req, fds)
         from warmstart import cli
 
         try:
@@ -130,18 +161,17 @@ def run_command(req: dict[str, Any], fds: list[int], go: int) -> None:
         code = 130
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(code)
 
 
 class Loop:
-    """Accepts commands, forks them and reports their ends, on one thread: a fork must not copy other threads."""
+    """Accepts commands, forks them and reports their ends, on one thread: a fork must not copy other threads.
+    `closing` removes the socket once the server stops taking commands."""
 
-    def __init__(self, listener: socket.socket, identity: str, log: Any) -> None:
-        self.listener, self.identity, self.log = listener, identity, log
+    def __init__(self, listener: socket.socket, closing: Callable[[], None], identity: str, log: Any) -> None:
+        self.listener, self.closing, self.identity, self.log = listener, closing, identity, log
         self.sel = selectors.DefaultSelector()
         self.children: dict[int, socket.socket | None] = {}  # forked command -> its client's connection
         self.stopping = False
@@ -157,20 +187,30 @@ class Loop:
         while not self.stopping:
             self._once(None)
         self.sel.unregister(self.listener)
+        self.listener.close()  # new clients run their commands themselves
+        self.closing()
         for pid in self.children:
-            os.kill(pid, signal.SIGTERM)  # each cancels as on Ctrl-C, and its client hears how it ended
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)  # each cancels as on Ctrl-C, and its client hears how it ended
         deadline = time.monotonic() + _DRAIN_S
         while self.children and time.monotonic() < deadline:
             self._once(1.0)
 
     def _once(self, timeout: float | None) -> None:
         for key, _ in self.sel.select(timeout):
-            if key.data == "accept":
-                self._accept()
-            elif key.data == "wake":
-                self._reap()
-            else:
-                self._client_gone(key.data)
+            try:
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "wake":
+                    self._reap()
+                else:
+                    self._client_gone(key.data)
+            except Exception as e:  # noqa: BLE001 - one client's trouble never ends the server
+                self._log(f"internal error, the server goes on: {type(e).__name__}: {e}")
+
+    def _log(self, msg: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            print(f"warmstart fork server: {msg}", file=self.log, flush=True)
 
     def _stop(self, *_: Any) -> None:
         self.stopping = True
@@ -181,7 +221,7 @@ class Loop:
         try:
             self._start(conn)
         except (OSError, ValueError) as e:
-            print(f"warmstart fork server: refused a command: {e}", file=self.log, flush=True)
+            self._log(f"refused a command: {e}")
             conn.close()
 
     def _start(self, conn: socket.socket) -> None:
@@ -189,12 +229,19 @@ class Loop:
         if uid != os.geteuid():
             raise ValueError(f"its client (pid {client}) runs as uid {uid}")
         req, fds = forkserver.receive(conn)
-        why = "it runs other code (restart the server)" if req.get("code") != self.identity else fits(client)
-        if why:
+        try:
+            why = "it runs other code (restart the server)" if req.get("code") != self.identity else fits(client)
+            if why:
+                conn.sendall(b"refused\n")
+                raise ValueError(why)
+            self._fork(conn, client, req, fds)
+        finally:
             for fd in fds:
                 os.close(fd)
-            conn.sendall(b"refused\n")
-            raise ValueError(why)
+
+    def _fork(self, conn: socket.socket, client: int, req: dict[str, Any], fds: list[int]) -> None:
+        """Fork the command, settle it, tell the client its pid (with a pidfd), and let it run once the client
+        has said go: a client gone before that leaves a child that exits without running anything."""
         go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -204,28 +251,35 @@ class Loop:
             finally:
                 os._exit(1)  # never back into the server's loop
         os.close(go_r)
-        for fd in fds:
-            os.close(fd)
+        self.children[pid] = None  # reaped however it ends
         try:
             settle(pid, client)
-        except OSError:
-            os.close(go_w)  # the child exits without running anything
-            self.children[pid] = None
-            conn.sendall(b"refused\n")
+            pidfd = os.pidfd_open(pid)
+            try:
+                conn.sendmsg([f"pid {pid}\n".encode()],
+                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]))])
+            finally:
+                os.close(pidfd)
+            if conn.recv(3, socket.MSG_WAITALL) != b"go\n":
+                raise ValueError(f"its client (pid {client}) left before its command ran")
+        except (OSError, ValueError):
+            os.close(go_w)
+            with contextlib.suppress(OSError):
+                conn.sendall(b"refused\n")
             raise
+        self.children[pid] = conn
+        self.sel.register(conn, selectors.EVENT_READ, pid)
         os.write(go_w, b"1")
         os.close(go_w)
-        self.children[pid] = conn
-        conn.sendall(f"pid {pid}\n".encode())
-        self.sel.register(conn, selectors.EVENT_READ, pid)
-        print(f"warmstart fork server: pid {pid} for client {client}: warmstart {' '.join(req['argv'])}",
-              file=self.log, flush=True)
+        self._log(f"pid {pid} for client {client}: warmstart {' '.join(req['argv'])}")
 
     def _in_child(self, conn: socket.socket, go_w: int) -> None:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.setsid()  # not in the server's session: its terminal's signals are not the command's
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGINT)  # the server dies: cancelled
         os.close(go_w)
         self.sel.close()
         self.listener.close()
@@ -240,22 +294,21 @@ class Loop:
         conn = self.children.get(pid)
         if conn is None:
             return
-        if conn.recv(64):
-            return  # the client sends nothing: ignore it
+        try:
+            if conn.recv(64):
+                return  # the client sends nothing: ignore it
+        except OSError:
+            pass  # reset: gone too
         self.sel.unregister(conn)
         conn.close()
         self.children[pid] = None
-        try:
-            os.kill(pid, signal.SIGTERM)  # cancelled as on Ctrl-C: what it started is undone
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)  # cancelled as on Ctrl-C (still the child: not reaped yet)
 
     def _reap(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 512):
                 pass
-        except BlockingIOError:
-            pass
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -266,11 +319,10 @@ class Loop:
             conn = self.children.pop(pid, None)
             if conn is None:
                 continue
-            self.sel.unregister(conn)
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(conn)
             end = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                    else f"exit {os.waitstatus_to_exitcode(status)}")
-            try:
+            with contextlib.suppress(OSError):
                 conn.sendall(f"{end}\n".encode())
-            except OSError:
-                pass
             conn.close()
