@@ -61,16 +61,23 @@ def test_a_command_through_the_server_prints_and_exits_as_it_would_alone(server:
     assert via.stderr == alone.stderr and str(tmp_path / "elsewhere" / "no-such-artifact") in via.stderr
 
 
-def test_an_interrupted_command_is_cancelled_and_says_so(server: Server) -> None:
-    # An engine worker that never serves: `--wait` waits until Ctrl-C.
-    cmd = [*WARMSTART, "run", "--name", "never", "--engine", "vllm", "--wait", "--timeout", "60", "--",
+def never_ready(server: Server, name: str, **popen: object) -> tuple[subprocess.Popen[str], int]:
+    """`warmstart run --wait` of an engine worker that never serves (it waits until stopped), through the
+    server; the client and the forked command's pid."""
+    cmd = [*WARMSTART, "run", "--name", name, "--engine", "vllm", "--wait", "--timeout", "60", "--",
            "python3", "-c", "import time; time.sleep(100)"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         env={**os.environ, forkserver.ENV: str(server.sock)})
+    before = len(server.forked())
+    env = {**os.environ, forkserver.ENV: str(server.sock)}
+    p: subprocess.Popen[str] = subprocess.Popen(cmd, text=True, cwd=REPO, env=env, **popen)  # type: ignore[call-overload]
     deadline = time.monotonic() + 60
-    while not server.forked():
+    while len(server.forked()) == before:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return p, int(server.forked()[-1].split("pid ")[1].split()[0])
+
+
+def test_an_interrupted_command_is_cancelled_and_says_so(server: Server) -> None:
+    p, _ = never_ready(server, "never", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(1)
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
@@ -79,15 +86,7 @@ def test_an_interrupted_command_is_cancelled_and_says_so(server: Server) -> None
 
 
 def test_a_client_that_goes_away_gets_its_command_cancelled(server: Server) -> None:
-    cmd = [*WARMSTART, "run", "--name", "orphan", "--engine", "vllm", "--wait", "--timeout", "60", "--",
-           "python3", "-c", "import time; time.sleep(100)"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-                         env={**os.environ, forkserver.ENV: str(server.sock)})
-    deadline = time.monotonic() + 60
-    while not server.forked():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child = int(server.forked()[-1].split("pid ")[1].split()[0])
+    p, child = never_ready(server, "orphan", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     p.kill()
     p.wait()
@@ -99,15 +98,8 @@ def test_a_client_that_goes_away_gets_its_command_cancelled(server: Server) -> N
 
 
 def test_a_command_killed_by_a_signal_ends_its_client_by_that_signal(server: Server) -> None:
-    cmd = [*WARMSTART, "run", "--name", "killed", "--engine", "vllm", "--wait", "--timeout", "60", "--",
-           "python3", "-c", "import time; time.sleep(100)"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-                         env={**os.environ, forkserver.ENV: str(server.sock)})
-    deadline = time.monotonic() + 60
-    while not server.forked():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(int(server.forked()[-1].split("pid ")[1].split()[0]), signal.SIGKILL)
+    p, child = never_ready(server, "killed", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.kill(child, signal.SIGKILL)
     assert p.wait(30) == -signal.SIGKILL  # as the shell would see the command itself killed
     cli("stop", "killed")
 
