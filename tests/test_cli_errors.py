@@ -61,3 +61,23 @@ def test_help_shows_flags_as_flags_and_runs_usage_its_command() -> None:
     assert "Usage: warmstart run [OPTIONS] -- CMD [ARGS]..." in run
     for text in (run, helptext(), helptext("restore"), helptext("checkpoint")):
         assert "<bool>" not in text and "--help" in text
+
+
+def test_ctrl_c_while_run_waits_says_so_in_one_line_and_stops_the_worker(home: Path) -> None:
+    import signal
+    import time
+
+    from conftest import cli, one_error_line
+
+    # An engine worker that never serves: `--wait` would wait out its timeout.
+    p = subprocess.Popen([str(BINARY), "run", "--name", "slowpoke", "--engine", "vllm", "--wait", "--timeout", "60",
+                          "--", sys.executable, "-c", "import time; time.sleep(100)"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "slowpoke" not in cli("ps").stdout:
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    one_error_line(subprocess.CompletedProcess(p.args, p.returncode, out, err), 130, "interrupted")
+    assert "slowpoke" not in cli("ps").stdout  # what it had started was undone

@@ -43,7 +43,11 @@ def run(name: str | None, command: list[str], *, engine: str = "plain", wait: bo
     default = engine if engine not in ("plain", "reference") else Path(command[0]).name.lower()
     rec = run_pipeline.start(name or registry.free_name(default), command, engine=engine)
     if wait:
-        info = run_pipeline.wait_ready(rec, timeout_s)
+        try:
+            info = run_pipeline.wait_ready(rec, timeout_s)
+        except KeyboardInterrupt:
+            registry.stop(rec.name, grace_s=2.0)  # interrupted: what was started is undone (errors.py, 130)
+            raise
         if info.port and not rec.port:
             rec.port = info.port
             registry.save(rec)  # `warmstart ps` shows the port it learned

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -611,10 +612,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cuda_checkpoint.main(sys.argv[1:]))
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or config.debug_requested()
+    ctrl_c: list[int] = []
+
+    def on_ctrl_c(sig: int, frame: Any) -> None:
+        ctrl_c.append(sig)
+        signal.default_int_handler(sig, frame)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        # Without standalone mode, click returns a typer.Exit's code instead of raising it.
+        # Without standalone mode, click returns a typer.Exit's code instead of raising it, and typer turns a
+        # KeyboardInterrupt outside a pipeline into a silent 130.
         rc = typer.main.get_command(app).main(args=args, prog_name="warmstart", standalone_mode=False)
     except BaseException as e:  # noqa: BLE001 - every failure ends in one line and a documented code
         sys.exit(_exit_code(e, debug))
+    if rc == 130 and ctrl_c:
+        err.print("[red]error:[/red] interrupted")
     if isinstance(rc, int) and rc:
         sys.exit(rc)
