@@ -63,7 +63,7 @@ def test_help_shows_flags_as_flags_and_runs_usage_its_command() -> None:
         assert "<bool>" not in text and "--help" in text
 
 
-def test_ctrl_c_while_run_waits_says_so_in_one_line_and_stops_the_worker(home: Path) -> None:
+def test_a_signal_while_run_waits_ends_in_one_line_and_stops_the_worker(home: Path) -> None:
     import signal
     import time
 
@@ -77,7 +77,7 @@ def test_ctrl_c_while_run_waits_says_so_in_one_line_and_stops_the_worker(home: P
     while "slowpoke" not in cli("ps").stdout:
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
-    one_error_line(subprocess.CompletedProcess(p.args, p.returncode, out, err), 130, "interrupted")
+    one_error_line(subprocess.CompletedProcess(p.args, p.returncode, out, err), 130, "interrupted by SIGTERM")
     assert "slowpoke" not in cli("ps").stdout  # what it had started was undone

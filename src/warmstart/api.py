@@ -20,7 +20,7 @@ from pathlib import Path
 
 from warmstart import registry
 from warmstart.artifact import store
-from warmstart.errors import UsageError
+from warmstart.errors import Interrupted, UsageError
 from warmstart.image import inflated
 from warmstart.pipeline import checkpoint as checkpoint_pipeline
 from warmstart.pipeline import lock
@@ -28,7 +28,7 @@ from warmstart.pipeline import restore as restore_pipeline
 from warmstart.pipeline import run as run_pipeline
 from warmstart.pipeline.checkpoint import CheckpointResult
 from warmstart.pipeline.restore import ReplicaResult, RestoreResult
-from warmstart.pipeline.steps import Cancel, Progress, quiet
+from warmstart.pipeline.steps import Cancel, Progress, interruptible, quiet
 from warmstart.registry import WorkerRecord
 
 __all__ = ["Cancel", "CheckpointResult", "Progress", "ReplicaResult", "RestoreResult", "WorkerRecord",
@@ -43,9 +43,11 @@ def run(name: str | None, command: list[str], *, engine: str = "plain", wait: bo
     default = engine if engine not in ("plain", "reference") else Path(command[0]).name.lower()
     rec = run_pipeline.start(name or registry.free_name(default), command, engine=engine)
     if wait:
+        cancel = Cancel()
         try:
-            info = run_pipeline.wait_ready(rec, timeout_s)
-        except KeyboardInterrupt:
+            with interruptible(cancel):  # SIGINT, SIGTERM and SIGHUP end the wait (on the main thread)
+                info = run_pipeline.wait_ready(rec, timeout_s, cancel.checker("warmstart run --wait"))
+        except (Interrupted, KeyboardInterrupt):
             registry.stop(rec.name, grace_s=2.0)  # interrupted: what was started is undone (errors.py, 130)
             raise
         if info.port and not rec.port:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from warmstart import paths, procs, registry
@@ -61,12 +62,13 @@ def start(name: str, command: list[str], engine: str = "plain", env: dict[str, s
     return rec
 
 
-def wait_ready(rec: WorkerRecord, timeout_s: float) -> control.WorkerInfo:
-    """Wait until the worker is warm: an engine serves a completion, an SDK worker announces itself."""
+def wait_ready(rec: WorkerRecord, timeout_s: float, stop: Callable[[], None] = lambda: None) -> control.WorkerInfo:
+    """Wait until the worker is warm: an engine serves a completion, an SDK worker announces itself. `stop`
+    raises to end the wait early (a cancel)."""
     adapter = engines.for_engine(rec.engine)
     if adapter and rec.port:
         try:
-            adapter.wait_healthy(rec.port, timeout_s, alive=rec.alive)
+            adapter.wait_healthy(rec.port, timeout_s, alive=rec.alive, stop=stop)
         except WorkerError as e:
             raise WorkerError(f"{e.problem}: {_tail(Path(rec.log))}", f"see its log: {rec.log}") from None
         adapter.check_warm(rec.port)
@@ -79,6 +81,7 @@ def wait_ready(rec: WorkerRecord, timeout_s: float) -> control.WorkerInfo:
         if not rec.alive():
             tail = _tail(Path(rec.log))
             raise WorkerError(f"worker {rec.name!r} exited during start-up: {tail}", f"see its log: {rec.log}")
+        stop()
         time.sleep(0.05)
     raise WorkerError(f"worker {rec.name!r} did not report ready within {timeout_s:g} s",
                       f"see its log: {rec.log}; raise --timeout for slow starts")

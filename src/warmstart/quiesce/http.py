@@ -115,10 +115,13 @@ class Engine:
         except WorkerError:
             return False
 
-    def wait_healthy(self, port: int, timeout_s: float, alive: Any = None) -> None:
-        """Wait until the health endpoint answers; `alive()` returning False stops the wait early."""
+    def wait_healthy(self, port: int, timeout_s: float, alive: Any = None, stop: Any = None) -> None:
+        """Wait until the health endpoint answers; `alive()` returning False stops the wait early, and `stop()`
+        raises to end it (a cancel)."""
         deadline = time.monotonic() + timeout_s
         while not self.healthy(port):
+            if stop is not None:
+                stop()
             if alive is not None and not alive():
                 raise WorkerError(f"{self.name} exited before it became healthy", "see its log")
             if time.monotonic() > deadline:
