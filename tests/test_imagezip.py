@@ -292,8 +292,11 @@ def test_what_a_killed_restore_left_is_removed_by_the_next(tmp_path: Path, cache
         shutil.rmtree(mine, ignore_errors=True)
 
 
-def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Path, cache: Path) -> None:
+def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Path, cache: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
+
+    monkeypatch.setattr(image_cache, "_WAIT_FROM", 1 << 20)  # as large as the images a keeper is waited for
 
     d = image_cache.cache_dir()
     assert d is not None
@@ -322,6 +325,17 @@ def test_a_restore_waits_for_an_image_being_written_into_the_cache(tmp_path: Pat
     dead.write_bytes(b"x")
     t0 = time.monotonic()
     assert image_cache.cached("4" * 64, 1, stored) is None and time.monotonic() - t0 < 5
+
+
+def test_a_small_image_being_written_into_the_cache_is_not_waited_for(tmp_path: Path, cache: Path) -> None:
+    d = image_cache.cache_dir()
+    assert d is not None
+    stored = tmp_path / "pages-2.img.sealed"
+    stored.write_bytes(os.urandom(1 << 20))
+    image_cache.fill_path(d, "8" * 64).write_bytes(b"")  # this process's mark: a live keeper's
+    t0 = time.monotonic()
+    assert image_cache.cached("8" * 64, 1 << 20, stored) is None  # opened by the restore itself
+    assert time.monotonic() - t0 < 1
 
 
 def test_an_image_over_the_cache_budget_never_reaches_the_disk(tmp_path: Path, cache: Path,
