@@ -90,6 +90,13 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
     assert cli("stop", "mem-in").returncode == 0
 
 
+def _runs(pid: int, script: Path) -> bool:
+    try:
+        return str(script).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path, placeholder: int) -> None:
     """A worker in a 'container' (own pid, mount and network namespaces, not its init) is dumped from inside
     them and restored into another 'pod' — the Kubernetes data plane, with real CRIU, on one machine."""
@@ -101,7 +108,8 @@ def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path,
         deadline = time.monotonic() + 10
         worker = None
         while worker is None and time.monotonic() < deadline:
-            kids = [k for c in procs.children(src.pid) for k in procs.children(c)]
+            # The worker, not the `ip` that sh runs first (a grandchild too, gone a moment later).
+            kids = [k for c in procs.children(src.pid) for k in procs.children(c) if _runs(k, COUNTER)]
             worker = kids[0] if kids else None
             time.sleep(0.05)
         assert worker and procs.nspid(worker)[-1] != worker  # nested: not the host's view
