@@ -91,10 +91,12 @@ def test_a_compressed_image_restores_into_a_placeholder(need_criu, home: Path, t
 
 
 def _runs(pid: int, script: Path) -> bool:
+    """Whether that process is Python running `script` (not a fork of the sh whose command line names it)."""
     try:
-        return str(script).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    return len(args) > 1 and args[1] == str(script).encode()
 
 
 def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path, placeholder: int) -> None:
@@ -108,7 +110,8 @@ def test_container_process_to_placeholder(need_criu, home: Path, tmp_path: Path,
         deadline = time.monotonic() + 10
         worker = None
         while worker is None and time.monotonic() < deadline:
-            # The worker, not the `ip` that sh runs first (a grandchild too, gone a moment later).
+            # The worker, not the `ip` that sh forks first (a grandchild too, named in sh's command line until it
+            # execs, and gone a moment later).
             kids = [k for c in procs.children(src.pid) for k in procs.children(c) if _runs(k, COUNTER)]
             worker = kids[0] if kids else None
             time.sleep(0.05)
