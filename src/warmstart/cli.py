@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from warmstart import config
+from warmstart import forkserver as forkserver_protocol
 from warmstart.errors import EnvironmentProblem, UsageError, WarmstartError
 from warmstart.gates import GATES, WARNING
 from warmstart.pipeline.steps import Progress, quiet
@@ -268,18 +270,16 @@ def agent(
 
 @app.command()
 def forkserver(
-    socket_path: Path = typer.Option(Path("/run/warmstart/forkserver.sock"), "--socket", envvar="WARMSTART_FORKSERVER",
+    socket_path: Path = typer.Option(forkserver_protocol.DEFAULT_SOCKET, "--socket", envvar=forkserver_protocol.ENV,
                                      help="Where to listen; `warmstart` commands with the same setting use it."),
 ) -> None:
     """Serve this user's `warmstart` commands from one process that has imported warmstart already: each
     command is a fork of it and starts in milliseconds, not Python's 0.3-0.4 s (docs/cli.md). Runs until
     SIGTERM or Ctrl-C."""
-    from warmstart import forkserver as server
-
     if not socket_path.is_absolute():
         raise UsageError(f"the fork server's socket must be an absolute path, not {str(socket_path)!r}",
                          "pass --socket /run/warmstart/forkserver.sock (WARMSTART_FORKSERVER=0 means no server)")
-    server.serve(socket_path)
+    forkserver_protocol.serve(socket_path)
 
 
 @app.command(hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -618,7 +618,9 @@ def main(argv: list[str] | None = None) -> None:
         ctrl_c.append(sig)
         signal.default_int_handler(sig, frame)
 
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    watch = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if watch:
         signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         # Without standalone mode, click returns a typer.Exit's code instead of raising it, and typer turns a
@@ -626,6 +628,9 @@ def main(argv: list[str] | None = None) -> None:
         rc = typer.main.get_command(app).main(args=args, prog_name="warmstart", standalone_mode=False)
     except BaseException as e:  # noqa: BLE001 - every failure ends in one line and a documented code
         sys.exit(_exit_code(e, debug))
+    finally:
+        if watch:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if rc == 130 and ctrl_c:
         err.print("[red]error:[/red] interrupted")
     if isinstance(rc, int) and rc:

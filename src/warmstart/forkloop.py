@@ -88,11 +88,24 @@ def _cgroups(pid: int) -> str:
         return f.read()
 
 
+def _same_namespaces(pid: int) -> bool:
+    """Whether that process shares this one's namespaces and root (a client in a container or a chroot runs its
+    command itself)."""
+    try:
+        if any(os.stat(f"/proc/{pid}/ns/{n}").st_ino != os.stat(f"/proc/self/ns/{n}").st_ino
+               for n in ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup")):
+            return False
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/proc/self/root")
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+    except OSError:
+        return False
+
+
 def fits(client: int) -> str | None:
     """Why a command of that process cannot run here as it would there (None: it can): another container or
     root, other ids, privileges or confinement, or another cgroup outside cgroup v2 (which a fork cannot simply
     follow)."""
-    if not forkserver.same_namespaces(client):
+    if not _same_namespaces(client):
         return "the client is in other namespaces or under another root"
     try:
         if _status(client) != _status(os.getpid()):

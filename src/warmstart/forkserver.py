@@ -215,15 +215,3 @@ def receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
             os.close(fd)
         raise
 
-
-def same_namespaces(pid: int) -> bool:
-    """Whether that process shares this one's namespaces and root (a client in a container or a chroot runs its
-    command itself)."""
-    try:
-        if any(os.stat(f"/proc/{pid}/ns/{n}").st_ino != os.stat(f"/proc/self/ns/{n}").st_ino
-               for n in ("mnt", "pid", "net", "user", "ipc", "uts", "cgroup")):
-            return False
-        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/proc/self/root")
-        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
-    except OSError:
-        return False
