@@ -80,6 +80,14 @@ def test_dump_and_restore_options() -> None:
     assert "--restore-detached" in r and "--tcp-close" in r and "--link-remap" not in r
 
 
+@pytest.mark.parametrize(("setting", "replicas", "huge"), [("", 1, "1"), ("", 2, "0"), ("auto", 3, "0"),
+                                                       ("1", 2, "1"), ("0", 1, "0")])
+def test_huge_pages_for_a_lone_replica_4k_pages_for_several(monkeypatch: pytest.MonkeyPatch, setting: str,
+                                                            replicas: int, huge: str) -> None:
+    monkeypatch.setenv("WARMSTART_HUGE_PAGES", setting)
+    assert criu.restore_env(replicas)["CRIU_PAGE_READ_THP"] == huge
+
+
 def test_seccomp_program_refuses_exactly_io_uring() -> None:
     prog = seccomp.program()
     # A tiny BPF interpreter over the program's three instruction kinds.

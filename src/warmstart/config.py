@@ -22,7 +22,7 @@ class Settings:
     home: Path  # WARMSTART_HOME: state (worker records, logs, the verified-checksum cache)
     criu: str | None  # WARMSTART_CRIU: the criu binary; default: the checkout's build, then PATH
     read_threads: int  # WARMSTART_READ_THREADS: threads a restore reads an image with (default: cores, <= 16)
-    huge_pages: bool  # WARMSTART_HUGE_PAGES: restore large anonymous areas into transparent huge pages
+    huge_pages: str  # WARMSTART_HUGE_PAGES: restore large anonymous areas into huge pages: auto (one replica), 1, 0
     image_cache: Path  # WARMSTART_IMAGE_CACHE: raw images of compressed ones, for restores on this node
     image_cache_mb: int  # WARMSTART_IMAGE_CACHE_MB: the most it holds (the oldest go first); default below
     zero_pages: str  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image: auto (where it pays), 1, 0
@@ -95,7 +95,7 @@ def parse(env: Mapping[str, str]) -> Settings:
         home=Path(env.get("WARMSTART_HOME") or "/run/warmstart"),
         criu=env.get("WARMSTART_CRIU") or None,
         read_threads=_count(env, "WARMSTART_READ_THREADS", min(os.cpu_count() or 1, 16)),
-        huge_pages=_flag(env, "WARMSTART_HUGE_PAGES", True),
+        huge_pages=_mode(env, "WARMSTART_HUGE_PAGES"),
         image_cache=Path(env.get("WARMSTART_IMAGE_CACHE") or "/var/cache/warmstart/images"),
         image_cache_mb=_count(env, "WARMSTART_IMAGE_CACHE_MB", default_image_cache_mb(), most=1 << 30),
         zero_pages=_mode(env, "WARMSTART_ZERO_PAGES"),

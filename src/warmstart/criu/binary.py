@@ -42,11 +42,15 @@ def read_threads() -> int:
     return config.current().read_threads
 
 
-def restore_env() -> dict[str, str]:
-    """How a restore reads its pages: read_threads(), and WARMSTART_HUGE_PAGES (default 1: large anonymous
-    areas are read into transparent huge pages; 0: 4 KiB pages)."""
+def restore_env(replicas: int = 1) -> dict[str, str]:
+    """How a restore of `replicas` at once reads its pages: read_threads(), and WARMSTART_HUGE_PAGES.
+    auto (the default): large anonymous areas are read into transparent huge pages when one replica is restored,
+    into 4 KiB pages when one command restores several. Zeroing 2 MiB pages for two restores at once took the
+    kernel twice the time 4 KiB pages did (docs/benchmarks.md, "Two replicas in 4 KiB pages"). 1: always huge
+    pages; 0: never."""
     settings = config.current()
-    return {_READ_THREADS_VAR: str(settings.read_threads), _HUGE_PAGES_VAR: "1" if settings.huge_pages else "0"}
+    huge = settings.huge_pages == "1" or (settings.huge_pages == "auto" and replicas == 1)
+    return {_READ_THREADS_VAR: str(settings.read_threads), _HUGE_PAGES_VAR: "1" if huge else "0"}
 
 
 def _candidates() -> list[str]:

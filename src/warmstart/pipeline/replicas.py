@@ -92,6 +92,7 @@ class FreshReplicas:
         return sandbox.SandboxSpec(
             criu_bin=job.ok.criu, restore_args=criu.restore_args(images, rdir, log, pidfile), images=images_bind,
             log=log, pidfile=pidfile, binds=binds, shm_src=job.shm_src, timeout_s=job.timeout_s,
+            criu_env=criu.restore_env(self.count),
             forwards=[(self.listeners[i], inner)] if self.listeners and inner else [])
 
     def kill(self) -> None:

@@ -61,6 +61,7 @@ class SandboxSpec:
     # /dev/shm then hides, so they are bound elsewhere first (image/inflated.py)
     images: tuple[str, str] | None = None
     timeout_s: float = 120.0
+    criu_env: dict[str, str] = field(default_factory=dict)  # how CRIU reads the pages (criu.restore_env)
 
 
 @dataclass
@@ -254,7 +255,7 @@ def _init_main(spec: SandboxSpec, w: int) -> None:
         _prepare_mounts(spec.binds, spec.shm_src, spec.images)
         _lo_up()
         t0 = time.monotonic()
-        criu.run(spec.criu_bin, spec.restore_args, spec.log, "restore", timeout=spec.timeout_s)
+        criu.run(spec.criu_bin, spec.restore_args, spec.log, "restore", timeout=spec.timeout_s, env=spec.criu_env)
         root = int(spec.pidfile.read_text().strip())
         send_msg(w, {"event": "restored", "seconds": time.monotonic() - t0})
     except WarmstartError as e:
