@@ -159,3 +159,22 @@ def test_the_workers_mount_points_stay_out_of_the_diff(image: Path, tmp_path: Pa
         names = tar.getnames()
     assert "tmp/kept" in names and "live" not in names and "etc/resolv.conf" not in names
     assert diff.excluded == []  # what the user excluded; the mount points are the runtime's
+
+
+def test_a_file_the_placeholder_writes_meanwhile_is_replaced_not_an_error(image: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    source, upper = _overlay(tmp_path, image, "source")
+    (source / "etc" / "app" / "conf").write_text("the source's conf\n")
+    diff = rootfs.capture(upper, tmp_path / "artifact", [], lambda: None)
+    placeholder, _ = _overlay(tmp_path, image, "placeholder")
+    remove, raced = rootfs._remove, []
+
+    def remove_then_race(root_fd: int, rel: str, keep_dir: bool = False) -> None:
+        remove(root_fd, rel, keep_dir)
+        if rel.endswith("conf") and not raced:  # the placeholder's process writes it right after the removal
+            raced.append(rel)
+            (placeholder / "etc" / "app" / "conf").write_text("the placeholder's own\n")
+
+    monkeypatch.setattr(rootfs, "_remove", remove_then_race)
+    rootfs.apply(str(placeholder), tmp_path / "artifact" / rootfs.ARCHIVE, diff, lambda: None)
+    assert raced and (placeholder / "etc" / "app" / "conf").read_text() == "the source's conf\n"

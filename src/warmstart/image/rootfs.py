@@ -215,23 +215,34 @@ def _extract(root_fd: int, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         return
     if not (m.isfile() or m.issym() or m.islnk() or m.isfifo()):
         return
-    _remove(root_fd, rel)  # whatever the placeholder's image has there, a symlink included, goes
-    parent, name = _parent(root_fd, rel)
-    try:
-        if m.issym():
-            os.symlink(m.linkname, name, dir_fd=parent)
-        elif m.islnk():
-            src_parent, src_name = _parent(root_fd, _safe(m.linkname))
-            try:
-                os.link(src_name, name, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
-            finally:
-                os.close(src_parent)
-        elif m.isfifo():
-            os.mkfifo(name, m.mode & 0o7777, dir_fd=parent)
-        else:
-            _write(parent, name, tar, m)
-    finally:
-        os.close(parent)
+    for attempt in range(3):
+        _remove(root_fd, rel)  # whatever the placeholder's image has there, a symlink included, goes
+        parent, name = _parent(root_fd, rel)
+        try:
+            _create(root_fd, parent, name, tar, m)
+            return
+        except FileExistsError:
+            # The placeholder's processes run meanwhile: one may have just created the same path (Python's
+            # bytecode cache, written by rename); the archived entry replaces it, as it did in the source.
+            if attempt == 2:
+                raise
+        finally:
+            os.close(parent)
+
+
+def _create(root_fd: int, parent: int, name: str, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    if m.issym():
+        os.symlink(m.linkname, name, dir_fd=parent)
+    elif m.islnk():
+        src_parent, src_name = _parent(root_fd, _safe(m.linkname))
+        try:
+            os.link(src_name, name, src_dir_fd=src_parent, dst_dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(src_parent)
+    elif m.isfifo():
+        os.mkfifo(name, m.mode & 0o7777, dir_fd=parent)
+    else:
+        _write(parent, name, tar, m)
 
 
 def _write(parent: int, name: str, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
