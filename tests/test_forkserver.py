@@ -68,7 +68,10 @@ def never_ready(server: Server, name: str, **popen: object) -> tuple[subprocess.
            "python3", "-c", "import time; time.sleep(100)"]
     before = len(server.forked())
     env = {**os.environ, forkserver.ENV: str(server.sock)}
-    p: subprocess.Popen[str] = subprocess.Popen(cmd, text=True, cwd=REPO, env=env, **popen)  # type: ignore[call-overload]
+    # A suite started in the background by a shell inherits SIGINT ignored, and an ignored SIGINT stays ignored
+    # through the server (as it should): the client gets Ctrl-C's default back.
+    p: subprocess.Popen[str] = subprocess.Popen(cmd, text=True, cwd=REPO, env=env, **popen,  # type: ignore[call-overload]
+                                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while len(server.forked()) == before:
         assert time.monotonic() < deadline
