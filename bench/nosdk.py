@@ -45,6 +45,7 @@ from warmstart.pipeline.restore import KEEP_THREAD
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import gpu as g  # noqa: E402 - bench/gpu.py's measuring helpers
+import hoststate  # noqa: E402
 
 PROMPT = "Restore the worker and keep every token the same"
 TOKENS = 32
@@ -197,12 +198,6 @@ def floors(art: Path, bw: dict[str, float], image_bytes: int, gpu_bytes: int, ws
     return out
 
 
-def _dirty_mb() -> int:
-    """The page cache's dirty and writeback pages now, in MB (/proc/meminfo)."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    return sum(int(fields[k].split()[0]) for k in ("Dirty", "Writeback")) // 1024
-
-
 def attempt(res: dict[str, Any], key: str, fn: Callable[[], Any]) -> Any:
     """One measurement; a failure is recorded (and printed) and the run goes on with the next."""
     try:
@@ -234,7 +229,7 @@ def bench_shape(key: str, work: Path, bw: dict[str, float]) -> dict[str, Any]:
     log(f"{key}: cold start {res['cold_start_to_first_token_s']} s")
     # Dirty pages left by anything before the first dump slow it (docs/benchmarks.md, runs 65-66): written back
     # first, so that neither side of the comparison pays for them.
-    res["dirty_mb_before_checkpoint"] = _dirty_mb()
+    res["dirty_mb_before_checkpoint"] = hoststate.dirty_mb()
     os.sync()
     art = work / f"nosdk-{key}"
     shutil.rmtree(art, ignore_errors=True)

@@ -27,14 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from warmstart import registry  # noqa: E402
-from warmstart.quiesce import engines  # noqa: E402
-from warmstart.pipeline import run  # noqa: E402
-from warmstart.pipeline import checkpoint
 from warmstart.image import keeper  # noqa: E402
+from warmstart.pipeline import checkpoint, run  # noqa: E402
+from warmstart.quiesce import engines  # noqa: E402
 from warmstart.reference import model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 import guard  # noqa: E402
+import hoststate  # noqa: E402
 
 PROMPT = "The quick brown fox"
 
@@ -42,12 +42,6 @@ PROMPT = "The quick brown fox"
 def drop_caches() -> None:
     subprocess.run(["sync"], check=False)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def dirty_now_mb() -> int:
-    """The page cache's dirty and writeback pages, in MB: what the cold start left to write back."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    return sum(int(fields[k].split()[0]) for k in ("Dirty", "Writeback")) // 1024
 
 
 def first_completion(port: int, deadline_s: float = 900) -> tuple[str, float]:
@@ -86,7 +80,7 @@ def restore_once(art: Path, replicas: int, cold: bool, forkserver: Path | None =
     out = []
     with ThreadPoolExecutor(len(reps)) as pool:  # each replica asked at once: one's answer is not another's wait
         answers = list(pool.map(lambda rep: first_completion(rep["port"], 60), reps))
-    for rep, (text, t) in zip(reps, answers):
+    for rep, (text, t) in zip(reps, answers, strict=True):
         # after_ready_s: from the command's return (the replicas ready) to this completion.
         out.append({"name": rep["name"], "criu_s": rep["criu_s"], "ready_s": rep["ready_s"],
                     "first_completion_s": round(t - t0, 3), "after_ready_s": round(t - t0 - t_cmd, 3), "text": text})
@@ -131,12 +125,14 @@ def main() -> None:
     cold_start = t_first - t0
     print(f"cold start to first completion: {cold_start:.1f} s", flush=True)
 
-    dirty_mb = dirty_now_mb()
+    dirty_mb = hoststate.dirty_mb()
     res = checkpoint.checkpoint(rec.pid, work / "art", record=rec)
     results = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
         "kernel": platform.release(), "cold_start_s": round(cold_start, 2),
-        "dirty_mb_before_checkpoint": dirty_mb, "checkpoint_s": round(res.seconds, 2), "image_bytes": res.manifest.image_bytes,
+        "dirty_mb_before_checkpoint": dirty_mb, "checkpoint_s": round(res.seconds, 2),
+        "image_bytes": res.manifest.image_bytes,
         "steps": res.manifest.step_seconds(), "restores": [],
     }
     for replicas, cold in ((1, True), (1, False), (1, False), (2, False)):
