@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 [ -d /tmp/site/pydantic ] && [ -d /tmp/site/cryptography ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+python3 -m compileall -q -j 0 src >/dev/null  # the copied tree has no bytecode: not compiled again per command
 export PYTHONPATH=/tmp/site:$PWD/src WARMSTART_CRIU=$PWD/.deps/criu-bundle/criu
 export LD_LIBRARY_PATH=$PWD/.deps/criu-bundle/lib WARMSTART_REQUIRE_CRIU=1 PYTHONUNBUFFERED=1
 export WARMSTART_CACHE=${WARMSTART_CACHE:-/var/tmp/warmstart-bench/cache}
