@@ -11,7 +11,7 @@ from warmstart import paths
 from warmstart.artifact import store
 from warmstart.artifact.manifest import CriuSettings, Manifest, WorkerIdentity
 from warmstart.criu import binary as criu
-from warmstart.criu import seccomp
+from warmstart.criu import pagefill, seccomp
 from warmstart.errors import ArtifactError, UsageError
 from warmstart.host import HostInfo, check_compatible
 
@@ -80,12 +80,33 @@ def test_dump_and_restore_options() -> None:
     assert "--restore-detached" in r and "--tcp-close" in r and "--link-remap" not in r
 
 
-@pytest.mark.parametrize(("setting", "replicas", "huge"), [("", 1, "1"), ("", 2, "0"), ("auto", 3, "0"),
-                                                       ("1", 2, "1"), ("0", 1, "0")])
-def test_huge_pages_for_a_lone_replica_4k_pages_for_several(monkeypatch: pytest.MonkeyPatch, setting: str,
-                                                            replicas: int, huge: str) -> None:
+@pytest.mark.parametrize(("setting", "replicas", "huge"), [("", 1, True), ("", 2, True), ("auto", 3, True),
+                                                       ("1", 2, True), ("0", 1, False)])
+def test_huge_pages_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, setting: str, replicas: int,
+                            huge: bool) -> None:
+    monkeypatch.setenv("WARMSTART_HOME", str(tmp_path))
     monkeypatch.setenv("WARMSTART_HUGE_PAGES", setting)
-    assert criu.restore_env(replicas)["CRIU_PAGE_READ_THP"] == huge
+    assert criu.huge_pages(replicas) is huge  # several, with nothing learnt yet: huge pages first
+    assert criu.restore_env(huge)["CRIU_PAGE_READ_THP"] == ("1" if huge else "0")
+
+
+def test_replicas_page_size_learnt_from_this_hosts_restores(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    monkeypatch.setenv("WARMSTART_HOME", str(tmp_path))
+    assert pagefill.choose(2) is True  # nothing learnt: huge pages
+    pagefill.record(2, True, 3.0, 1.5)  # 2 s/GB in huge pages
+    assert pagefill.choose(2) is False  # the other size has not been tried
+    pagefill.record(2, False, 1.2, 1.5)  # 0.8 s/GB in 4 KiB pages
+    choices = []
+    for _ in range(6):
+        choices.append(pagefill.choose(2))
+        pagefill.record(2, choices[-1], 3.0 if choices[-1] else 1.2, 1.5)
+    assert choices.count(False) == 5 and choices.count(True) == 1  # the faster, and the other once in six
+    assert pagefill.choose(1) is True  # one replica: always huge pages
+    assert oct((tmp_path / "host" / "pagefill.json").stat().st_mode & 0o777) == "0o600"
+    (tmp_path / "host" / "pagefill.json").write_text("not json")
+    assert pagefill.choose(2) is True  # a damaged record is forgotten, not fatal
+    assert pagefill.pick([1.0, 5.0, 1.0], [2.0], 0) is True and pagefill.pick([3.0], [2.0, 2.5], 5) is True
 
 
 def test_seccomp_program_refuses_exactly_io_uring() -> None:

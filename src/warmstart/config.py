@@ -22,7 +22,7 @@ class Settings:
     home: Path  # WARMSTART_HOME: state (worker records, logs, the verified-checksum cache)
     criu: str | None  # WARMSTART_CRIU: the criu binary; default: the checkout's build, then PATH
     read_threads: int  # WARMSTART_READ_THREADS: threads a restore reads an image with (default: cores, <= 16)
-    huge_pages: str  # WARMSTART_HUGE_PAGES: restore large anonymous areas into huge pages: auto (one replica), 1, 0
+    huge_pages: str  # WARMSTART_HUGE_PAGES: restore large anonymous areas into huge pages: auto (measured), 1, 0
     image_cache: Path  # WARMSTART_IMAGE_CACHE: raw images of compressed ones, for restores on this node
     image_cache_mb: int  # WARMSTART_IMAGE_CACHE_MB: the most it holds (the oldest go first); default below
     zero_pages: str  # WARMSTART_ZERO_PAGES: take pages of zeros out of CRIU's image: auto (where it pays), 1, 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart import config, host
+from warmstart.criu import pagefill
 from warmstart.errors import EnvironmentProblem, StepFailed
 
 MIN_VERSION = (4, 2)
@@ -42,15 +43,17 @@ def read_threads() -> int:
     return config.current().read_threads
 
 
-def restore_env(replicas: int = 1) -> dict[str, str]:
-    """How a restore of `replicas` at once reads its pages: read_threads(), and WARMSTART_HUGE_PAGES.
-    auto (the default): large anonymous areas are read into transparent huge pages when one replica is restored,
-    into 4 KiB pages when one command restores several. Zeroing 2 MiB pages for two restores at once took the
-    kernel twice the time 4 KiB pages did (docs/benchmarks.md, "Two replicas in 4 KiB pages"). 1: always huge
-    pages; 0: never."""
-    settings = config.current()
-    huge = settings.huge_pages == "1" or (settings.huge_pages == "auto" and replicas == 1)
-    return {_READ_THREADS_VAR: str(settings.read_threads), _HUGE_PAGES_VAR: "1" if huge else "0"}
+def huge_pages(replicas: int) -> bool:
+    """WARMSTART_HUGE_PAGES for a restore of `replicas` at once: 1, always; 0, never; auto (the default): one
+    replica, always; several, the page size this host's recent restores of as many were faster with
+    (criu/pagefill.py: the better size differed between two VMs of one kind, 2x either way)."""
+    mode = config.current().huge_pages
+    return mode == "1" or (mode == "auto" and pagefill.choose(replicas))
+
+
+def restore_env(huge: bool = True) -> dict[str, str]:
+    """How a restore reads its pages: read_threads() threads, into huge pages (large anonymous areas) or not."""
+    return {_READ_THREADS_VAR: str(read_threads()), _HUGE_PAGES_VAR: "1" if huge else "0"}
 
 
 def _candidates() -> list[str]:

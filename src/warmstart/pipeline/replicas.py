@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from warmstart import linux, paths, procs, registry
 from warmstart.artifact.manifest import SAVED_DIR
 from warmstart.criu import binary as criu
+from warmstart.criu import pagefill
 from warmstart.errors import IncompatibleArtifact, WorkerError
 from warmstart.pipeline import run
 from warmstart.pipeline.restore_job import ReplicaResult, RestoreJob
@@ -48,6 +49,7 @@ class FreshReplicas:
     listeners: list[socket.socket] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)  # the listeners' host ports (sandbox.start closes our copies)
     started: list[tuple[str, sandbox.Sandbox]] = field(default_factory=list)
+    huge: bool = True  # pages read into huge pages (criu.huge_pages), chosen when the replicas start
 
     def claim(self) -> None:
         w = self.job.ok.manifest.worker
@@ -69,6 +71,7 @@ class FreshReplicas:
         return self.ports[i] if self.ports else None
 
     def start(self) -> None:
+        self.huge = criu.huge_pages(self.count)
         for i, rname in enumerate(self.names):
             self.job.progress(f"restoring replica {i} ({rname})")
             self.started.append((rname, sandbox.start(self._spec(i, rname))))
@@ -92,7 +95,7 @@ class FreshReplicas:
         return sandbox.SandboxSpec(
             criu_bin=job.ok.criu, restore_args=criu.restore_args(images, rdir, log, pidfile), images=images_bind,
             log=log, pidfile=pidfile, binds=binds, shm_src=job.shm_src, timeout_s=job.timeout_s,
-            criu_env=criu.restore_env(self.count),
+            criu_env=criu.restore_env(self.huge),
             forwards=[(self.listeners[i], inner)] if self.listeners and inner else [])
 
     def kill(self) -> None:
@@ -110,7 +113,10 @@ class FreshReplicas:
                 for f in done:
                     f.result()
                 self.job.cancel.check("restore")
-            return [f.result() for f in futures]
+            results = [f.result() for f in futures]
+            pagefill.record(self.count, self.huge, max(r.criu_s for r in results),
+                            self.job.ok.manifest.image_bytes / 1e9)
+            return results
         except BaseException:
             self.kill()  # the other replicas' threads then fail fast instead of waiting out the deadline
             raise
