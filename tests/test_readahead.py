@@ -29,6 +29,16 @@ def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
     assert readahead.resident_fraction(paths) < 0.1
 
 
+def test_sampled_residency_weighs_each_file_by_its_size(tmp_path: Path) -> None:
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.write_bytes(os.urandom(48 << 20))
+    small.write_bytes(os.urandom(1 << 20))
+    evict_file(big)
+    sampled = readahead.resident_fraction([big, small], windows=8)
+    assert sampled == pytest.approx(readahead.resident_fraction([big, small]), abs=0.03)
+    assert sampled < 0.05  # 8 windows of the cold 48 MiB count for 48 MiB, not for 8 windows' pages
+
+
 def test_a_cold_image_is_read_in_and_a_warm_one_left_alone(tmp_path: Path) -> None:
     images = _image(tmp_path)
     assert readahead.start_if_cold(images, threads=2) is None
