@@ -103,6 +103,29 @@ def test_a_mostly_zero_chunk_keeps_only_its_data_pages(tmp_path: Path) -> None:
     assert out.stat().st_blocks * 512 <= 16 * 4096  # its 8 data pages (and what the file system adds), not 8 MiB
 
 
+def test_a_sparse_segment_seals_its_holes_without_reading_them(tmp_path: Path) -> None:
+    from warmstart.artifact import encryption
+    from warmstart.image import codec
+
+    seg = tmp_path / "psm_1"
+    with open(seg, "wb") as f:  # 4 KiB of data, then 12 MiB of hole, then 4 KiB of data
+        f.write(os.urandom(4096))
+        f.seek((12 << 20) + 4096)
+        f.write(os.urandom(4096))
+    data = seg.read_bytes()
+    fd = os.open(seg, os.O_RDONLY)
+    try:
+        assert not codec._in_hole(fd, 0, 4 << 20) and codec._in_hole(fd, 4 << 20, 4 << 20)
+        assert not codec._in_hole(fd, 12 << 20, 4 << 20)
+    finally:
+        os.close(fd)
+    key = encryption.derive(secrets.token_bytes(32), secrets.token_bytes(16))
+    codec.seal([seg], key, threads=2, mode="0")
+    out = tmp_path / "out"
+    codec.inflate(tmp_path / "psm_1.sealed", out, threads=2, key=key)
+    assert out.read_bytes() == data and out.stat().st_blocks * 512 <= 64 << 10
+
+
 # one piece (copied); sealed in place: one piece, a tree with a short last piece, a tree whose tags start a piece
 @pytest.mark.parametrize("size", [5 << 20, 100 << 20, (200 << 20) + 12345, 256 << 20])
 def test_the_checksum_taken_while_sealing_is_the_one_checksum_computes(tmp_path: Path, size: int) -> None:
