@@ -53,7 +53,7 @@ def fill_after_checkpoint(artifact: Path, fresh: dict[str, tuple[str, int]]) -> 
         return
     todo, need = {}, 0
     for n, (sha, size) in fresh.items():
-        if cache.KEY.match(sha) and not (d / f"{sha}.img").exists() and cache.has_room(d, need + size):
+        if cache.KEY.match(sha) and not (d / f"{sha}.img").exists() and cache.make_room(d, need + size):
             todo[n], need = sha, need + size
     if not todo:
         return
