@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from warmstart import linux, paths, procs, registry
-from warmstart.artifact.manifest import SAVED_DIR
+from warmstart.artifact.manifest import IMAGES_DIR, SAVED_DIR
 from warmstart.criu import binary as criu
 from warmstart.criu import pagefill
 from warmstart.errors import IncompatibleArtifact, WorkerError
@@ -114,8 +114,8 @@ class FreshReplicas:
                     f.result()
                 self.job.cancel.check("restore")
             results = [f.result() for f in futures]
-            pagefill.record(self.count, self.huge, max(r.criu_s for r in results),
-                            self.job.ok.manifest.image_bytes / 1e9)
+            images = sum(f.size for f in self.job.ok.manifest.files if f.path.startswith(IMAGES_DIR + "/"))
+            pagefill.record(self.count, self.huge, max(r.criu_s for r in results), images / 1e9)
             return results
         except BaseException:
             self.kill()  # the other replicas' threads then fail fast instead of waiting out the deadline
