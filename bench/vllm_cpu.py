@@ -7,7 +7,8 @@ completion, checkpoints it, then restores it with the `warmstart restore` comman
 user would) from a cold and from a warm page cache, and as 2 replicas side by side, then the same warm restores
 forked by a `warmstart forkserver` (no Python start or imports of their own); each restore is timed
 from the command's start to the replica's first completion, which must equal the cold start's. Needs root
-(CRIU, dropping the page cache). Prints a table; writes vllm_cpu.json under --out.
+(CRIU, dropping the page cache). Prints a table; writes vllm_cpu.json under --out. Removes its artifact and
+the image cache it filled at the end (--keep: keeps them, and prints where).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,8 +111,31 @@ def main() -> None:
     ap.add_argument("--kv-mib", type=int, default=64)
     ap.add_argument("--no-guard", action="store_true", help="report figures slower than the last recorded run, "
                     "but exit 0")
+    ap.add_argument("--keep", action="store_true", help="keep the artifact, its home and its image cache")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="warmstart-vllm-bench-"))
+    try:
+        run_bench(args, work)
+    finally:
+        if args.keep:
+            print(f"kept: {work} (WARMSTART_HOME={work / 'home'}, WARMSTART_IMAGE_CACHE="
+                  f"{os.environ['WARMSTART_IMAGE_CACHE']}, WARMSTART_KEY_DIR={os.environ['WARMSTART_KEY_DIR']})")
+        else:
+            remove_work(work)
+
+
+def remove_work(work: Path) -> None:
+    """The bench's artifact and home, and the image cache and keys conftest made for this process (1.4 GB
+    each run otherwise stay in /tmp): once the keepers copying into that cache are done."""
+    wait_for_keepers()
+    shutil.rmtree(work, ignore_errors=True)
+    for var, default in (("WARMSTART_IMAGE_CACHE", "warmstart-test-image-cache"), ("WARMSTART_KEY_DIR",
+                                                                                   "warmstart-test-keys")):
+        if os.environ[var] == f"/tmp/{default}-{os.getpid()}":
+            shutil.rmtree(os.environ[var], ignore_errors=True)
+
+
+def run_bench(args: argparse.Namespace, work: Path) -> None:
     os.environ["WARMSTART_HOME"] = str(work / "home")
     from conftest import free_port
 
