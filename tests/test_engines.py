@@ -6,9 +6,11 @@ the real vLLM round trip is tests/test_vllm.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,12 +19,27 @@ import pytest
 from conftest import REPO, cli, free_port, http_get, one_error_line, wait_http
 from warmstart import linux, procs
 from warmstart.criu import shm
-from warmstart.errors import UsageError, WorkerError
+from warmstart.errors import EnvironmentProblem, UsageError, WorkerError
 from warmstart.quiesce import engines
-from warmstart.quiesce.http import flag_value
+from warmstart.quiesce.http import flag_value, socket_dir
 
 FAKE = REPO / "tests" / "workers" / "fake_engine.py"
 SHM_PAIR = REPO / "tests" / "workers" / "shm_pair.py"
+
+
+def test_an_engines_socket_directory_is_private_and_never_someone_elses(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # gettempdir() caches TMPDIR
+    long = tmp_path / ("w" * 70)  # too long a path for sockets: the directory goes to the temporary directory
+    d = socket_dir(long, "rpc")
+    assert d.parent == tmp_path and oct(d.stat().st_mode & 0o777) == "0o700"
+    other = tmp_path / "x" / ("y" * 70)
+    planted = tmp_path / "elsewhere"
+    planted.mkdir()
+    name = f"warmstart-{hashlib.sha256(str(other / 'rpc').encode()).hexdigest()[:12]}"
+    (tmp_path / name).symlink_to(planted)  # what another user of a shared /tmp could leave there first
+    with pytest.raises(EnvironmentProblem, match="only this user can write"):
+        socket_dir(other, "rpc")
 
 
 def test_flag_value_and_ports() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from warmstart import paths
 from warmstart.errors import EngineHTTPError, WorkerError
 
 HTTP_TIMEOUT_S = 30.0
@@ -53,8 +54,8 @@ def socket_dir(worker_dir: Path, name: str) -> Path:
     d = worker_dir / name
     if len(str(d)) > 60:
         d = Path(tempfile.gettempdir()) / f"warmstart-{hashlib.sha256(str(d).encode()).hexdigest()[:12]}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    # Its name is predictable in a shared /tmp: one someone else made (or a symlink) is refused, not used.
+    return paths.private_dir(d, "WARMSTART_HOME (or TMPDIR)")
 
 
 def flag_value(command: list[str], flag: str) -> str | None:
