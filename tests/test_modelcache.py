@@ -175,6 +175,33 @@ def test_the_image_cache_leaves_its_disk_a_reserve_the_oldest_images_going_first
     assert sorted(p.name[0] for p in d.glob("*.img")) == ["c", "d"]
 
 
+def test_an_image_a_restore_holds_is_not_evicted(caches: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from warmstart.image import cache
+
+    d = tmp_path / "images"
+    monkeypatch.setattr(cache, "_free", lambda _: 10 * MiB - sum(p.stat().st_size for p in d.glob("*.img")))
+    monkeypatch.setattr(cache, "_reserve", lambda _: 5 * MiB)
+    for i, key in enumerate("ab"):
+        raw = tmp_path / f"raw-{key}"
+        raw.write_bytes(b"\1" * (2 * MiB))
+        cache.cache_raw(raw, key * 64)
+        os.utime(d / f"{key * 64}.img", (1000 + i, 1000 + i))
+    held = cache.hold(d / f"{'a' * 64}.img")  # the oldest, linked by a restore whose CRIU has not opened it yet
+    try:
+        new = tmp_path / "inflated"
+        new.write_bytes(b"\1" * (2 * MiB))
+        cache.copy_into_cache(new, "c" * 64)
+        assert sorted(p.name[0] for p in d.glob("*.img")) == ["a", "c"]  # b went instead of the held a
+        assert [p.name[0] for p in cache.clear()] == ["c"]  # clearing, too, leaves a held image
+    finally:
+        os.close(held)
+    assert [p.name[0] for p in cache.clear()] == ["a"]
+    gone = d / f"{'a' * 64}.img"
+    with pytest.raises(FileNotFoundError):
+        cache.hold(gone)
+
+
 def test_images_enter_the_image_cache_readable_by_their_owner_alone(caches: Path, tmp_path: Path) -> None:
     from warmstart.image import cache
 

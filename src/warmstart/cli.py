@@ -504,7 +504,10 @@ def _clear_images() -> str:
     from warmstart.image import cache as image_cache
 
     d = image_cache.cache_dir()
-    return f"removed {len(image_cache.clear())} cached image(s) from {d or 'no usable cache'}"
+    removed = image_cache.clear()
+    kept = len(image_cache.entries(d)) if d else 0
+    in_use = f"; kept {kept} a restore is reading" if kept else ""
+    return f"removed {len(removed)} cached image(s) from {d or 'no usable cache'}{in_use}"
 
 
 def _clear_models() -> str:

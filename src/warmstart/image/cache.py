@@ -13,6 +13,7 @@ entry, so a manifest cannot point a restore at any other file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -90,11 +91,36 @@ def _size(p: Path) -> int:
         return 0
 
 
-def _remove(p: Path) -> None:
+def _remove(p: Path) -> bool:
+    """Remove an entry (a set, an image, a half-written copy); False, and kept, for an image a restore holds
+    (`hold`): that restore's CRIU has yet to open the link to it."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
+        return True
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        p.unlink(missing_ok=True)  # gone already, or a symlink (never an entry's form): away with it
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p.unlink(missing_ok=True)  # under the lock: a hold waiting for it then finds the file unlinked
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def hold(p: Path) -> int:
+    """A descriptor holding cached image `p` in the cache until it is closed (the cache removes only images no
+    one holds); the caller links or opens `p` itself. FileNotFoundError if it is gone, or being removed."""
+    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    if os.fstat(fd).st_nlink == 0:
+        os.close(fd)
+        raise FileNotFoundError(p)
+    return fd
 
 
 def make_room(d: Path, size: int, replaces: Path | None = None) -> bool:
@@ -158,12 +184,9 @@ def _writer(tmp: Path) -> int | None:
 
 
 def clear() -> list[Path]:
-    """Remove every cached image (restores then inflate again); returns them."""
+    """Remove every cached image a restore does not hold (restores then inflate again); returns those removed."""
     d = cache_dir()
-    gone = [p for p, _ in entries(d)] if d else []
-    for p in gone:
-        _remove(p)
-    return gone
+    return [p for p, _ in entries(d) if _remove(p)] if d else []
 
 
 def fill_path(d: Path, key: str, pid: int | None = None) -> Path:

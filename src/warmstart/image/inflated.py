@@ -71,6 +71,7 @@ class Inflated:
     def __init__(self, src: Path, threads: int, keys: dict[str, str], key: ImageKey | None = None,
                  use_cache: bool = True, stop: Stop = lambda: None, set_below: int | None = MIN_BYTES) -> None:
         self._fresh: dict[Path, str] = {}  # the large images inflated here, and their checksums
+        self._held: list[int] = []  # the cached raw images linked here, held in the cache until `remove`
         stored = {z: raw_size(z) for z in packed(src)}
         in_set = {z for z, size in stored.items() if z.name in keys and (set_below is None or size < set_below)}
         self._set_key = cache.set_key({z.name: keys[z.name] for z in in_set})
@@ -99,8 +100,12 @@ class Inflated:
         for z, raw in cached.items():
             out = self.path / raw_name(z)
             if raw:
-                out.symlink_to(raw)
-                continue
+                try:
+                    self._held.append(cache.hold(raw))
+                    out.symlink_to(raw)
+                    continue
+                except FileNotFoundError:
+                    pass  # evicted since it was found: opened here instead
             inflate(z, out, threads, key, stop)
             if keys.get(z.name) and stored[z] >= MIN_BYTES and out.name not in self._set_new:
                 self._fresh[out] = keys[z.name]
@@ -113,6 +118,8 @@ class Inflated:
         if keep and self._set_key and self._set_new:
             cache.keep_set([self.path / n for n in self._set_new], self._set_key)
             self._set_new = []
+        while self._held:
+            os.close(self._held.pop())
         if keep and detach and self._fresh and keeper.hand_over(
                 self.path, {raw.name: key for raw, key in self._fresh.items()}):
             self._fresh.clear()
