@@ -1,11 +1,11 @@
 """Whether several replicas restored at once should read their pages into huge pages on this host: learnt from
 this host's own restores, not assumed.
 
-Two VMs of one kind disagreed by 2x in opposite directions (docs/benchmarks.md, "Huge pages for replicas,
-learnt per host"), and a probe cannot tell ahead: how fast 2 MiB pages come depends on how much of the guest's
-memory the hypervisor still backs, which changes from minute to minute. So each restore of several replicas
-records CRIU's seconds per GB for the page size it used, under WARMSTART_HOME for this boot; the next one takes
-the size with the better recent median, and every few restores tries the other again.
+Two VMs of one kind disagreed by 2x in opposite directions, and so did one VM an hour apart (docs/benchmarks.md,
+"A fresh VM: replicas' page size learnt, not fixed"). A probe cannot tell ahead: how fast 2 MiB pages come
+depends on how much of the guest's memory the hypervisor backs, which changes from minute to minute. So each
+restore of several replicas records CRIU's seconds per GB for the page size it used, under WARMSTART_HOME for
+this boot; the next one takes the size with the better recent median, and every few restores tries the other.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _EXPLORE_EVERY = 6  # one restore in this many takes the size that looked slower
 def pick(huge: list[float], small: list[float], restores: int) -> bool:
     """Huge pages or not, from recent seconds per GB each way and the count of restores recorded so far."""
     if not huge:
-        return True  # the kernel's way first
+        return True  # as for one replica, until the other size has been tried
     if not small:
         return False
     best = statistics.median(huge) <= statistics.median(small)
