@@ -135,8 +135,8 @@ def make_room(d: Path, size: int, replaces: Path | None = None) -> bool:
     if _free(d) + sum(n for _, n in older) - size + replacing < _reserve(d):
         return False  # not even with the cache emptied: keep what it holds
     while older and _free(d) - size + replacing < _reserve(d):
-        _remove(older.pop()[0])
-    return True
+        _remove(older.pop()[0])  # one a restore holds stays
+    return _free(d) - size + replacing >= _reserve(d)
 
 
 def entries(d: Path) -> list[tuple[Path, int]]:
