@@ -147,23 +147,27 @@ def test_a_bad_cache_name_or_limit_is_one_line(caches: Path, tmp_path: Path) -> 
     assert list(caches.iterdir()) == []
 
 
-def test_the_image_cache_leaves_its_disk_a_reserve_the_oldest_images_going_first(caches: Path, tmp_path: Path,
-                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def _small_disk_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keys: str) -> Path:
+    """An image cache on a 10 MiB disk with a 5 MiB reserve (free space is what its images leave), filled by
+    checkpoints with one 2 MiB image per key, in that order (the first the least recently used)."""
     from warmstart.image import cache
 
     d = tmp_path / "images"
-    disk = 10 * MiB  # a small disk: free space is what the cached images leave of it
-
-    def free(_: Path) -> int:
-        return disk - sum(p.stat().st_size for p in d.glob("*.img"))
-
-    monkeypatch.setattr(cache, "_free", free)
+    monkeypatch.setattr(cache, "_free", lambda _: 10 * MiB - sum(p.stat().st_size for p in d.glob("*.img")))
     monkeypatch.setattr(cache, "_reserve", lambda _: 5 * MiB)
-    for i, key in enumerate("abc"):
+    for i, key in enumerate(keys):
         raw = tmp_path / f"raw-{key}"
         raw.write_bytes(b"\1" * (2 * MiB))
         cache.cache_raw(raw, key * 64)
         os.utime(d / f"{key * 64}.img", (1000 + i, 1000 + i))
+    return d
+
+
+def test_the_image_cache_leaves_its_disk_a_reserve_the_oldest_images_going_first(caches: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from warmstart.image import cache
+
+    d = _small_disk_cache(tmp_path, monkeypatch, "abc")
     assert sorted(p.name[0] for p in d.glob("*.img")) == ["b", "c"]  # a third would leave 4 MiB free
     big = tmp_path / "inflated"
     big.write_bytes(b"\1" * (2 * MiB))
@@ -179,14 +183,7 @@ def test_an_image_a_restore_holds_is_not_evicted(caches: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from warmstart.image import cache
 
-    d = tmp_path / "images"
-    monkeypatch.setattr(cache, "_free", lambda _: 10 * MiB - sum(p.stat().st_size for p in d.glob("*.img")))
-    monkeypatch.setattr(cache, "_reserve", lambda _: 5 * MiB)
-    for i, key in enumerate("ab"):
-        raw = tmp_path / f"raw-{key}"
-        raw.write_bytes(b"\1" * (2 * MiB))
-        cache.cache_raw(raw, key * 64)
-        os.utime(d / f"{key * 64}.img", (1000 + i, 1000 + i))
+    d = _small_disk_cache(tmp_path, monkeypatch, "ab")
     held = cache.hold(d / f"{'a' * 64}.img")  # the oldest, linked by a restore whose CRIU has not opened it yet
     try:
         new = tmp_path / "inflated"
