@@ -127,12 +127,11 @@ def main() -> None:
 def remove_work(work: Path) -> None:
     """The bench's artifact and home, and the image cache and keys conftest made for this process (1.4 GB
     each run otherwise stay in /tmp): once the keepers copying into that cache are done."""
+    from conftest import MADE_HERE
+
     wait_for_keepers()
-    shutil.rmtree(work, ignore_errors=True)
-    for var, default in (("WARMSTART_IMAGE_CACHE", "warmstart-test-image-cache"), ("WARMSTART_KEY_DIR",
-                                                                                   "warmstart-test-keys")):
-        if os.environ[var] == f"/tmp/{default}-{os.getpid()}":
-            shutil.rmtree(os.environ[var], ignore_errors=True)
+    for p in [work, *MADE_HERE]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def run_bench(args: argparse.Namespace, work: Path) -> None:

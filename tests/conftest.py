@@ -26,15 +26,18 @@ os.environ.setdefault("WARMSTART_IMAGE_CACHE", f"/tmp/warmstart-test-image-cache
 os.environ.setdefault("WARMSTART_KEY_DIR", f"/tmp/warmstart-test-keys-{os.getpid()}")
 # A fork server this host may run (forkserver.py) serves only the tests that start their own.
 os.environ.setdefault("WARMSTART_FORKSERVER", "0")
-_MADE_HERE = [p for var, p in (("WARMSTART_IMAGE_CACHE", f"/tmp/warmstart-test-image-cache-{os.getpid()}"),
-                               ("WARMSTART_KEY_DIR", f"/tmp/warmstart-test-keys-{os.getpid()}"))
-              if os.environ[var] == p]
+# What this process made in /tmp: removed at the end of a test session (or of a bench that imports this).
+MADE_HERE = [p for var, p in (("WARMSTART_IMAGE_CACHE", f"/tmp/warmstart-test-image-cache-{os.getpid()}"),
+                              ("WARMSTART_KEY_DIR", f"/tmp/warmstart-test-keys-{os.getpid()}"))
+             if os.environ[var] == p]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The session's signing keys and image cache go with it (a run left a private key and images in /tmp)."""
-    for p in _MADE_HERE:
+    for p in MADE_HERE:
         shutil.rmtree(p, ignore_errors=True)
+
+
 COUNTER = REPO / "tests" / "workers" / "counter.py"
 SLOW_QUIESCE = REPO / "tests" / "workers" / "slow_quiesce.py"
 SAVED_STATE = REPO / "tests" / "workers" / "saved_state.py"

@@ -106,6 +106,9 @@ def test_replicas_page_size_learnt_from_this_hosts_restores(monkeypatch: pytest.
     assert oct((tmp_path / "host" / "pagefill.json").stat().st_mode & 0o777) == "0o600"
     (tmp_path / "host" / "pagefill.json").write_text("not json")
     assert pagefill.choose(2) is True  # a damaged record is forgotten, not fatal
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("WARMSTART_HOME", str(tmp_path / "not-a-dir"))
+    pagefill.record(2, True, 1.0, 1.0)  # after a restore that worked: a home it cannot write is not an error
     assert pagefill.pick([1.0, 5.0, 1.0], [2.0], 0) is True and pagefill.pick([3.0], [2.0, 2.5], 5) is True
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from warmstart import paths
+from warmstart.errors import WarmstartError
 
 _KEEP = 3  # the most recent restores kept for each size
 _EXPLORE_EVERY = 6  # one restore in this many takes the size that looked slower, in case that changed
@@ -85,24 +86,26 @@ def choose(writers: int) -> bool:
 
 
 def record(writers: int, huge: bool, criu_s: float, gigabytes: float) -> None:
-    """Note how long the slowest replica's CRIU took, for the next choice; a failure to write is not the
-    restore's (the next restore just learns less)."""
+    """Note how long the slowest replica's CRIU took, for the next choice. Never raises: the restore it follows
+    succeeded, and a record not written only means the next restore learns less."""
     if writers <= 1 or gigabytes <= 0:
         return
-    data = _load()
-    r = _entry(data, writers)
-    if huge:
-        r.huge = [*r.huge, round(criu_s / gigabytes, 4)][-_KEEP:]
-    else:
-        r.small = [*r.small, round(criu_s / gigabytes, 4)][-_KEEP:]
-    r.restores += 1
-    data = {**data, "boot_id": _boot_id(), _key(writers): asdict(r)}
     try:
+        data = _load()
+        r = _entry(data, writers)
+        if huge:
+            r.huge = [*r.huge, round(criu_s / gigabytes, 4)][-_KEEP:]
+        else:
+            r.small = [*r.small, round(criu_s / gigabytes, 4)][-_KEEP:]
+        r.restores += 1
         path = _path()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    except (OSError, WarmstartError):
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
+            json.dump({**data, "boot_id": _boot_id(), _key(writers): asdict(r)}, f)
         os.replace(tmp, path)
     except OSError:
-        pass
+        tmp.unlink(missing_ok=True)
