@@ -133,3 +133,42 @@ def test_a_weights_socket_that_is_no_service_of_this_user_is_not_connected_to(co
             s.accept()  # nobody connected
     finally:
         s.close()
+
+
+def test_replica_mount_points_are_created_owner_only(tmp_path: Path) -> None:
+    """A worker's path missing on this host is created for the replica's bind mount, each new level 0700 and a
+    file 0600, whatever the umask; what already exists keeps its mode."""
+    from warmstart.replica.sandbox import mount_point
+
+    old = os.umask(0)
+    try:
+        d = tmp_path / "a" / "b" / "control"
+        os.close(mount_point(d, directory=True))
+        f = tmp_path / "logs" / "worker.log"
+        os.close(mount_point(f, directory=False))
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in (tmp_path / "a", tmp_path / "a" / "b", d)] == ["0o700"] * 3
+    assert d.is_dir() and f.is_file() and oct(f.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "logs").stat().st_mode & 0o777) == "0o700"
+    tmp_path.chmod(0o755)
+    os.close(mount_point(tmp_path, directory=True))
+    assert oct(tmp_path.stat().st_mode & 0o777) == "0o755"
+
+
+def test_replica_mount_point_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    """A link at the worker's path (another user's, in /tmp) must not choose what a replica's copy covers."""
+    from warmstart.errors import IncompatibleArtifact
+    from warmstart.replica.sandbox import mount_point
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "warmstart-control"
+    link.symlink_to(target)
+    with pytest.raises(IncompatibleArtifact, match="symbolic link"):
+        mount_point(link, directory=True)
+    dangling = tmp_path / "dangling.log"
+    dangling.symlink_to(tmp_path / "nowhere.log")
+    with pytest.raises(IncompatibleArtifact, match="symbolic link"):
+        mount_point(dangling, directory=False)
+    assert not (tmp_path / "nowhere.log").exists()

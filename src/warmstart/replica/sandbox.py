@@ -19,6 +19,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -31,7 +32,7 @@ from warmstart import linux, procs
 from warmstart.criu import binary as criu
 from warmstart.criu import shm
 from warmstart.criu.binary import Criu
-from warmstart.errors import EnvironmentProblem, StepFailed, UsageError, WarmstartError
+from warmstart.errors import EnvironmentProblem, IncompatibleArtifact, StepFailed, UsageError, WarmstartError
 
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
@@ -198,14 +199,30 @@ def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None, images: 
         shm.place(Path(f"/proc/self/fd/{held}"))
         os.close(held)
     for src, dst in binds:
-        d = Path(dst)
-        if not d.exists():  # the source worker's paths may not exist on this host
-            if Path(src).is_dir():
-                d.mkdir(parents=True, exist_ok=True)
-            else:
-                d.parent.mkdir(parents=True, exist_ok=True)
-                d.touch()
-        linux.mount(src, dst, None, linux.MS_BIND)
+        fd = mount_point(Path(dst), directory=Path(src).is_dir())
+        try:
+            linux.mount(src, f"/proc/self/fd/{fd}", None, linux.MS_BIND)  # onto what was checked, not a new link
+        finally:
+            os.close(fd)
+
+
+def mount_point(dst: Path, directory: bool) -> int:
+    """An O_PATH descriptor of the worker's path `dst`, to bind a replica's own copy over. A path missing on this
+    host is created (the source worker's paths may not exist here), owner-only; a path that is a symbolic link is
+    refused: a link another user placed in /tmp must not choose what the replica's copy covers."""
+    missing = [p for p in (dst, *dst.parents) if not os.path.lexists(p)]
+    for p in reversed(missing):
+        if p != dst or directory:
+            os.mkdir(p, 0o700)
+        else:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    fd = os.open(dst, os.O_PATH | os.O_NOFOLLOW)
+    if stat.S_ISLNK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IncompatibleArtifact(f"the worker's path {dst} is a symbolic link on this host, and a replica's "
+                                   "own copy of it is never mounted through one",
+                                   f"remove the link (warmstart creates {dst} itself where it is missing)")
+    return fd
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
