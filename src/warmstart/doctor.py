@@ -64,6 +64,38 @@ def _kernel() -> list[Check]:
     ]
 
 
+_VIRTIO_BALLOON, _F_REPORTING = "0x0005", 5  # device id; feature bit VIRTIO_BALLOON_F_REPORTING
+
+
+def free_page_reporting(devices: Path = Path("/sys/bus/virtio/devices")) -> bool:
+    """Whether a virtio balloon reports the guest's free pages to the host, which then takes them back: memory new
+    to the guest is backed again on first touch (6-17x slower to write on the VMs in docs/benchmarks.md)."""
+    try:
+        entries = list(devices.iterdir())
+    except OSError:
+        return False
+    for d in entries:
+        try:
+            if (d / "device").read_text().strip() != _VIRTIO_BALLOON:
+                continue
+            features = (d / "features").read_text().strip()
+        except OSError:
+            continue
+        if len(features) > _F_REPORTING and features[_F_REPORTING] == "1":
+            return True
+    return False
+
+
+def _memory() -> Check:
+    reporting = free_page_reporting()
+    return Check("guest memory kept backed (no free page reporting)", not reporting,
+                 "virtio-balloon free page reporting is on: memory this VM frees goes back to its host, and new "
+                 "memory is slow to touch, so a first checkpoint and several replicas at once run slower"
+                 if reporting else "no virtio balloon reports free pages",
+                 "give the VM memory backed up front (no balloon free page reporting); timings vary with it "
+                 "(docs/design.md, whose time is it)", required=False)
+
+
 def _kernel_at_least(major: int, minor: int) -> bool:
     parts = (os.uname().release.split(".") + ["0"])[:2]
     return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts) >= (major, minor)
@@ -94,7 +126,7 @@ def _space(name: str, path: Path, need: int = 1 << 30) -> Check:
 def checks(artifacts: Path | None = None) -> list[Check]:
     s = config.current()
     rows = [Check("root", os.geteuid() == 0, f"euid {os.geteuid()}", "run warmstart as root"), _criu(),
-            *_kernel(), _gpu(), _space("WARMSTART_HOME", paths.home(), 64 << 20),
+            *_kernel(), _memory(), _gpu(), _space("WARMSTART_HOME", paths.home(), 64 << 20),
             _space("WARMSTART_IMAGE_CACHE", s.image_cache), _space("/dev/shm", Path("/dev/shm"))]
     if artifacts:
         rows.append(_space("artifacts (-o)", artifacts, 4 << 30))
