@@ -202,6 +202,8 @@ def _prepare_mounts(binds: list[tuple[str, str]], shm_src: Path | None, images: 
         fd = mount_point(Path(dst), directory=Path(src).is_dir())
         try:
             linux.mount(src, f"/proc/self/fd/{fd}", None, linux.MS_BIND)  # onto what was checked, not a new link
+        except OSError as e:
+            raise OSError(e.errno, f"mount {dst}: {e.strerror}") from e
         finally:
             os.close(fd)
 
