@@ -31,7 +31,8 @@ def _holders() -> set[int]:
 
 
 def test_unknown_pid(need_criu, home: Path, tmp_path: Path) -> None:
-    _one_error_line(cli("checkpoint", "--pid", "4999999", "-o", str(tmp_path / "a")), 5, "no running process", "4999999")
+    r = cli("checkpoint", "--pid", "4999999", "-o", str(tmp_path / "a"))
+    _one_error_line(r, 5, "no running process", "4999999")
     assert not (tmp_path / "a").exists()
 
 
@@ -42,7 +43,8 @@ def test_unknown_worker_name(home: Path, tmp_path: Path) -> None:
 def test_missing_criu(home: Path, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the root check comes first")
-    r = cli("checkpoint", "--pid", str(os.getpid()), "-o", str(tmp_path / "a"), env={"WARMSTART_CRIU": "/nonexistent/criu"})
+    r = cli("checkpoint", "--pid", str(os.getpid()), "-o", str(tmp_path / "a"),
+            env={"WARMSTART_CRIU": "/nonexistent/criu"})
     _one_error_line(r, 3, "CRIU not found", "setup.sh")
 
 

@@ -10,13 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from warmstart.gpumem import filecopy  # noqa: E402
-from warmstart.gpumem import bf16pack
+from warmstart.gpumem import bf16pack, filecopy  # noqa: E402
 
 PIECE = 1 << 20
 
 
-def weights(n_values: int, seed: int = 0) -> "torch.Tensor":
+def weights(n_values: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n_values, generator=g) * 0.02).to(torch.bfloat16)
     # What a window of eight exponents cannot reach: zero, norms of 1, NaN, infinities, huge and tiny values.
@@ -26,7 +25,7 @@ def weights(n_values: int, seed: int = 0) -> "torch.Tensor":
     return w.view(torch.uint8)
 
 
-def write(path: Path, region: "torch.Tensor") -> None:
+def write(path: Path, region: torch.Tensor) -> None:
     n = region.numel()
     plans = [bf16pack.plan(region[at: at + PIECE]) for at in range(0, n, PIECE)]
     pieces = filecopy.packed_pieces(n, PIECE, plans)
@@ -42,7 +41,7 @@ def write(path: Path, region: "torch.Tensor") -> None:
             f.write(out.numpy().tobytes())
 
 
-def read(path: Path, n: int) -> "torch.Tensor":
+def read(path: Path, n: int) -> torch.Tensor:
     fd = os.open(path, os.O_RDONLY)
     try:
         pieces = filecopy.read_layout(fd, os.fstat(fd).st_size, n, str(path))

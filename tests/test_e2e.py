@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, kept_image, raw_pages,
-                      wait_http)
+from conftest import COUNTER, REPO, SAVED_STATE, cli, evict_pages, free_port, http_get, kept_image, raw_pages, wait_http
 from warmstart import demo
 from warmstart.criu import binary as criu
-from warmstart.image import codec
-from warmstart.image import readahead
+from warmstart.image import codec, readahead
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -61,8 +59,8 @@ def test_memory_restored_exactly_from_a_cold_image(need_criu, home: Path, tmp_pa
     evicted from the page cache so that restore's readahead runs beside them. Runs of written zeros are taken
     out of the image and come back as zeros; zeros written over a private file mapping stay in it."""
     port = free_port()
-    r = cli("run", "--name", "mem", "--", sys.executable, str(REPO / "tests" / "workers" / "memory.py"), str(port), "96",
-            str(tmp_path / "mapped.bin"))
+    r = cli("run", "--name", "mem", "--", sys.executable, str(REPO / "tests" / "workers" / "memory.py"), str(port),
+            "96", str(tmp_path / "mapped.bin"))
     assert r.returncode == 0, r.stderr
     wait_http(port, timeout=120)
     want, now = http_get(port).split()

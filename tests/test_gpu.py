@@ -210,8 +210,8 @@ def test_kept_region_and_local_memory_across_a_release(tmp_path: Path) -> None:
     import torch
     from cuda.bindings import driver as d
 
-    from warmstart.worker import lmem, savedir
     from warmstart.gpumem.region import GpuRegion
+    from warmstart.worker import lmem, savedir
 
     region = GpuRegion(300 << 20, 0, keep=True)
     data = region.tensor(torch)
@@ -274,9 +274,9 @@ def test_a_packed_region_comes_back_bit_for_bit_from_a_smaller_file(tmp_path: Pa
     piece that is not bf16 included; no scratch memory stays behind; a damaged file fails the restore cleanly."""
     import torch
 
-    from warmstart.worker import savedir
     from warmstart.gpumem import bf16kernel
     from warmstart.gpumem.region import GpuRegion
+    from warmstart.worker import savedir
 
     region = GpuRegion(100 << 20, 0, keep=True, pack_bf16=True)
     data = region.tensor(torch)

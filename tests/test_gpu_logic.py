@@ -14,9 +14,9 @@ import pytest
 from warmstart.artifact import store
 from warmstart.artifact.manifest import FileEntry, GpuState
 from warmstart.cuda_checkpoint import device_map
+from warmstart.errors import IncompatibleArtifact, UsageError
 from warmstart.gpu.driver import Gpu, uuid_bytes
 from warmstart.gpu.placement import plan
-from warmstart.errors import IncompatibleArtifact, UsageError
 
 A = "GPU-11111111-2222-3333-4444-555555555555"
 B = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import cli, evict_file
-from warmstart.image import cache as image_cache, codec, inflated, keeper
+from warmstart.image import cache as image_cache
+from warmstart.image import codec, inflated, keeper
 
 
 def _pages(size: int, random_every: int = 4) -> bytes:
@@ -108,7 +109,8 @@ def test_a_keeper_that_cannot_take_the_directory_leaves_it_to_the_caller(tmp_pat
     assert other.is_dir()
 
 
-def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_not(tmp_path: Path, cache: Path) -> None:
+def test_the_checkpoints_raw_image_is_used_while_cached_and_inflated_again_once_not(tmp_path: Path,
+                                                                                       cache: Path) -> None:
     big = _pages(codec.MIN_BYTES)
     images = _images(tmp_path, big)
     codec.compress(images, threads=2, warn=print, keep=tmp_path / "raw")
@@ -168,7 +170,8 @@ def test_the_cache_keeps_the_newest_images(tmp_path: Path, cache: Path) -> None:
         raw.write_bytes(b"x")
         os.utime(raw, (1000 + i, 1000 + i))
         image_cache.cache_raw(raw, f"{i:064x}")
-    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{i:064x}.img" for i in range(2, image_cache.CACHE_KEEP + 2))
+    kept = sorted(f"{i:064x}.img" for i in range(2, image_cache.CACHE_KEEP + 2))
+    assert sorted(p.name for p in cache.iterdir()) == kept
 
 
 def test_the_cache_stays_within_its_size_and_is_shown_and_cleared(tmp_path: Path, cache: Path,

@@ -11,8 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (COUNTER, REPO, SAVED_STATE, WARMSTART, cli, evict_pages, free_port, get_when_up, http_get,
-                      kept_image, one_error_line, wait_http)
+from conftest import (
+    COUNTER,
+    REPO,
+    SAVED_STATE,
+    WARMSTART,
+    cli,
+    evict_pages,
+    free_port,
+    get_when_up,
+    http_get,
+    kept_image,
+    one_error_line,
+    wait_http,
+)
 from warmstart import linux, procs
 from warmstart.image import codec
 from warmstart.replica import joinns

@@ -43,7 +43,8 @@ def test_older_criu_on_target_is_refused() -> None:
     assert "older" in problem
 
 
-@pytest.mark.parametrize("text,expected", [("Version: 4.2.1\nGitID: x", "4.2.1"), ("Version: 3.17\n", "3.17"), ("", None)])
+@pytest.mark.parametrize("text,expected",
+                         [("Version: 4.2.1\nGitID: x", "4.2.1"), ("Version: 3.17\n", "3.17"), ("", None)])
 def test_parse_criu_version(text: str, expected: str | None) -> None:
     assert criu.parse_version(text) == expected
 
@@ -166,7 +167,8 @@ def test_artifact_roundtrip_and_no_partial_left(tmp_path: Path, monkeypatch: pyt
     (lambda a: (a / "manifest.json").write_text("{not json"), "corrupt"),
     (lambda a: (a / "manifest.json").unlink(), "not a warmstart artifact"),
 ])
-def test_damaged_artifacts_are_refused_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage, words) -> None:
+def test_damaged_artifacts_are_refused_naming_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage,
+                                                        words) -> None:
     art = _fake_artifact(tmp_path, monkeypatch)
     store.verify(art, store.load(art))  # cached as good first: damage must still be caught
     damage(art)

@@ -14,8 +14,6 @@ import pytest
 from conftest import cli, http_get, one_error_line
 
 
-
-
 def _replicas() -> list[dict]:
     return [w for w in json.loads(cli("ps", "--json").stdout)["workers"] if w["kind"] == "replica"]
 

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import REPO, cli, free_port
 from warmstart import procs, registry
-from warmstart.quiesce import engines
 from warmstart.pipeline import run
+from warmstart.quiesce import engines
 from warmstart.reference import model
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -19,8 +19,8 @@ from conftest import WARMSTART, cli, evict_pages, free_port, one_error_line
 from warmstart import procs
 from warmstart.reference import model
 from warmstart.reference.model import ModelShape
-from warmstart.weights import layout
 from warmstart.weights import client as weights
+from warmstart.weights import layout
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -75,8 +75,9 @@ def test_weights_stay_out_of_the_image_and_restore_by_hash(need_criu, home: Path
                                                            service) -> None:
     sock, svc = service
     port = free_port()
-    r = cli("run", "--name", "w", "--wait", "--timeout", "120", "--", sys.executable, "-m", "warmstart.reference.server",
-            "--port", str(port), "--model", str(model_dir), "--kv-cache-mb", "8", "--weights-socket", str(sock))
+    r = cli("run", "--name", "w", "--wait", "--timeout", "120", "--", sys.executable, "-m",
+            "warmstart.reference.server", "--port", str(port), "--model", str(model_dir), "--kv-cache-mb", "8",
+            "--weights-socket", str(sock))
     assert r.returncode == 0, r.stderr
     expected = _complete(port)
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 from text_server import serve
+
 from warmstart.worker import attach, savedir
 
 state: bytes | None = os.urandom(8 << 20)

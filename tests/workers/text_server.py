@@ -1,7 +1,7 @@
 """The test workers' HTTP face: every GET answers with the text a function returns (stdlib only)."""
 
 import http.server
-from typing import Callable
+from collections.abc import Callable
 
 
 def serve(port: int, text: Callable[[], str], host: str = "127.0.0.1") -> None:
