@@ -172,3 +172,16 @@ def test_replica_mount_point_through_a_symlink_is_refused(tmp_path: Path) -> Non
     with pytest.raises(IncompatibleArtifact, match="symbolic link"):
         mount_point(dangling, directory=False)
     assert not (tmp_path / "nowhere.log").exists()
+
+
+def test_a_symlink_at_a_workers_path_is_refused_before_any_replica_starts(tmp_path: Path) -> None:
+    """The host-side check a restore makes of every bind target first: exit 4's error, not a replica's failure."""
+    from warmstart.errors import IncompatibleArtifact
+    from warmstart.pipeline.replicas import _check_bind_target
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "control").symlink_to(tmp_path / "real")
+    with pytest.raises(IncompatibleArtifact, match="symbolic link") as e:
+        _check_bind_target(str(tmp_path / "control"))
+    assert e.value.exit_code == 4
+    _check_bind_target(str(tmp_path / "real"))  # a real directory passes

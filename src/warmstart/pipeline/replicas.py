@@ -29,7 +29,10 @@ from warmstart.replica import joinns, sandbox
 def _check_bind_target(path: str) -> None:
     """A path of the worker's that a replica gets its own copy of. One missing here is created (in the host's
     file system: a mount namespace shares it) only under warmstart's state directory or the temporary
-    directory, where warmstart itself puts workers' control directories, logs and engine sockets."""
+    directory, where warmstart itself puts workers' control directories, logs and engine sockets. One that is a
+    symbolic link is refused here, before any replica starts (replica/sandbox.py checks again as it mounts)."""
+    if os.path.islink(path):
+        raise sandbox.link_refused(path)
     if os.path.lexists(path):
         return
     roots = (str(paths.home()), tempfile.gettempdir())

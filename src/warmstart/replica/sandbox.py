@@ -221,10 +221,14 @@ def mount_point(dst: Path, directory: bool) -> int:
     fd = os.open(dst, os.O_PATH | os.O_NOFOLLOW)
     if stat.S_ISLNK(os.fstat(fd).st_mode):
         os.close(fd)
-        raise IncompatibleArtifact(f"the worker's path {dst} is a symbolic link on this host, and a replica's "
-                                   "own copy of it is never mounted through one",
-                                   f"remove the link (warmstart creates {dst} itself where it is missing)")
+        raise link_refused(str(dst))
     return fd
+
+
+def link_refused(path: str) -> IncompatibleArtifact:
+    return IncompatibleArtifact(f"the worker's path {path} is a symbolic link on this host, and a replica's own "
+                                "copy of it is never mounted through one",
+                                f"remove the link (warmstart creates {path} itself where it is missing)")
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
