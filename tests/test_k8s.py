@@ -382,6 +382,7 @@ def _agent(api: MemoryApi, artifacts: Path):
     a.core = a.custom = api
     a.busy, a.lock = set(), __import__("threading").Lock()
     a.caches, a.pool, a.stop, a.labels_read = {}, None, __import__("threading").Event(), None
+    a.stopped_by, a.cancels = "", set()
     handle = a.handle
 
     def remembered(pod: dict) -> None:
@@ -490,6 +491,75 @@ def test_agent_marks_a_checkpoint_on_a_full_volume_failed_and_leaves_the_source_
             assert not [p for p in vol.rglob("*") if p.is_file()]  # nothing half-written left
     finally:
         subprocess.run(["umount", str(vol)], check=False)
+
+
+@pytest.mark.criu
+def test_an_agent_stopped_mid_checkpoint_undoes_it_fails_it_once_and_takes_no_new_pod(
+        need_criu, home: Path, tmp_path: Path) -> None:
+    """shutdown() (what SIGTERM leads to) while CRIU dumps: the dump finishes, the pipeline undoes the rest,
+    the Checkpoint ends Failed (AgentStopped) with one Event, the source serves on, nothing is left on the
+    volume, and a pod handed to the agent afterwards is not acted on."""
+    import threading
+
+    api = MemoryApi({})
+    agent = _agent(api, tmp_path / "artifacts")
+    dumping, stopped = threading.Event(), threading.Event()
+
+    def progress(_cr: dict, line: str) -> None:
+        if line.startswith("dumping process tree"):
+            dumping.set()
+            stopped.wait(10)
+    agent.warned = progress
+    src_cid, port = "9e" * 32, free_port()
+    with container(src_cid, f"exec {' '.join(WARMSTART)} placeholder -- {sys.executable} {COUNTER} {port}"):
+        worker = _wait_for(lambda: procs.children(containers.init_pid(f"containerd://{src_cid}")))[0]
+        before = linux.in_network_of(worker, lambda: get_when_up(port)).split()
+        source = _pod("source-pod", src_cid, **{"warmstart.dev/engine": "plain"})
+        handling = threading.Thread(target=agent.handle, args=(source,))
+        handling.start()
+        assert dumping.wait(30), "the checkpoint never reached CRIU's dump"
+        agent.shutdown("SIGTERM")
+        stopped.set()
+        handling.join(60)
+        st = api.checkpoints["llama-8b"]["status"]
+        assert st["phase"] == "Failed" and st["conditions"][0]["reason"] == "AgentStopped", st
+        assert "SIGTERM" in st["reason"] and "undone" in st["reason"]
+        assert [e.reason for e in api.events] == ["Checkpointing", "CheckpointFailed"]
+        after = linux.in_network_of(worker, lambda: http_get(port)).split()
+        assert after[1] == before[1] and int(after[0]) > int(before[0])  # the same process, serving
+        assert not [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()]
+        del api.checkpoints["llama-8b"]
+        agent.handle(source)  # stopped: taken by no one
+        assert "llama-8b" not in api.checkpoints and len(api.events) == 2
+
+
+def test_a_stop_signal_gets_out_of_the_informers_watch_and_a_second_one_kills() -> None:
+    """The informer retries on any Exception (the API server went away); the agent's stop must get past it,
+    and once it has, the default action is back, so a second SIGTERM ends the agent at once."""
+    import signal
+    import threading
+
+    from warmstart.k8s import agent, informer
+
+    def lister(*_a: object, **_k: object) -> dict:
+        return {"items": [], "metadata": {"resourceVersion": "1"}}
+
+    def stream(*_a: object, **_k: object):
+        while True:
+            time.sleep(0.05)
+            yield from ()
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        agent.stop_on_signals()
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(agent.Stopping) as stop:
+            informer.Informer("pods", lister).run(stream, lambda o: o, threading.Event())
+        assert stop.value.signame == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def test_a_refused_or_failed_target_is_not_restored_again() -> None:
@@ -651,6 +721,9 @@ def test_a_checkpoint_turning_ready_brings_back_the_targets_on_this_node_waiting
     assert submitted == []
     a._checkpoint_changed("MODIFIED", cr)
     assert submitted == [target]
+    submitted.clear()  # deleted: its source is checkpointed again, no target is woken for it
+    a._checkpoint_changed("DELETED", cr)
+    assert submitted == [source]
     checkpoints = a.caches["checkpoints"] = informer.Informer("checkpoints", lambda: None)
     checkpoints.relist({"items": [cr]})
     assert a.checkpoints("warmstart") == {"llama-8b": cr} and a.checkpoints("elsewhere") == {}

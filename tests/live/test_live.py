@@ -421,14 +421,27 @@ def test_a_source_deleted_mid_checkpoint_ends_its_checkpoint_once(env: Env) -> N
     env.source_serves()
 
 
+def _agent_deleted_mid_checkpoint(env: Env, name: str, grace: int | None) -> tuple[list[str], str]:
+    """A light source checkpointed, its agent pod deleted mid-way (grace 0: SIGKILL; None: the pod's own grace
+    period, SIGTERM first); what the source answered before, and the old agent's name."""
+    env.light_source(name, 3000)
+    env.ready(name)
+    before = env.kube.proxy(name, LIGHT_PORT, "/").split()
+    _when_checkpointing(env, name)
+    old = env.agent()
+    env.kube.delete_pod(old, grace=grace, wait_s=150)
+    return before, old
+
+
+def _serves_as_before(env: Env, name: str, before: list[str]) -> None:
+    """The source was left serving: the same process, still counting."""
+    now = live.wait(lambda: env.kube.get(name, LIGHT_PORT), 60, f"{name} to answer").split()
+    assert now[1:] == before[1:] and int(now[0]) > int(before[0])
+
+
 def test_the_agent_killed_mid_checkpoint_fails_it_at_restart(env: Env) -> None:
     kube = env.kube
-    env.light_source("agentck", 3000)
-    env.ready("agentck")
-    before = kube.proxy("agentck", LIGHT_PORT, "/").split()
-    _when_checkpointing(env, "agentck")
-    old = env.agent()
-    kube.delete_pod(old, grace=0, wait_s=120)
+    before, old = _agent_deleted_mid_checkpoint(env, "agentck", grace=0)
     live.wait(lambda: env.agent() != old, 300, "a new agent")
     live.wait(lambda: kube.phase("agentck") == "Failed", 120, "Checkpoint agentck to fail")
     st = kube.checkpoint("agentck")["status"]  # type: ignore[index]
@@ -436,11 +449,29 @@ def test_the_agent_killed_mid_checkpoint_fails_it_at_restart(env: Env) -> None:
     assert cond["reason"] == "AgentRestarted" and "agent restarted" in st["reason"]
     assert one_event(kube, "Checkpoint", "agentck", "CheckpointFailed")["message"] == st["reason"]
     assert not env.criu_running("dump")
-    # The source was left serving, the same process, still counting.
-    now = live.wait(lambda: kube.get("agentck", LIGHT_PORT), 60, "agentck to answer").split()
-    assert now[1:] == before[1:] and int(now[0]) > int(before[0])
+    _serves_as_before(env, "agentck", before)
     assert _ready(kube.pod("agentck"))
     kube.delete_pod("agentck")
+    env.source_serves()
+
+
+def test_the_agent_stopped_mid_checkpoint_undoes_it_and_a_deleted_checkpoint_is_taken_again(env: Env) -> None:
+    """The agent pod deleted with its grace period (SIGTERM): the agent itself ends the Checkpoint Failed
+    (AgentStopped), undoing what it had started, with one Event; the source serves on, the same process. Once
+    the Failed Checkpoint is deleted, the next agent checkpoints the source again."""
+    kube = env.kube
+    before, old = _agent_deleted_mid_checkpoint(env, "graceck", grace=None)  # the chart's grace period
+    live.wait(lambda: kube.phase("graceck") in ("Failed", "Ready"), 60, "Checkpoint graceck to end")
+    st = kube.checkpoint("graceck")["status"]  # type: ignore[index]
+    cond = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert cond["reason"] == "AgentStopped" and "SIGTERM" in st["reason"], st
+    assert one_event(kube, "Checkpoint", "graceck", "CheckpointFailed")["message"] == st["reason"]
+    live.wait(lambda: env.agent() != old, 300, "a new agent")
+    assert not env.criu_running("dump")
+    _serves_as_before(env, "graceck", before)
+    kube.custom.delete_namespaced_custom_object(live.GROUP, live.VERSION, NS, live.PLURAL, "graceck")
+    live.wait(lambda: kube.phase("graceck") == "Ready", 300, "Checkpoint graceck, deleted, to be taken again")
+    kube.delete_pod("graceck")
     env.source_serves()
 
 

@@ -3,10 +3,17 @@
 It runs privileged with hostPID (it ptraces workers and enters pod namespaces), with the artifact volume
 mounted at the same path as in the pods it serves. Every step is an Event on the pod or Checkpoint and a
 Prometheus metric; a failure is a Failed status or a False condition with its reason, never a retry loop.
+
+SIGTERM (the pod deleted, the DaemonSet rolled) or SIGINT stops it cleanly: no new pod is taken, a checkpoint
+in flight is cancelled and undone by its pipeline (the source resumes; CRIU's dump is let finish) and ends
+Failed with reason AgentStopped, and a restore in flight finishes, since one cut short would leave its
+placeholder refused for good. A second signal, or the pod's grace period running out, ends it at once, and
+the next agent marks what was left Checkpointing as Failed (AgentRestarted).
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import traceback
@@ -16,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from warmstart import gates
-from warmstart.errors import EnvironmentProblem, WarmstartError
+from warmstart.errors import EnvironmentProblem, Interrupted, WarmstartError
 from warmstart.k8s import containers, informer, reconcile
 from warmstart.k8s.resources import (
     GROUP,
@@ -24,10 +31,10 @@ from warmstart.k8s.resources import (
     PLURAL,
     RESTORED_CONDITION,
     SKIP_GATES_HINT,
-    TARGET_LABEL,
     VERSION,
     condition,
 )
+from warmstart.pipeline.steps import Cancel
 
 try:  # the agent's dependencies are the optional extra `k8s`; the rest of warmstart never needs them
     from kubernetes import client, config, watch
@@ -70,7 +77,9 @@ class Agent:
         self.caches: dict[str, informer.Informer] = {}  # pods and checkpoints: filled by run()
         self.labels_read: tuple[float, dict[str, str]] | None = None  # (when, this node's labels)
         self.pool: ThreadPoolExecutor | None = None
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # no new pod is taken once set
+        self.stopped_by = ""  # the signal that stopped it
+        self.cancels: set[Cancel] = set()  # one per checkpoint in flight: shutdown() sets them
 
     # ---- the API side ----
 
@@ -114,6 +123,8 @@ class Agent:
                                 self.claim)
 
     def handle(self, pod: dict[str, Any]) -> None:
+        if self.stop.is_set():
+            return
         action = self.decide(pod)
         if isinstance(action, (reconcile.Ignore, reconcile.Wait)):
             return
@@ -129,6 +140,8 @@ class Agent:
             pod = client.ApiClient().sanitize_for_serialization(
                 self.core.read_namespaced_pod(meta["name"], meta["namespace"]))
             action = self.decide(pod)
+            if self.stop.is_set():
+                return
             if isinstance(action, reconcile.Checkpoint):
                 self.checkpoint(pod, action)
             elif isinstance(action, reconcile.Restore):
@@ -157,21 +170,21 @@ class Agent:
         self.event(cr, KIND, "Checkpointing", f"checkpointing pod {pod['metadata']['name']} on {self.node}")
         t0 = time.monotonic()
         out = self.artifacts / a.spec.storage.path
+        cancel = self._cancel_token()
         try:
             if not reconcile.inside_namespace(a.spec.storage.path, a.namespace):
                 raise WarmstartError(f"storage path {a.spec.storage.path!r} is outside namespace {a.namespace}'s "
                                      "directory of the artifact volume")
             out.parent.mkdir(parents=True, exist_ok=True)
             worker = containers.worker_pid(a.container_id)
-            res = api.checkpoint(worker, out, leave_running=True, engine=a.spec.engine,
+            res = api.checkpoint(worker, out, leave_running=True, engine=a.spec.engine, cancel=cancel,
                                  rootfs_exclude=a.rootfs_exclude, progress=lambda line: self.warned(cr, line))
         except Exception as e:  # noqa: BLE001 - any failure ends the Checkpoint as Failed, never Checkpointing
-            reason = _reason(e)
-            OPS.labels("checkpoint", "failed").inc()
-            self.set_status(a.namespace, a.name, {"phase": "Failed", "reason": reason, "conditions": [
-                condition("Ready", False, "CheckpointFailed", reason, _now())]})
-            self.event(cr, KIND, "CheckpointFailed", reason, warning=True)
+            self.checkpoint_failed(cr, e, stopped=isinstance(e, Interrupted) and cancel.is_set())
             return
+        finally:
+            with self.lock:
+                self.cancels.discard(cancel)
         seconds = time.monotonic() - t0
         OPS.labels("checkpoint", "ok").inc()
         SECONDS.labels("checkpoint").observe(seconds)
@@ -182,6 +195,15 @@ class Agent:
             "node": self.node, "seconds": round(seconds, 3), "steps": res.manifest.step_seconds(),
             "conditions": [condition("Ready", True, "Checkpointed", f"{res.manifest.image_bytes} bytes", _now())]})
         self.event(cr, KIND, "Checkpointed", f"{res.manifest.image_bytes / 1e6:.0f} MB in {seconds:.1f} s")
+
+    def checkpoint_failed(self, cr: dict[str, Any], e: Exception, stopped: bool) -> None:
+        reason = (f"the agent stopped ({self.stopped_by}) while it checkpointed; what the checkpoint had started "
+                  "was undone and the source pod serves on" if stopped else _reason(e))
+        OPS.labels("checkpoint", "failed").inc()
+        meta = cr["metadata"]
+        self.set_status(meta["namespace"], meta["name"], {"phase": "Failed", "reason": reason, "conditions": [
+            condition("Ready", False, "AgentStopped" if stopped else "CheckpointFailed", reason, _now())]})
+        self.event(cr, KIND, "CheckpointFailed", reason, warning=True)
 
     def restore(self, pod: dict[str, Any], a: reconcile.Restore) -> None:
         from warmstart import api
@@ -206,6 +228,14 @@ class Agent:
             STEP_SECONDS.labels("restore", step).observe(s)
         self.pod_condition(pod, True, "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
         self.event(pod, "Pod", "Restored", f"from Checkpoint {a.name} in {seconds:.2f} s")
+
+    def _cancel_token(self) -> Cancel:
+        cancel = Cancel()
+        with self.lock:
+            self.cancels.add(cancel)
+            if self.stop.is_set():
+                cancel.set(f"{self.stopped_by}: the agent is stopping")
+        return cancel
 
     def warned(self, cr: dict[str, Any], line: str) -> None:
         """A checkpoint's warning (e.g. it goes without the container's rootfs diff) is a Warning Event on the
@@ -236,6 +266,21 @@ class Agent:
             condition(RESTORED_CONDITION, ok, reason, message, _now())]}})
 
     # ---- the loop ----
+
+    def shutdown(self, why: str) -> None:
+        """Take no new pod, cancel the checkpoints in flight, and return once every pod in hand is done with
+        (module docstring)."""
+        with self.lock:
+            self.stopped_by = why
+            self.stop.set()
+            busy, cancels = len(self.busy), list(self.cancels)
+        print(f"warmstart agent: {why}: stopping; {busy} pod(s) in hand (checkpoints are cancelled and undone, "
+              "restores finish)", flush=True)
+        for cancel in cancels:
+            cancel.set(f"{why}: the agent is stopping")
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        print("warmstart agent: stopped", flush=True)
 
     def recover(self) -> None:
         """Checkpoints this node's agent left Checkpointing when it died end as Failed, with one Event: their
@@ -272,21 +317,24 @@ class Agent:
                                      "grant list and watch on pods to its service account (the Helm chart does)")
 
     def _submit(self, pod: dict[str, Any]) -> None:
-        if self.pool:
-            self.pool.submit(self._safe_handle, pod)
+        if self.pool and not self.stop.is_set():
+            try:
+                self.pool.submit(self._safe_handle, pod)
+            except RuntimeError:  # shut down since the check
+                pass
 
     def _pod_changed(self, kind: str, pod: dict[str, Any]) -> None:
         if kind != "DELETED":
             self._submit(pod)
 
     def _checkpoint_changed(self, kind: str, cr: dict[str, Any]) -> None:
-        if kind == "DELETED" or (cr.get("status") or {}).get("phase") not in ("Ready", "Failed"):
+        deleted = kind == "DELETED"
+        if not deleted and (cr.get("status") or {}).get("phase") not in ("Ready", "Failed"):
             return
         pods = self.caches.get("pods")
         meta = cr["metadata"]
         for pod in pods.snapshot() if pods else []:
-            labels = pod["metadata"].get("labels") or {}
-            if labels.get(TARGET_LABEL) == meta["name"] and pod["metadata"].get("namespace") == meta.get("namespace"):
+            if reconcile.concerns(pod, meta["name"], meta.get("namespace", ""), deleted):
                 self._submit(pod)
 
     def _safe_handle(self, pod: dict[str, Any]) -> None:
@@ -326,4 +374,32 @@ def main(node: str, claim: str, artifacts: Path, metrics_port: int, kubeconfig: 
           flush=True)
     agent = Agent(node, claim, artifacts)
     agent.recover()
-    agent.run()
+    stop_on_signals()
+    try:
+        agent.run()
+    except Stopping as stop:
+        agent.shutdown(stop.signame)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopping(BaseException):
+    """A stop signal, raised on the main thread wherever it is (in a watch): a BaseException, so that the
+    informer's `except Exception` (the API server went away: watch again) does not swallow it."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise Stopping on the main thread (main() then shuts the agent down)."""
+    for s in _STOP_SIGNALS:
+        signal.signal(s, _raise_stopping)
+
+
+def _raise_stopping(signum: int, _frame: object) -> None:
+    for s in _STOP_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)  # a second one ends the agent at once
+    raise Stopping(signal.Signals(signum).name)

@@ -112,12 +112,27 @@ def decide(pod: Obj, node: str, node_labels: dict[str, str], checkpoints: dict[s
     return Ignore(f"pod {name} has no warmstart label")
 
 
+def concerns(pod: Obj, name: str, namespace: str, deleted: bool) -> bool:
+    """Whether a change of Checkpoint namespace/name is news for the pod: a target waits for it to end Ready or
+    Failed; a source whose Checkpoint was deleted is to be checkpointed again."""
+    if pod["metadata"].get("namespace") != namespace:
+        return False
+    labels = _meta(pod, "labels")
+    if deleted:
+        return labels.get(SOURCE_LABEL) == "true" and _checkpoint_name(pod) == name
+    return labels.get(TARGET_LABEL) == name
+
+
+def _checkpoint_name(source: Obj) -> str:
+    return str(_meta(source, "annotations").get(NAME_ANNOTATION, source["metadata"]["name"]))
+
+
 def _source(pod: Obj, node_labels: dict[str, str], checkpoints: dict[str, Obj], claim: str) -> Action:
     meta = pod["metadata"]
     spec, status = _container(pod)
     if spec is None or not _running(status) or not _condition(pod, "Ready"):
         return Wait(f"source pod {meta['name']} is not Ready yet")
-    cname = _meta(pod, "annotations").get(NAME_ANNOTATION, meta["name"])
+    cname = _checkpoint_name(pod)
     existing = checkpoints.get(cname)
     if existing:
         phase = (existing.get("status") or {}).get("phase", "Pending")
