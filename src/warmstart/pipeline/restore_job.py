@@ -211,8 +211,8 @@ class RestoreJob:
     def drop_inflated(self, keep: bool = False) -> None:
         """The memory the inflated images hold goes back. With `keep` (every CRIU read them), they are copied
         into the raw-image cache first, in a thread that outlives the restore call: the copy (~0.7 s for 0.84 GB)
-        must not delay reporting the workers ready, and the thread is not a daemon, so a `warmstart restore`
-        process exits only once it is done."""
+        must not delay reporting the workers ready, and the thread is not a daemon, so the caller's process exits
+        only once it is done; with `detach_keep` (the CLI) a process of its own makes the copy instead."""
         if self.shm_view:
             self.shm_view.remove(keep=keep)  # its set of segments is copied into the cache (~0.1 s, once)
         if not self.inflated:
